@@ -1,0 +1,121 @@
+"""Batched generation over a preallocated KV cache.
+
+Prompts of different lengths are left-padded to the longest, so one prefill call fills the cache and
+every decode step writes the same cache slot for the whole batch; ``key_valid`` hides the padding and
+rotary positions restart at 0 for each prompt, so a padded prompt computes what it computes alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+
+from lowbit.engine.kv_cache import KVCache
+from lowbit.engine.sampling import SamplingParams, sample
+from lowbit.errors import LowbitError
+from lowbit.model.llama import Transformer
+
+
+@dataclass
+class Completion:
+    prompt_tokens: int
+    token_ids: list[int]  # generated tokens, without the stop token
+    finish_reason: Literal["stop", "length"]
+
+
+@torch.inference_mode()
+def generate_stream(
+    model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams
+) -> Iterator[list[int | None]]:
+    """Yield, at each decode step, one entry per prompt: the new token id, or None once that prompt stopped.
+
+    A stop token is yielded (so callers see why a row ended) and nothing after it.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise LowbitError("every prompt must have at least one token")
+    config = model.config
+    device = model.embed_tokens.weight.device
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
+    context = config.max_position_embeddings
+    if longest >= context:
+        raise LowbitError(
+            f"the prompt has {longest} tokens, but the model's context is {context}; shorten the prompt"
+        )
+    max_new = params.max_new_tokens
+    if longest + max_new > context:
+        max_new = context - longest
+        warnings.warn(f"max_new_tokens cut to {max_new} to stay within the model's context of {context}", stacklevel=2)
+
+    B = len(prompts)
+    pads = torch.tensor([longest - n for n in lengths], device=device)
+    input_ids = torch.zeros(B, longest, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        input_ids[i, longest - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+    slots = torch.arange(longest + max_new, device=device)
+    key_valid = slots[None, :] >= pads[:, None]  # (B, S): False on left padding
+    positions = (slots[None, :longest] - pads[:, None]).clamp(min=0)  # (B, T)
+
+    cache = KVCache(config, B, longest + max_new, device=device, dtype=model.embed_tokens.weight.dtype)
+    generator = None
+    if not params.greedy:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    stops = torch.tensor(params.stop_token_ids or [-1], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    logits = model(input_ids, positions, cache, 0, key_valid, last_only=True)
+    next_pos = positions[:, -1:] + 1
+    for step in range(max_new):
+        tokens = sample(logits[:, -1], params, generator)  # (B,)
+        out = tokens.tolist()
+        yield [None if d else t for t, d in zip(out, done.tolist())]
+        done |= torch.isin(tokens, stops)
+        if bool(done.all()) or step == max_new - 1:
+            return
+        logits = model(tokens[:, None], next_pos, cache, longest + step, key_valid)
+        next_pos = next_pos + 1
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+    """Generate for every prompt (token ids); returns the completions in prompt order."""
+    outs: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    stops = set(params.stop_token_ids)
+    for step in generate_stream(model, prompts, params):
+        for i, t in enumerate(step):
+            if t is None or stopped[i]:
+                continue
+            if t in stops:
+                stopped[i] = True
+            else:
+                outs[i].append(t)
+    return [
+        Completion(len(p), o, "stop" if s else "length") for p, o, s in zip(prompts, outs, stopped)
+    ]
+
+
+def encode_prompt(tokenizer: Any, text: str, *, chat: bool = True, system: str | None = None) -> list[int]:
+    """Token ids for a user prompt: through the tokenizer's chat template when it has one and ``chat``."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    return tokenizer(text)["input_ids"]
+
+
+def generate_text(
+    loaded: Any, prompts: Sequence[str], params: SamplingParams | None = None, *, chat: bool = True
+) -> list[str]:
+    """Text in, text out, for a ``LoadedModel``: the model's stop tokens are used unless ``params`` names some."""
+    if loaded.tokenizer is None:
+        raise LowbitError(f"{loaded.path} ships no tokenizer; generation needs tokenizer files beside the weights")
+    params = params or SamplingParams()
+    if not params.stop_token_ids:
+        params = replace(params, stop_token_ids=loaded.stop_token_ids)
+    ids = [encode_prompt(loaded.tokenizer, p, chat=chat) for p in prompts]
+    return [loaded.tokenizer.decode(c.token_ids) for c in generate(loaded.model, ids, params)]

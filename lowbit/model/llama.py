@@ -1,0 +1,179 @@
+"""A compact Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) that we own.
+
+Module and parameter names follow Hugging Face's (``embed_tokens``, ``layers.N.self_attn.q_proj``, ...,
+without the ``model.`` prefix), so checkpoints map one to one. Every projection is a plain
+``nn.Linear`` attribute: quantization swaps it for a quantized module with the same call signature.
+
+Numerics follow transformers' implementation (RMSNorm in fp32, rotary tables in fp32 cast to the
+activation dtype, SDPA attention), which the parity tests check.
+
+Shapes: B batch, T tokens in this call, S key slots so far, H hidden, nh/nkv heads, hd head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.engine.kv_cache import KVCache
+from lowbit.model.config import ModelConfig, RopeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse rotary frequencies, fp32, shape (head_dim // 2,)."""
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.kind == "linear":
+        return inv / rope.factor
+    if rope.kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
+        old = rope.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / rope.low_freq_factor, old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, blended, scaled)
+    return inv
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hd, nh, nkv, h = config.head_dim, config.num_heads, config.num_kv_heads, config.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, hd
+        self.q_proj = nn.Linear(h, nh * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, nkv * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, nkv * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(nh * hd, h, bias=config.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, H)
+        cos: torch.Tensor,  # (B, T, hd)
+        sin: torch.Tensor,
+        mask: torch.Tensor,  # (B, 1, T, S) bool, True = may attend
+        cache: KVCache | None,
+        layer: int,
+        start: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)  # (B, nkv, S, hd)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
+        )  # (B, nh, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=b)
+        self.up_proj = nn.Linear(h, i, bias=b)
+        self.down_proj = nn.Linear(i, h, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache, layer, start):  # noqa: ANN001 - see Attention.forward
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only causal LM. ``forward`` returns logits (B, T, vocab) or (B, 1, vocab) with ``last_only``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config.rope, config.head_dim), persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (after building on the meta device and ``to_empty``)."""
+        self.inv_freq = rope_inv_freq(self.config.rope, self.config.head_dim).to(self.inv_freq.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T) int64
+        positions: torch.Tensor | None = None,  # (B, T) int64 rotary positions; default 0..T-1
+        cache: KVCache | None = None,
+        start: int = 0,  # first cache slot this chunk is written to
+        key_valid: torch.Tensor | None = None,  # (B, >= start+T) bool: False for padding slots
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        device = input_ids.device
+        if positions is None:
+            positions = torch.arange(start, start + T, device=device).expand(B, T)
+        x = self.embed_tokens(input_ids)
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2), fp32 as in transformers
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        if cache is None and start != 0:
+            raise ValueError("start > 0 needs a KV cache holding the earlier slots")
+        mask = self._mask(B, T, start, key_valid, device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def _mask(self, B, T, start, key_valid, device) -> torch.Tensor:  # noqa: ANN001
+        """(B, 1, T, S=start+T) bool: causal in slot order, padding keys hidden, sliding window if any."""
+        S = start + T
+        q_slot = torch.arange(start, S, device=device)[:, None]  # (T, 1)
+        k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
+        allowed = k_slot <= q_slot
+        window = self.config.sliding_window
+        if window is not None:
+            allowed = allowed & (q_slot - k_slot < window)
+        allowed = allowed.expand(B, T, S)
+        if key_valid is not None:
+            # A padding query would see no key at all and SDPA would return NaN, which then flows into
+            # later layers' keys; letting every query see itself keeps padding rows finite.
+            allowed = (allowed & key_valid[:, None, :S]) | (k_slot == q_slot)
+        return allowed[:, None]

@@ -1,0 +1,211 @@
+"""Load a Llama-family model from a Hugging Face directory or a GGUF file into our Transformer.
+
+- HF directory: ``config.json`` + ``*.safetensors`` (one file, or shards listed in
+  ``model.safetensors.index.json``), tokenizer files beside them.
+- GGUF file: metadata gives the config and the tokenizer (converted by transformers once, then cached
+  under the lowbit cache), weights are dequantized (see ``lowbit.model.gguf``).
+
+The model is built on the meta device and materialized directly on the target device and dtype,
+so nothing is allocated twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.assets import cache_dir, resolve_model
+from lowbit.device import pick_device, pick_dtype
+from lowbit.errors import LowbitError
+from lowbit.model import gguf as gguf_format
+from lowbit.model.config import ModelConfig
+from lowbit.model.llama import Transformer
+
+# Checkpoint entries that carry no parameter of ours (old checkpoints saved rotary tables).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Any | None  # a transformers tokenizer, or None when the checkpoint ships none
+    config: ModelConfig
+    path: Path
+    stop_token_ids: tuple[int, ...]  # end-of-sequence ids from config, generation config and tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load a model by known name (``smollm2-135m``) or path; device and dtype default to the best available."""
+    path = resolve_model(name_or_path)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LowbitError(f"{path} has no config.json; pass a Hugging Face model directory or a .gguf file")
+        config = ModelConfig.from_hf(_read_json(path / "config.json"))
+        tensors: Iterable[tuple[str, torch.Tensor]] = _safetensors_tensors(path)
+        tokenizer = _hf_tokenizer(path) if with_tokenizer else None
+        extra_eos = _generation_eos(path)
+    elif path.is_file() and gguf_format.is_gguf(path):
+        reader = gguf_format.open_gguf(path)
+        config = gguf_format.gguf_config(reader)
+        tensors = gguf_format.gguf_tensors(reader, config)
+        tokenizer = _gguf_tokenizer(path) if with_tokenizer else None
+        extra_eos = ()
+    elif path.suffix == ".safetensors":
+        raise LowbitError(f"pass the directory that holds {path.name} and config.json, not the weights file")
+    else:
+        raise LowbitError(f"{path} is neither a model directory (config.json + *.safetensors) nor a GGUF file")
+
+    model = build_empty(config, dev, dt)
+    load_hf_weights(model, tensors, source=str(path))
+    model.eval()
+    stops = list(config.eos_token_ids) + list(extra_eos)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        stops.append(int(tokenizer.eos_token_id))
+    return LoadedModel(model, tokenizer, config, path, tuple(dict.fromkeys(stops)))
+
+
+def build_empty(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """A Transformer with uninitialized weights on ``device``/``dtype`` (rotary tables stay fp32)."""
+    with torch.device("meta"):
+        model = Transformer(config).to(dtype)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.reset_buffers()
+    return model
+
+
+@torch.no_grad()
+def load_hf_weights(model: Transformer, tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """Copy tensors named as in Hugging Face's Llama (``model.layers.0...``, ``lm_head.weight``) into ``model``.
+
+    Every parameter must be given exactly once with the right shape; anything unknown is an error
+    (it usually means a checkpoint quantized in another format).
+    """
+    params = dict(model.named_parameters())  # tied lm_head is listed once, as embed_tokens
+    tied = model.config.tie_word_embeddings
+    loaded: set[str] = set()
+    for hf_name, tensor in tensors:
+        if hf_name.endswith(_IGNORED_SUFFIXES):
+            continue
+        name = hf_name.removeprefix("model.")
+        if tied and name == "lm_head.weight":
+            continue  # some tied checkpoints store the head too; it is the embedding
+        param = params.get(name)
+        if param is None:
+            raise LowbitError(
+                f"{source} has a tensor lowbit does not know: {hf_name!r}. Is it a checkpoint quantized "
+                "in another format, or a different architecture?"
+            )
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise LowbitError(
+                f"{source}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, but the config implies "
+                f"{tuple(param.shape)}; config.json and the weights disagree"
+            )
+        param.copy_(tensor)
+        loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise LowbitError(f"{source} lacks weights {', '.join(missing[:3])}{more}; the checkpoint is incomplete")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LowbitError(f"{path} is not valid JSON ({exc}); the file is corrupt") from exc
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LowbitError(f"{index} has no 'weight_map'; the file is corrupt")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise LowbitError(f"shard {f.name} listed in {index.name} is missing from {directory}")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+            raise LowbitError(
+                f"{directory} holds only PyTorch pickle weights (*.bin); lowbit reads safetensors. "
+                "Re-save the model with save_pretrained(..., safe_serialization=True)"
+            )
+        raise LowbitError(f"{directory} has config.json but no *.safetensors weights")
+    return files
+
+
+def _safetensors_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    for f in _safetensors_files(directory):
+        try:
+            with safe_open(f, framework="pt", device="cpu") as st:
+                for key in st.keys():
+                    yield key, st.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise LowbitError(f"{f} is corrupt or truncated ({exc}); download it again") from exc
+
+
+def _generation_eos(directory: Path) -> tuple[int, ...]:
+    gen = directory / "generation_config.json"
+    if not gen.is_file():
+        return ()
+    eos = _read_json(gen).get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+
+
+def _hf_tokenizer(directory: Path) -> Any | None:
+    if not any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    """Tokenizer from a GGUF file's metadata; built by transformers once (seconds), then cached."""
+    from transformers import AutoTokenizer
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+    cached = cache_dir() / "tokenizers" / key
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(cached)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
+    try:
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cached)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race, or the disk is full:
+        # the tokenizer in memory is still good, only the cache entry is skipped
+    return tokenizer
