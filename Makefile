@@ -1,0 +1,45 @@
+# lowbit: `make demo` and `make test` do all the set-up on a fresh machine (Python >= 3.11 with venv).
+#
+#   make demo   create .venv, install lowbit, fetch the default model and corpus, generate text with it
+#   make test   create/update .venv with the dev extras and run the test suite
+#
+# torch: on CPU machines we install TORCH_SPEC (a CPU wheel is provided there; a bare `torch` from
+# PyPI would pull GBs of CUDA packages). Override it, e.g. `make demo TORCH_SPEC=torch`, on a GPU box.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip --disable-pip-version-check
+PROMPT     ?= Explain in two sentences why quantizing an LLM to 4 bits makes it faster to serve.
+
+.PHONY: demo test install install-dev clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps re-run the install only when pyproject.toml changes.
+$(VENV)/.torch: | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/lowbit fetch
+	$(VENV)/bin/lowbit generate smollm2-135m --prompt "$(PROMPT)" --max-new-tokens 96
+
+test: install-dev
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

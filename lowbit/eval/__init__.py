@@ -1,0 +1,1 @@
+"""Evaluation: the text corpora that perplexity measurement and quantization calibration read."""

@@ -1,0 +1,52 @@
+"""Tiny random Hugging Face models of each supported architecture, the reference for parity tests."""
+
+from __future__ import annotations
+
+import torch
+
+# name -> (transformers config class name, config kwargs). Sizes are tiny but keep every feature
+# on: GQA, odd head counts, llama3 rope scaling, sliding window shorter than the test sequences,
+# Qwen2's q/k/v bias, tied embeddings (SmolLM), Llama's attention and MLP biases.
+TINY_ARCHS: dict[str, tuple[str, dict]] = {
+    "llama2": ("LlamaConfig", dict(num_key_value_heads=4)),
+    "llama3": (
+        "LlamaConfig",
+        dict(
+            num_key_value_heads=2,
+            rope_parameters=dict(
+                rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                high_freq_factor=4.0, original_max_position_embeddings=32,
+            ),
+        ),
+    ),
+    "llama-bias": ("LlamaConfig", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
+    "smollm": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=5)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+}
+
+
+def make_hf_model(arch: str, seed: int = 0):
+    """A random transformers model of ``arch`` (fp32, eager attention), with non-trivial norms and biases."""
+    import transformers
+
+    cls_name, extra = TINY_ARCHS[arch]
+    kwargs = dict(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    kwargs.update(extra)
+    config = getattr(transformers, cls_name)(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    return model
