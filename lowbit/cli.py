@@ -83,8 +83,10 @@ class _TextStream:
         self.tokenizer, self.ids, self.printed = tokenizer, [], 0
 
     def push(self, token: int) -> None:
+        from lowbit.engine.generate import decode
+
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = decode(self.tokenizer, self.ids)
         if text.endswith("\ufffd"):
             return  # half of a multi-byte character: wait for the rest
         sys.stdout.write(text[self.printed :])
@@ -93,7 +95,7 @@ class _TextStream:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from lowbit.engine.generate import encode_prompt, generate, generate_stream
+    from lowbit.engine.generate import decode, encode_prompt, generate, generate_stream
     from lowbit.engine.sampling import SamplingParams
     from lowbit.model.loader import load_model
 
@@ -125,7 +127,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         n = sum(len(c.token_ids) for c in completions)
         for i, (prompt, c) in enumerate(zip(args.prompt, completions)):
             print(f"--- [{i}] {prompt}")
-            print(loaded.tokenizer.decode(c.token_ids, skip_special_tokens=True))
+            print(decode(loaded.tokenizer, c.token_ids))
     elapsed = time.perf_counter() - start
     print(f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s]", file=sys.stderr)
 

@@ -108,6 +108,15 @@ def encode_prompt(tokenizer: Any, text: str, *, chat: bool = True, system: str |
     return tokenizer(text)["input_ids"]
 
 
+def decode(tokenizer: Any, token_ids: Sequence[int]) -> str:
+    """Text of generated tokens, special tokens dropped.
+
+    ``clean_up_tokenization_spaces`` is a WordPiece-era post-process that deletes the space before
+    punctuation; it corrupts byte-level BPE output (and some transformers versions warn on every call).
+    """
+    return tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 def generate_text(
     loaded: Any, prompts: Sequence[str], params: SamplingParams | None = None, *, chat: bool = True
 ) -> list[str]:
@@ -118,4 +127,4 @@ def generate_text(
     if not params.stop_token_ids:
         params = replace(params, stop_token_ids=loaded.stop_token_ids)
     ids = [encode_prompt(loaded.tokenizer, p, chat=chat) for p in prompts]
-    return [loaded.tokenizer.decode(c.token_ids) for c in generate(loaded.model, ids, params)]
+    return [decode(loaded.tokenizer, c.token_ids) for c in generate(loaded.model, ids, params)]
