@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,7 +206,10 @@ def _gguf_tokenizer(path: Path) -> Any:
     try:
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, cached)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race, or the disk is full:
-        # the tokenizer in memory is still good, only the cache entry is skipped
+    except OSError as exc:
+        # Another process won the race, or the disk is full: the tokenizer in memory is still good,
+        # only the cache entry is skipped (and the next load converts again).
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (cached / "tokenizer_config.json").is_file():
+            warnings.warn(f"could not cache the tokenizer in {cached} ({exc}); it will be rebuilt next time", stacklevel=2)
     return tokenizer
