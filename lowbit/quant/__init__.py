@@ -1,0 +1,1 @@
+"""Quantization algorithms, pure PyTorch and device-agnostic (they never import lowbit.kernels)."""
