@@ -22,6 +22,10 @@ _LAZY = {
     "generate": "lowbit.engine.generate",
     "generate_text": "lowbit.engine.generate",
     "LowbitError": "lowbit.errors",
+    "quantize": "lowbit.quant.api",
+    "QuantScheme": "lowbit.formats",
+    "get_scheme": "lowbit.formats",
+    "save_quantized": "lowbit.checkpoint.native",
 }
 
 __all__ = ["__version__", *_LAZY]

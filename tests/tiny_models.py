@@ -26,7 +26,7 @@ TINY_ARCHS: dict[str, tuple[str, dict]] = {
 }
 
 
-def make_hf_model(arch: str, seed: int = 0):
+def make_hf_model(arch: str, seed: int = 0, **overrides):
     """A random transformers model of ``arch`` (fp32, eager attention), with non-trivial norms and biases."""
     import transformers
 
@@ -37,6 +37,7 @@ def make_hf_model(arch: str, seed: int = 0):
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     kwargs.update(extra)
+    kwargs.update(overrides)
     config = getattr(transformers, cls_name)(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)

@@ -122,6 +122,44 @@ class ModelConfig:
         )
 
 
+    def to_hf(self) -> dict[str, Any]:
+        """A Hugging Face ``config.json`` dict (transformers 4.x rope keys, which 5.x also reads)."""
+        d: dict[str, Any] = {
+            "model_type": self.architecture,
+            "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                               "qwen2": "Qwen2ForCausalLM"}[self.architecture]],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope.theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
+        }
+        if self.rope.kind == "linear":
+            d["rope_scaling"] = {"rope_type": "linear", "factor": self.rope.factor}
+        elif self.rope.kind == "llama3":
+            r = self.rope
+            d["rope_scaling"] = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+                                 "high_freq_factor": r.high_freq_factor,
+                                 "original_max_position_embeddings": r.original_max_position_embeddings}
+        if self.architecture != "qwen2":
+            d["attention_bias"] = self.o_bias
+        if self.mlp_bias:
+            d["mlp_bias"] = True
+        d["sliding_window"] = self.sliding_window
+        if self.architecture == "qwen2":
+            d["use_sliding_window"] = self.sliding_window is not None
+        return d
+
+
 def _rope_from_hf(cfg: dict[str, Any], theta_default: float) -> RopeConfig:
     # transformers 5 folds theta and scaling into `rope_parameters`; 4.x has `rope_theta` + `rope_scaling`.
     params = dict(cfg.get("rope_parameters") or {})

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.engine.kv_cache import KVCache
+from lowbit.formats import KVCacheFormat
 from lowbit.model.config import ModelConfig, RopeConfig
 
 
@@ -67,6 +68,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, nkv * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, nkv * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(nh * hd, h, bias=config.o_bias)
+        # Quantized KV cache, reference path: keys and values are quantized and dequantized as they
+        # enter the cache, so attention sees exactly what a quantized cache would give back.
+        # k_scale / v_scale (nkv,) fp32 are static per-head scales (fp8 caches), from calibration.
+        self.kv_format: KVCacheFormat | None = None
+        self.register_buffer("k_scale", None)
+        self.register_buffer("v_scale", None)
 
     def forward(
         self,
@@ -85,6 +92,11 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if self.kv_format is not None and self.kv_format.dtype != "fp16":
+            from lowbit.quant.kv import fake_quantize_kv
+
+            k = fake_quantize_kv(k, self.kv_format, self.k_scale)
+            v = fake_quantize_kv(v, self.kv_format, self.v_scale)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, nkv, S, hd)
         out = F.scaled_dot_product_attention(
@@ -150,19 +162,23 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=device).expand(B, T)
         x = self.embed_tokens(input_ids)
-        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2), fp32 as in transformers
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = self.rope(positions, x.dtype)
         if cache is None and start != 0:
             raise ValueError("start > 0 needs a KV cache holding the earlier slots")
-        mask = self._mask(B, T, start, key_valid, device)
+        mask = self.attention_mask(B, T, start, key_valid, device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i, start)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
-    def _mask(self, B, T, start, key_valid, device) -> torch.Tensor:  # noqa: ANN001
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, T, hd) for rotary positions (B, T); computed in fp32 as in transformers."""
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def attention_mask(self, B, T, start, key_valid, device) -> torch.Tensor:  # noqa: ANN001
         """(B, 1, T, S=start+T) bool: causal in slot order, padding keys hidden, sliding window if any."""
         S = start + T
         q_slot = torch.arange(start, S, device=device)[:, None]  # (T, 1)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lowbit.assets import cache_dir, resolve_model
+from lowbit.checkpoint.native import install_quantized_layers, scheme_from_config
 from lowbit.device import pick_device, pick_dtype
 from lowbit.errors import LowbitError
 from lowbit.model import gguf as gguf_format
@@ -62,7 +63,9 @@ def load_model(
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LowbitError(f"{path} has no config.json; pass a Hugging Face model directory or a .gguf file")
-        config = ModelConfig.from_hf(_read_json(path / "config.json"))
+        raw_config = _read_json(path / "config.json")
+        config = ModelConfig.from_hf(raw_config)
+        scheme = scheme_from_config(raw_config)
         tensors: Iterable[tuple[str, torch.Tensor]] = _safetensors_tensors(path)
         tokenizer = _hf_tokenizer(path) if with_tokenizer else None
         extra_eos = _generation_eos(path)
@@ -72,12 +75,18 @@ def load_model(
         tensors = gguf_format.gguf_tensors(reader, config)
         tokenizer = _gguf_tokenizer(path) if with_tokenizer else None
         extra_eos = ()
+        scheme = None
     elif path.suffix == ".safetensors":
         raise LowbitError(f"pass the directory that holds {path.name} and config.json, not the weights file")
     else:
         raise LowbitError(f"{path} is neither a model directory (config.json + *.safetensors) nor a GGUF file")
 
     model = build_empty(config, dev, dt)
+    if scheme is not None:  # a lowbit quantized checkpoint: swap in QuantLinears first
+        tensors = dict(tensors)
+        install_quantized_layers(model, scheme, tensors, dtype=dt)
+        model.to(dev)  # a device move only: QuantLinear keeps its buffers' dtypes
+        tensors = tensors.items()
     load_hf_weights(model, tensors, source=str(path))
     model.eval()
     stops = list(config.eos_token_ids) + list(extra_eos)

@@ -1,0 +1,1 @@
+"""Saving and loading quantized models (lowbit's native format)."""

@@ -1,0 +1,152 @@
+"""QuantLinear: a Linear layer whose weight is stored quantized, with the reference (emulated) forward.
+
+This is where ``lowbit.quant`` (the algorithms) and, later, ``lowbit.kernels`` meet. The forward
+here defines the numerics every kernel must reproduce: it dequantizes the weight, quantizes the
+activations exactly as the scheme says, and multiplies in fp32, on any device.
+
+Buffers (all persistent, saved in the checkpoint under ``<layer>.<buffer>``):
+  qweight        (N, ceil(Kq/2)) uint8, int4 codes packed two per byte (see primitives.pack_int4)
+                 or (N, Kq) int8 / uint8 / float8_e4m3fn for 8-bit formats
+  scales         (N, G) fp16
+  zeros          (N, G) uint8, asymmetric formats only
+  g_idx          (Kq,) int32, act-order without static groups only
+  bias           (N,) model dtype, if the layer has one
+  smooth         (K,) fp32, SmoothQuant factors that could not be folded: the input is divided by them
+  outlier_idx    (n_out,) int64, QUIK input columns kept in high precision, ascending
+  outlier_weight (N, n_out) model dtype, their weights
+  act_perm       (Kq,) int64, COMET channel order of the quantized columns (weights stored in it)
+  fmpq_high      (ceil(Kq / block),) bool, COMET blocks quantized at 8 bits
+Kq = K - n_out is the number of quantized input columns, taken in ascending order of the
+columns that are not outliers, then permuted by ``act_perm``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.formats import ActivationFormat, WeightFormat
+from lowbit.quant.primitives import dequantize_weight, fake_quantize_activation, pack_int4, unpack_int4
+from lowbit.quant.quantized import QuantizedWeight
+
+_OPTIONAL = ("zeros", "g_idx", "bias", "smooth", "outlier_idx", "outlier_weight", "act_perm", "fmpq_high")
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, wfmt: WeightFormat, afmt: ActivationFormat) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.wfmt, self.afmt = wfmt, afmt
+        for name in ("qweight", "scales", *_OPTIONAL):
+            self.register_buffer(name, None)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        qw: QuantizedWeight,
+        afmt: ActivationFormat,
+        *,
+        in_features: int,
+        dtype: torch.dtype,
+        bias: torch.Tensor | None = None,
+        smooth: torch.Tensor | None = None,
+        outlier_idx: torch.Tensor | None = None,
+        outlier_weight: torch.Tensor | None = None,
+        act_perm: torch.Tensor | None = None,
+        fmpq_high: torch.Tensor | None = None,
+    ) -> "QuantLinear":
+        """Pack an algorithm's result; ``dtype`` is the model's activation dtype (bias, outlier weights)."""
+        N, Kq = qw.shape
+        n_out = 0 if outlier_idx is None else len(outlier_idx)
+        if Kq + n_out != in_features:
+            raise LowbitError(f"quantized columns ({Kq}) + outliers ({n_out}) != in_features ({in_features})")
+        m = cls(in_features, N, qw.fmt, afmt)
+        packed = qw.fmt.bits == 4 and qw.fmt.dtype == "int"
+        m.qweight = pack_int4(qw.codes) if packed else qw.codes.clone()
+        m.scales = qw.scale.to(torch.float16)
+        m.zeros = qw.zero
+        m.g_idx = None if qw.g_idx is None else qw.g_idx.to(torch.int32)
+        m.bias = None if bias is None else bias.detach().to(dtype)
+        m.smooth = None if smooth is None else smooth.detach().float()
+        if n_out:
+            m.outlier_idx = outlier_idx.long()
+            m.outlier_weight = outlier_weight.detach().to(dtype)
+        m.act_perm = None if act_perm is None else act_perm.long()
+        m.fmpq_high = None if fmpq_high is None else fmpq_high.bool()
+        return m
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], in_features: int, wfmt: WeightFormat, afmt: ActivationFormat
+    ) -> "QuantLinear":
+        """Rebuild from checkpoint tensors named without the layer prefix (``qweight``, ``scales``, ...)."""
+        missing = [k for k in ("qweight", "scales") if k not in tensors]
+        if missing:
+            raise LowbitError(f"quantized layer lacks {', '.join(missing)}; the checkpoint is incomplete")
+        m = cls(in_features, tensors["scales"].shape[0], wfmt, afmt)
+        for name, t in tensors.items():
+            if name not in ("qweight", "scales", *_OPTIONAL):
+                raise LowbitError(f"unknown quantized-layer tensor {name!r}; was this written by a newer lowbit?")
+            setattr(m, name, t)
+        return m
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001
+        # model.to(dtype) must move these buffers but never re-round them: scales stay fp16, codes
+        # integer, smoothing factors fp32. Only bias and outlier weights follow the model's dtype.
+        dtypes = {k: b.dtype for k, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for k, dt in dtypes.items():
+            b = self._buffers[k]
+            if k not in ("bias", "outlier_weight") and b is not None and b.dtype != dt:
+                self._buffers[k] = b.to(dt)
+        return self
+
+    @property
+    def quantized_in_features(self) -> int:
+        return self.in_features - (0 if self.outlier_idx is None else self.outlier_idx.numel())
+
+    def codes(self) -> torch.Tensor:
+        """(N, Kq) unpacked codes."""
+        if self.wfmt.bits == 4 and self.wfmt.dtype == "int":
+            return unpack_int4(self.qweight, self.quantized_in_features, signed=self.wfmt.symmetric)
+        return self.qweight
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(N, Kq) fp32, columns in stored (kept, then act_perm) order."""
+        g_idx = None if self.g_idx is None else self.g_idx.long()
+        return dequantize_weight(self.codes(), self.scales, self.zeros, self.wfmt, g_idx)
+
+    def kept_idx(self) -> torch.Tensor | None:
+        """Ascending indices of the non-outlier input columns, or None when there are no outliers."""
+        if self.outlier_idx is None:
+            return None
+        keep = torch.ones(self.in_features, dtype=torch.bool, device=self.outlier_idx.device)
+        keep[self.outlier_idx] = False
+        return keep.nonzero().squeeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N) in x's dtype; the math in fp32 (the numerical spec)."""
+        xf = x.float()
+        if self.smooth is not None:
+            xf = xf / self.smooth
+        y = None
+        if self.outlier_idx is not None:
+            y = xf[..., self.outlier_idx] @ self.outlier_weight.float().t()
+            xf = xf[..., self.kept_idx()]
+        if self.act_perm is not None:
+            xf = xf[..., self.act_perm]
+        xq = fake_quantize_activation(xf, self.afmt, self.fmpq_high)
+        out = xq @ self.dequantized_weight().t()
+        if y is not None:
+            out = out + y
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        w = f"w{self.wfmt.bits}{'' if self.wfmt.dtype == 'int' else '-fp8'}"
+        g = f"g{self.wfmt.group_size}" if self.wfmt.group_size else "per-channel"
+        a = f"a{self.afmt.bits}" if self.afmt.bits else "a16"
+        n_out = 0 if self.outlier_idx is None else self.outlier_idx.numel()
+        return f"{self.in_features}->{self.out_features}, {w} {g} {a}" + (f", {n_out} outliers" if n_out else "")

@@ -1,0 +1,269 @@
+"""Sequential, layer-by-layer quantization of a Llama-family model.
+
+Only one decoder layer is on the execution device at a time (the rest can stay on the CPU), so a
+model larger than GPU memory can be quantized. Each layer:
+
+1. runs the calibration inputs through the float layer, with hooks that gather, for each group of
+   Linears sharing an input, the per-channel absmax, the Hessian 2 X^T X / n and a token sample;
+2. smooths (SmoothQuant, alpha searched per group) where the scheme says so, folding the factors
+   into the preceding RMSNorm (q/k/v, gate/up) or up_proj's rows (down_proj), and keeping them as a
+   run-time divisor where nothing can absorb them (o_proj);
+3. picks QUIK outlier columns and COMET FMPQ blocks from the activation statistics, searches
+   clipping ratios, and runs GPTQ (or RTN), then swaps each nn.Linear for a QuantLinear;
+4. runs the calibration inputs through the now quantized layer to produce the next layer's inputs,
+   so later layers calibrate on what they will really see.
+
+Algorithms live in their own modules (gptq, smooth, clip, outliers, fmpq, kv); this module only
+sequences them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lowbit.errors import LowbitError
+from lowbit.formats import ActivationFormat, QuantScheme, WeightFormat, get_scheme
+from lowbit.model.llama import DecoderLayer, Transformer
+from lowbit.model.qlinear import QuantLinear
+from lowbit.quant import clip, fmpq, gptq, kv, outliers, smooth
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    samples: int = 128  # calibration windows
+    seq_len: int = 512  # tokens per window
+    batch_size: int = 8  # windows per forward pass
+    smooth_tokens: int = 2048  # tokens kept per input group for the smoothing-alpha search
+    damp: float = 0.01  # GPTQ dampening, fraction of the mean Hessian diagonal
+    seed: int = 0
+
+
+# Linears that share an input, and what can absorb a smoothing factor on that input.
+_GROUPS: tuple[tuple[tuple[str, ...], str | None], ...] = (
+    (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+    (("self_attn.o_proj",), None),
+    (("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+    (("mlp.down_proj",), "mlp.up_proj"),
+)
+
+
+def calibration_windows(ids: torch.Tensor, cfg: CalibrationConfig) -> torch.Tensor:
+    """(samples, seq_len) int64 windows drawn at seeded random offsets from a token stream (n,)."""
+    n = ids.numel()
+    if n < cfg.seq_len + 1:
+        raise LowbitError(
+            f"calibration text too short: {n} tokens, need at least {cfg.seq_len + 1} for --seq-len {cfg.seq_len}"
+        )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    starts = torch.randint(0, n - cfg.seq_len, (cfg.samples,), generator=gen)
+    return torch.stack([ids[s : s + cfg.seq_len] for s in starts.tolist()])
+
+
+class _GroupStats:
+    """Statistics of one Linear input: absmax (K,), Hessian (K, K) and a token sample (<= T, K), fp32."""
+
+    def __init__(self, K: int, device: torch.device, keep_tokens: int) -> None:
+        self.absmax = torch.zeros(K, device=device)
+        self.H = gptq.make_empty_hessian(K, device)
+        self.n = 0
+        self.sample: list[torch.Tensor] = []
+        self.keep_tokens = keep_tokens
+
+    def add(self, x: torch.Tensor, where: str) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise LowbitError(
+                f"NaN/Inf in the activations entering {where} during calibration; the model's weights "
+                "or the calibration text produce non-finite values"
+            )
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        self.H, self.n = gptq.accumulate_hessian(self.H, x, self.n)
+        have = sum(s.shape[0] for s in self.sample)
+        if have < self.keep_tokens:
+            step = max(1, x.shape[0] // 64)  # spread the sample over the window, not its first tokens
+            self.sample.append(x[::step][: self.keep_tokens - have])
+
+    def tokens(self) -> torch.Tensor:
+        return torch.cat(self.sample)
+
+    def rescale(self, s: torch.Tensor) -> None:
+        """Statistics of x / s, exactly: absmax / s, H / (s s^T), sample / s."""
+        self.absmax = self.absmax / s
+        self.H = self.H / (s[:, None] * s[None, :])
+        self.sample = [t / s for t in self.sample]
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _set(module: nn.Module, path: str, value: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(module, parent) if parent else module, name, value)
+
+
+def _layer_inputs(model: Transformer, ids: torch.Tensor, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    emb_dev = model.embed_tokens.weight.device
+    with torch.no_grad():
+        return model.embed_tokens(ids.to(emb_dev)).to(dev, dtype)
+
+
+def _run_layer(model: Transformer, layer: DecoderLayer, hidden: torch.Tensor, cfg: CalibrationConfig) -> torch.Tensor:
+    """hidden (n, L, H) through ``layer`` in batches; returns the outputs (same shape)."""
+    n, L, _ = hidden.shape
+    out = torch.empty_like(hidden)
+    positions = torch.arange(L, device=hidden.device)[None]
+    for b in range(0, n, cfg.batch_size):
+        x = hidden[b : b + cfg.batch_size]
+        cos, sin = model.rope(positions.expand(x.shape[0], L), x.dtype)
+        mask = model.attention_mask(x.shape[0], L, 0, None, x.device)
+        out[b : b + cfg.batch_size] = layer(x, cos, sin, mask, None, 0, 0)
+    return out
+
+
+@torch.no_grad()
+def quantize_model(
+    model: Transformer,
+    scheme: QuantScheme | str,
+    calib_ids: torch.Tensor,
+    cfg: CalibrationConfig = CalibrationConfig(),
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> Transformer:
+    """Quantize ``model`` in place with ``scheme``, calibrating on ``calib_ids`` (samples, seq_len) int64.
+
+    ``device``: where each layer is quantized (default: where the model is). Returns the model, with
+    ``model.quant_scheme`` set.
+    """
+    scheme = get_scheme(scheme)
+    home = model.embed_tokens.weight.device
+    dev = torch.device(device) if device is not None else home
+    dtype = model.embed_tokens.weight.dtype
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise LowbitError(f"the model's weight {name} holds NaN/Inf; the checkpoint is broken")
+    hidden = _layer_inputs(model, calib_ids, dev, dtype)
+    bar = tqdm(model.layers, desc=f"quantizing ({scheme.name})", unit="layer", disable=not progress)
+    for i, layer in enumerate(bar):
+        layer.to(dev)
+        _quantize_layer(model, layer, i, hidden, scheme, cfg)
+        hidden = _run_layer(model, layer, hidden, cfg)
+        layer.to(home)
+    model.quant_scheme = scheme
+    return model
+
+
+def _collect(model, layer, i, hidden, cfg) -> tuple[dict[str, _GroupStats], dict[str, torch.Tensor]]:  # noqa: ANN001
+    """Run the float layer once with hooks: stats per input group, per-head K/V absmax."""
+    stats: dict[str, _GroupStats] = {}
+    kv_absmax: dict[str, torch.Tensor] = {}
+    hooks = []
+    attn = layer.self_attn
+    hd = attn.head_dim
+    for names, _ in _GROUPS:
+        first = names[0]
+        lin = _get(layer, first)
+        stats[first] = _GroupStats(lin.in_features, hidden.device, cfg.smooth_tokens)
+        where = f"layers.{i}.{first}"
+        hooks.append(lin.register_forward_pre_hook(lambda m, a, s=stats[first], w=where: s.add(a[0], w)))
+
+    def head_absmax(which: str, out: torch.Tensor) -> None:
+        t = out.float().reshape(-1, attn.num_kv_heads, hd)
+        if which == "k":  # rope rotates dims (j, j + hd/2) as pairs: their norm bounds the rotated absmax
+            t = torch.sqrt(t[..., : hd // 2] ** 2 + t[..., hd // 2 :] ** 2)
+        m = t.abs().amax(dim=(0, 2))
+        kv_absmax[which] = torch.maximum(kv_absmax[which], m) if which in kv_absmax else m
+
+    hooks.append(attn.k_proj.register_forward_hook(lambda m, a, o: head_absmax("k", o)))
+    hooks.append(attn.v_proj.register_forward_hook(lambda m, a, o: head_absmax("v", o)))
+    try:
+        _run_layer(model, layer, hidden, cfg)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats, kv_absmax
+
+
+def _smooth_group(layer: DecoderLayer, names: Sequence[str], absorber: str | None, st: _GroupStats,
+                  wfmt: WeightFormat, afmt: ActivationFormat) -> torch.Tensor | None:
+    """Search and fold SmoothQuant factors for one input group; returns the run-time divisor if unfoldable."""
+    linears = [_get(layer, n) for n in names]
+    _, s = smooth.search_smooth_alpha(st.tokens(), [lin.weight.float() for lin in linears], wfmt, afmt)
+    for lin in linears:
+        lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+    st.rescale(s)
+    if absorber is None:
+        return s
+    target = _get(layer, absorber)
+    if isinstance(target, nn.Linear):  # up_proj feeds down_proj through an elementwise product
+        target.weight.div_(s.to(target.weight.dtype)[:, None])
+        if target.bias is not None:
+            target.bias.div_(s.to(target.bias.dtype))
+    else:  # RMSNorm
+        target.weight.div_(s.to(target.weight.dtype))
+    return None
+
+
+def _quantize_linear(lin: nn.Linear, st: _GroupStats, wfmt: WeightFormat, afmt: ActivationFormat,
+                     cfg: CalibrationConfig, runtime_smooth: torch.Tensor | None) -> QuantLinear:
+    W = lin.weight.float()
+    K = W.shape[1]
+    out_idx = None
+    if afmt.outlier_columns:
+        out_idx = outliers.select_outlier_columns(st.absmax, min(afmt.outlier_columns, K - 1))
+        kept, out_idx = outliers.split_columns(K, out_idx)
+    else:
+        kept = torch.arange(K, device=W.device)
+    perm = high = None
+    if afmt.fmpq_block:
+        perm, high = fmpq.assign_fmpq_blocks(st.absmax[kept], afmt.fmpq_block, afmt.fmpq_high_fraction, afmt.bits)
+        kept = kept[perm]
+    # Columns in stored order: the quantized ones (kept, permuted), then the outliers, which GPTQ
+    # processes last so that they absorb the quantization error of all the others (QUIK).
+    order = kept if out_idx is None else torch.cat([kept, out_idx])
+    Wo, Ho = W[:, order], st.H[order][:, order]
+    Kq = kept.numel()
+    ratio = clip.search_clip(Wo[:, :Kq], Ho[:Kq, :Kq], wfmt) if wfmt.clip_search else None
+    if wfmt.method == "gptq":
+        keep = None if out_idx is None else torch.arange(Kq, K, device=W.device)
+        qw, outlier_w = gptq.gptq_quantize(Wo, Ho, wfmt, damp=cfg.damp, clip=ratio, keep_columns=keep)
+    else:
+        qw, outlier_w = gptq.rtn_quantize(Wo[:, :Kq], wfmt, clip=ratio), (None if out_idx is None else Wo[:, Kq:])
+    return QuantLinear.from_quantized(
+        qw, afmt, in_features=K, dtype=lin.weight.dtype, bias=lin.bias, smooth=runtime_smooth,
+        outlier_idx=out_idx, outlier_weight=outlier_w, act_perm=perm, fmpq_high=high,
+    )
+
+
+def _quantize_layer(model: Transformer, layer: DecoderLayer, i: int, hidden: torch.Tensor,
+                    scheme: QuantScheme, cfg: CalibrationConfig) -> None:
+    stats, kv_absmax = _collect(model, layer, i, hidden, cfg)
+    # 1. smoothing for every group first: folding into up_proj must happen before up_proj is quantized
+    runtime: dict[str, torch.Tensor | None] = {}
+    for names, absorber in _GROUPS:
+        wfmt, afmt = scheme.for_layer(f"layers.{i}.{names[0]}")
+        if scheme.smooth and afmt.bits is not None:
+            runtime[names[0]] = _smooth_group(layer, names, absorber, stats[names[0]], wfmt, afmt)
+    # 2. quantize every Linear
+    for names, _ in _GROUPS:
+        for name in names:
+            wfmt, afmt = scheme.for_layer(f"layers.{i}.{name}")
+            lin = _get(layer, name)
+            if not torch.isfinite(lin.weight).all():
+                raise LowbitError(f"weight layers.{i}.{name} holds NaN/Inf after smoothing")
+            _set(layer, name, _quantize_linear(lin, stats[names[0]], wfmt, afmt, cfg, runtime.get(names[0])))
+    # 3. KV cache format, with static per-head scales for fp8
+    if scheme.kv_cache.dtype != "fp16":
+        attn = layer.self_attn
+        attn.kv_format = scheme.kv_cache
+        if scheme.kv_cache.dtype == "fp8_e4m3":
+            attn.k_scale = kv.calibrate_kv_scales(kv_absmax["k"])
+            attn.v_scale = kv.calibrate_kv_scales(kv_absmax["v"])

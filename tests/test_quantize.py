@@ -1,0 +1,108 @@
+"""Every preset end to end on a tiny random model: quantize, generate, save, load back bit-exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.checkpoint.native import save_quantized
+from lowbit.engine.generate import generate
+from lowbit.engine.sampling import SamplingParams
+from lowbit.errors import LowbitError
+from lowbit.formats import PRESETS, get_scheme
+from lowbit.model.loader import load_model
+from lowbit.model.qlinear import QuantLinear
+from tests.tiny_models import make_hf_model
+
+SCHEMES = sorted(PRESETS) + ["w4a8+kv4", "w4a16+kvfp8", "w8a8-int8+kv8"]
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("float")
+    make_hf_model("llama-bias", hidden_size=128, intermediate_size=256).save_pretrained(path)
+    return path
+
+
+def _calib(vocab: int = 97) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, vocab, (8, 32), generator=g)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_preset_quantizes_generates_and_round_trips(scheme, float_dir, tmp_path):
+    loaded = load_model(float_dir, device="cpu", dtype="fp32", with_tokenizer=False)
+    ids = torch.randint(3, 97, (2, 9))
+    with torch.no_grad():
+        ref = loaded.model(ids)
+    model = lowbit.quantize(loaded, scheme, _calib(), progress=False)
+    qlinears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(qlinears) == 7 * model.config.num_layers
+    with torch.no_grad():
+        logits = model(ids)
+    assert torch.isfinite(logits).all()
+    rel = ((logits - ref).norm() / ref.norm()).item()
+    # quantized, so not identical, but still the same function; pruning half of a random matrix
+    # (no redundancy to exploit, unlike trained weights) costs far more than 4-bit rounding
+    assert 0 < rel < (0.9 if "2:4" in scheme else 0.5), rel
+    out = generate(model, [ids[0].tolist()], SamplingParams(max_new_tokens=5))[0]
+    assert len(out.token_ids) == 5
+
+    save_quantized(model, tmp_path / "q")
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["scheme"]["name"] == get_scheme(scheme).name
+    back = load_model(tmp_path / "q", device="cpu", dtype="fp32", with_tokenizer=False).model
+    saved, restored = model.state_dict(), back.state_dict()
+    assert saved.keys() == restored.keys()
+    for k in saved:
+        assert saved[k].dtype == restored[k].dtype, k
+        assert torch.equal(saved[k].view(torch.uint8) if saved[k].dtype == torch.float8_e4m3fn else saved[k],
+                           restored[k].view(torch.uint8) if restored[k].dtype == torch.float8_e4m3fn else restored[k]), k
+    with torch.no_grad():
+        assert torch.equal(back(ids), logits)
+
+
+def test_save_refuses_existing_dir_and_leaves_nothing_partial(float_dir, tmp_path, monkeypatch):
+    loaded = load_model(float_dir, device="cpu", dtype="fp32", with_tokenizer=False)
+    model = lowbit.quantize(loaded, "w4a16-rtn", _calib(), progress=False)
+    (tmp_path / "q").mkdir()
+    with pytest.raises(LowbitError, match="already exists.*--overwrite"):
+        save_quantized(model, tmp_path / "q")
+    import lowbit.checkpoint.native as native
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(native, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(model, tmp_path / "q", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # old dir intact, no temp dir left
+    monkeypatch.undo()
+    save_quantized(model, tmp_path / "q", overwrite=True)
+    assert (tmp_path / "q" / "model.safetensors").is_file()
+
+
+def test_quantize_errors(float_dir):
+    loaded = load_model(float_dir, device="cpu", dtype="fp32", with_tokenizer=False)
+    with pytest.raises(LowbitError, match="unknown scheme 'w3a3'.*w4a16"):
+        lowbit.quantize(loaded, "w3a3", _calib())
+    with pytest.raises(LowbitError, match="modifier"):
+        lowbit.quantize(loaded, "w4a16+kv2", _calib())
+    with pytest.raises(LowbitError, match="too short"):
+        lowbit.quantize(loaded, "w4a16", torch.arange(10))
+    with torch.no_grad():
+        loaded.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(LowbitError, match="NaN/Inf"):
+        lowbit.quantize(loaded, "w4a16", _calib())
+
+
+def test_nan_activations_during_calibration(float_dir):
+    loaded = load_model(float_dir, device="cpu", dtype="fp32", with_tokenizer=False)
+    with torch.no_grad():
+        # finite weights whose attention scores overflow fp32: softmax gives NaN
+        loaded.model.layers[0].input_layernorm.weight.fill_(1e25)
+    with pytest.raises(LowbitError, match="NaN/Inf in the activations entering layers.0"):
+        lowbit.quantize(loaded, "w4a16", _calib())
