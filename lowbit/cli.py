@@ -12,9 +12,11 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
+from lowbit.formats import PRESETS
 
 MODEL_HELP = "a Hugging Face model directory (config.json + *.safetensors), a .gguf file, or a known name: smollm2-135m"
 
@@ -26,10 +28,18 @@ def _add_placement(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="wiki", help="calibration text: wiki (default corpus, calib split) or a .txt/.jsonl file")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows (default: 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default: 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowbit",
         description="Low-bit LLM inference for NVIDIA GPUs: load, quantize, evaluate and serve Llama-family models.",
+        epilog="Run 'lowbit COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -52,6 +62,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement(g)
     g.set_defaults(func=_cmd_generate)
 
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a model with a scheme and save it",
+        description="Quantize MODEL with a scheme (calibrating layer by layer on text) and write a lowbit "
+        "checkpoint directory. Schemes: " + ", ".join(PRESETS) + "; add +kv8, +kv4 or +kvfp8 for a "
+        "quantized KV cache (e.g. w4a8+kv4).",
+    )
+    q.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    q.add_argument("--scheme", "-s", required=True, help="quantization scheme, e.g. w4a16, w4a8, w8a8-fp8")
+    q.add_argument("--output", "-o", required=True, help="output directory (must not exist unless --overwrite)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_calibration(q)
+    _add_placement(q)
+    q.set_defaults(func=_cmd_quantize)
+
+    e = sub.add_parser(
+        "eval",
+        help="perplexity of a model and of quantization schemes, as a table",
+        description="Perplexity on held-out text (non-overlapping windows) of MODEL as given, then of MODEL "
+        "quantized with each of --schemes; prints a table (scheme, bits per weight of the decoder's Linear "
+        "layers, perplexity, delta vs the first row) and writes JSON with --json.",
+    )
+    e.add_argument("model", metavar="MODEL", help=MODEL_HELP + ", or a lowbit quantized directory")
+    e.add_argument("--dataset", default="wiki", help="wiki (held-out split of the default corpus) or a .txt/.jsonl file")
+    e.add_argument("--schemes", default="", help="comma-separated schemes to quantize with and compare, or 'all'")
+    e.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (default: 512)")
+    e.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N windows")
+    e.add_argument("--json", default=None, help="write the table as JSON to this file")
+    _add_calibration(e)
+    _add_placement(e)
+    e.set_defaults(func=_cmd_eval)
+
     f = sub.add_parser(
         "fetch",
         help="download the default model and corpus into the cache",
@@ -61,6 +103,90 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("assets", nargs="*", metavar="ASSET", help="smollm2-135m and/or wiki (default: both)")
     f.set_defaults(func=_cmd_fetch)
     return parser
+
+
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from lowbit.checkpoint.native import save_quantized
+    from lowbit.formats import get_scheme
+    from lowbit.model.loader import load_model
+    from lowbit.quant.api import Stopwatch, linear_bits_per_weight, quantize
+
+    scheme = get_scheme(args.scheme)  # checked before the (slow) model load
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise LowbitError(f"{out} already exists; choose another output directory or pass --overwrite")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    with Stopwatch() as sw:
+        quantize(loaded, scheme, args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    save_quantized(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=args.overwrite)
+    bits = linear_bits_per_weight(loaded.model)
+    print(f"{scheme.name}: {bits:.2f} bits per Linear weight, quantized in {sw.seconds:.0f} s on {loaded.device}; "
+          f"saved to {out}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import copy
+    import dataclasses
+    import datetime
+    import json
+
+    import torch
+
+    from lowbit.eval.perplexity import evaluate
+    from lowbit.formats import PRESETS, get_scheme
+    from lowbit.model.loader import load_model
+    from lowbit.quant.api import Stopwatch, linear_bits_per_weight, quantize
+
+    names = [n for n in args.schemes.split(",") if n.strip()]
+    schemes = list(PRESETS.values()) if names == ["all"] else [get_scheme(n.strip()) for n in names]
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    base = getattr(loaded.model, "quant_scheme", None)
+    pristine = copy.deepcopy(loaded.model) if schemes else None
+    rows = []
+
+    def run(label: str, model, seconds: float | None) -> None:  # noqa: ANN001
+        res = evaluate(dataclasses.replace(loaded, model=model), args.dataset, seq_len=args.eval_seq_len,
+                       max_chunks=args.max_chunks)
+        rows.append({"scheme": label, "bits_per_weight": linear_bits_per_weight(model), "ppl": res.ppl,
+                     "nll": res.nll, "tokens": res.tokens, "quantize_seconds": seconds})
+        print(f"  {label}: perplexity {res.ppl:.3f}", file=sys.stderr)
+
+    run(base.name if base else "unquantized", loaded.model, None)
+    for scheme in schemes:
+        model = copy.deepcopy(pristine)
+        with Stopwatch() as sw:
+            quantize(dataclasses.replace(loaded, model=model), scheme, args.calib, samples=args.samples,
+                     seq_len=args.seq_len, seed=args.seed)
+        run(scheme.name, model, sw.seconds)
+        del model
+    ref = rows[0]["ppl"]
+    for r in rows:
+        r["delta"] = r["ppl"] - ref
+        r["delta_pct"] = 100 * (r["ppl"] / ref - 1)
+    device = torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else "cpu"
+    dtype = str(loaded.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    print(f"\n{loaded.path.name} | {args.dataset} | windows of {args.eval_seq_len} | {rows[0]['tokens']} tokens "
+          f"| {device} {dtype}")
+    print(f"{'scheme':<18} {'bits/w':>7} {'ppl':>9} {'delta':>8} {'delta %':>8} {'quant s':>8}")
+    for r in rows:
+        q = f"{r['quantize_seconds']:.0f}" if r["quantize_seconds"] is not None else "-"
+        print(f"{r['scheme']:<18} {r['bits_per_weight']:>7.2f} {r['ppl']:>9.3f} {r['delta']:>+8.3f} "
+              f"{r['delta_pct']:>+7.2f}% {q:>8}")
+    if args.json:
+        meta = {"model": str(loaded.path), "dataset": args.dataset, "eval_seq_len": args.eval_seq_len,
+                "calib": args.calib, "samples": args.samples, "seq_len": args.seq_len, "device": device,
+                "dtype": dtype, "date": datetime.date.today().isoformat(), "lowbit": __version__}
+        _write_json_atomic(Path(args.json), {"meta": meta, "rows": rows})
+
+
+def _write_json_atomic(path: Path, data: object) -> None:
+    import json
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def _cmd_fetch(args: argparse.Namespace) -> None:

@@ -139,6 +139,18 @@ def test_nan_logits_raise(tiny, chunks):
             weight.copy_(saved)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_nonfinite_logit_anywhere_raises(chunks, bad):
+    class OneBadLogit(Uniform):
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            logits = super().forward(input_ids)
+            logits[-1, 5, 17] = bad  # a single non-target logit in the last window of the batch
+            return logits
+
+    with pytest.raises(LowbitError, match="NaN/Inf logits"):
+        perplexity(OneBadLogit(), chunks, batch_size=3, progress=False)
+
+
 def test_bad_arguments(tiny, chunks):
     with pytest.raises(LowbitError, match="batch_size"):
         perplexity(tiny, chunks, batch_size=0, progress=False)

@@ -94,7 +94,9 @@ def perplexity(
         for start in range(0, n, batch_size):
             batch = chunks[start : start + batch_size].to(device, non_blocking=True)
             logits = model(batch)  # (B, L, V)
-            if not bool(torch.isfinite(logits).all()):
+            # One float32 sum is non-finite iff some logit is NaN/Inf (short of ~1e31-sized logits,
+            # broken anyway), and costs a twentieth of isfinite(logits).all() on the CPU.
+            if not bool(torch.isfinite(logits.sum(dtype=torch.float32))):
                 raise LowbitError(
                     "the model produced NaN/Inf logits on evaluation text; the quantized weights or "
                     "activations are broken"
