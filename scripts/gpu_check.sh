@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the device machine (see README "GPU check"): install the carried wheels, assemble the
 # default model from the parts carried so far, run the GPU tests, generate with the default model on
-# the GPU, and print a short summary table last.
+# the GPU, evaluate every quantization preset (the accuracy table), and print a short summary last.
+#   bash scripts/gpu_check.sh [tests] [generate] [eval]      (default: all three)
 #
 # The default model's GGUF (98 MB) is larger than what one call may carry (64 MiB), so it travels in
 # two parts over two calls to the same warm machine; parts are kept in /tmp/lowbit-parts in between.
@@ -34,18 +35,31 @@ elif [ -f /tmp/lowbit-parts/gguf.sha256 ] && [ -f /tmp/lowbit-parts/gguf.part1 ]
 fi
 echo "default model present: $have_model"
 
+stages=${*:-tests generate eval}
+want() { case " $stages " in *" $1 "*) return 0;; esac; return 1; }
+
+tests="skipped"
+if want tests; then
 marker="gpu and not asset"; [ $have_model = yes ] && marker="gpu"
 python3 -m pytest -q -p no:cacheprovider -m "$marker" tests/test_gpu.py 2>&1 | tee "$OUTDIR/pytest.log"
 tests=$(tail -n 1 "$OUTDIR/pytest.log")
+fi
 
-gen="skipped (model parts not all here yet)"
-if [ $have_model = yes ]; then
+gen="skipped"
+if [ $have_model = yes ] && want generate; then
   python3 -m lowbit.cli generate smollm2-135m --device cuda \
     --prompt "Explain in two sentences why quantizing an LLM to 4 bits makes it faster to serve." \
     --max-new-tokens 96 2>&1 | tee "$OUTDIR/generate.log"
   python3 -m lowbit.cli generate smollm2-135m --device cuda --dtype fp16 -n 24 \
     -p "What is the capital of France?" -p "Write a haiku about GPUs." -p "List three prime numbers." 2>&1 | tee -a "$OUTDIR/generate.log"
   gen=$(grep "tokens/s" "$OUTDIR/generate.log" | head -n 1)
+fi
+
+if [ $have_model = yes ] && want eval; then
+  # fp32 on the GPU: the reference (emulated) numerics, fast. Every preset plus quantized KV caches.
+  schemes=w4a16,w4a16-rtn,w8a8-fp8,w8a8-int8,w4a8,w4a8-g128,w4a4-quik,w4a4,w4a4kv4-comet,w4a16-2:4,w4a8+kv8,w4a8+kv4
+  TQDM_DISABLE=1 python3 -m lowbit.cli eval smollm2-135m --device cuda --dtype fp32 --schemes "$schemes" \
+    --json "$OUTDIR/eval.json" 2>&1 | tee "$OUTDIR/eval.log"
 fi
 echo
 echo "| check | result |"

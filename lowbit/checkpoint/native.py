@@ -44,6 +44,9 @@ def save_quantized(model: Transformer, out: str | os.PathLike, *, tokenizer: Any
         raise LowbitError(f"{out} already exists; choose another output directory or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the checkpoint gets ordinary permissions
     try:
         config = model.config.to_hf()
         config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
