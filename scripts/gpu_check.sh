@@ -34,6 +34,10 @@ elif [ -f /tmp/lowbit-parts/gguf.sha256 ] && [ -f /tmp/lowbit-parts/gguf.part1 ]
   fi
 fi
 echo "default model present: $have_model"
+# The prepared wiki corpus travels as files (the device machine reaches no package index to build it).
+if [ -d .gpu_corpus/wiki ] && [ ! -d "$LOWBIT_CACHE/corpora/wiki" ]; then
+  mkdir -p "$LOWBIT_CACHE/corpora" && cp -r .gpu_corpus/wiki "$LOWBIT_CACHE/corpora/"
+fi
 
 stages=${*:-tests generate eval}
 want() { case " $stages " in *" $1 "*) return 0;; esac; return 1; }
