@@ -1,6 +1,7 @@
 # lowbit: `make demo` and `make test` do all the set-up on a fresh machine (Python >= 3.11 with venv).
 #
-#   make demo   create .venv, install lowbit, fetch the default model and corpus, generate text with it
+#   make demo   create .venv, install lowbit, fetch the default model and corpus, quantize it with w4a8,
+#               print its perplexity beside the unquantized model's, and generate text with it
 #   make test   create/update .venv with the dev extras and run the test suite
 #
 # torch: on CPU machines we install TORCH_SPEC (a CPU wheel is provided there; a bare `torch` from
@@ -12,6 +13,10 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --disable-pip-version-check
 PROMPT     ?= Explain in two sentences why quantizing an LLM to 4 bits makes it faster to serve.
+DEMO_DIR   ?= .demo/smollm2-135m-w4a8
+DEMO_SCHEME  ?= w4a8
+DEMO_SAMPLES ?= 64# calibration windows of 512 tokens (the library default is 128)
+DEMO_CHUNKS  ?= 16# evaluation windows of 512 tokens (the full held-out split is 140)
 
 .PHONY: demo test install install-dev clean
 
@@ -36,10 +41,12 @@ install-dev: $(VENV)/.installed-dev
 
 demo: install
 	$(VENV)/bin/lowbit fetch
-	$(VENV)/bin/lowbit generate smollm2-135m --prompt "$(PROMPT)" --max-new-tokens 96
+	$(VENV)/bin/lowbit quantize smollm2-135m --scheme $(DEMO_SCHEME) --samples $(DEMO_SAMPLES) -o $(DEMO_DIR) --overwrite
+	$(VENV)/bin/lowbit eval smollm2-135m $(DEMO_DIR) --max-chunks $(DEMO_CHUNKS)
+	$(VENV)/bin/lowbit generate $(DEMO_DIR) --prompt "$(PROMPT)" --max-new-tokens 96
 
 test: install-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .demo build *.egg-info .pytest_cache

@@ -80,11 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval",
         help="perplexity of a model and of quantization schemes, as a table",
-        description="Perplexity on held-out text (non-overlapping windows) of MODEL as given, then of MODEL "
-        "quantized with each of --schemes; prints a table (scheme, bits per weight of the decoder's Linear "
-        "layers, perplexity, delta vs the first row) and writes JSON with --json.",
+        description="Perplexity on held-out text (non-overlapping windows) of each MODEL as given, then of the "
+        "first MODEL quantized with each of --schemes; prints a table (scheme, bits per weight of the decoder's "
+        "Linear layers, perplexity, delta vs the first row) and writes JSON with --json.",
     )
-    e.add_argument("model", metavar="MODEL", help=MODEL_HELP + ", or a lowbit quantized directory")
+    e.add_argument("model", metavar="MODEL", nargs="+",
+                   help=MODEL_HELP + ", or a lowbit quantized directory; several are compared, the first is the reference")
     e.add_argument("--dataset", default="wiki", help="wiki (held-out split of the default corpus) or a .txt/.jsonl file")
     e.add_argument("--schemes", default="", help="comma-separated schemes to quantize with and compare, or 'all'")
     e.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (default: 512)")
@@ -125,68 +126,18 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    import copy
-    import dataclasses
-    import datetime
-    import json
+    from lowbit.eval.report import EvalSettings, format_table, run_eval, write_json
+    from lowbit.formats import get_scheme
 
-    import torch
-
-    from lowbit.eval.perplexity import evaluate
-    from lowbit.formats import PRESETS, get_scheme
-    from lowbit.model.loader import load_model
-    from lowbit.quant.api import Stopwatch, linear_bits_per_weight, quantize
-
-    names = [n for n in args.schemes.split(",") if n.strip()]
-    schemes = list(PRESETS.values()) if names == ["all"] else [get_scheme(n.strip()) for n in names]
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    base = getattr(loaded.model, "quant_scheme", None)
-    pristine = copy.deepcopy(loaded.model) if schemes else None
-    rows = []
-
-    def run(label: str, model, seconds: float | None) -> None:  # noqa: ANN001
-        res = evaluate(dataclasses.replace(loaded, model=model), args.dataset, seq_len=args.eval_seq_len,
-                       max_chunks=args.max_chunks)
-        rows.append({"scheme": label, "bits_per_weight": linear_bits_per_weight(model), "ppl": res.ppl,
-                     "nll": res.nll, "tokens": res.tokens, "quantize_seconds": seconds})
-        print(f"  {label}: perplexity {res.ppl:.3f}", file=sys.stderr)
-
-    run(base.name if base else "unquantized", loaded.model, None)
-    for scheme in schemes:
-        model = copy.deepcopy(pristine)
-        with Stopwatch() as sw:
-            quantize(dataclasses.replace(loaded, model=model), scheme, args.calib, samples=args.samples,
-                     seq_len=args.seq_len, seed=args.seed)
-        run(scheme.name, model, sw.seconds)
-        del model
-    ref = rows[0]["ppl"]
-    for r in rows:
-        r["delta"] = r["ppl"] - ref
-        r["delta_pct"] = 100 * (r["ppl"] / ref - 1)
-    device = torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else "cpu"
-    dtype = str(loaded.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    print(f"\n{loaded.path.name} | {args.dataset} | windows of {args.eval_seq_len} | {rows[0]['tokens']} tokens "
-          f"| {device} {dtype}")
-    print(f"{'scheme':<18} {'bits/w':>7} {'ppl':>9} {'delta':>8} {'delta %':>8} {'quant s':>8}")
-    for r in rows:
-        q = f"{r['quantize_seconds']:.0f}" if r["quantize_seconds"] is not None else "-"
-        print(f"{r['scheme']:<18} {r['bits_per_weight']:>7.2f} {r['ppl']:>9.3f} {r['delta']:>+8.3f} "
-              f"{r['delta_pct']:>+7.2f}% {q:>8}")
+    names = [n.strip() for n in args.schemes.split(",") if n.strip()]
+    schemes = list(PRESETS.values()) if names == ["all"] else [get_scheme(n) for n in names]
+    settings = EvalSettings(dataset=args.dataset, eval_seq_len=args.eval_seq_len, max_chunks=args.max_chunks,
+                            calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    rows, meta = run_eval(args.model, schemes, settings, device=args.device, dtype=args.dtype)
+    print()
+    print(format_table(rows, meta))
     if args.json:
-        meta = {"model": str(loaded.path), "dataset": args.dataset, "eval_seq_len": args.eval_seq_len,
-                "calib": args.calib, "samples": args.samples, "seq_len": args.seq_len, "device": device,
-                "dtype": dtype, "date": datetime.date.today().isoformat(), "lowbit": __version__}
-        _write_json_atomic(Path(args.json), {"meta": meta, "rows": rows})
-
-
-def _write_json_atomic(path: Path, data: object) -> None:
-    import json
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+        write_json(args.json, rows, meta)
 
 
 def _cmd_fetch(args: argparse.Namespace) -> None:
@@ -235,6 +186,11 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     if loaded.tokenizer is None:
         raise LowbitError(f"{loaded.path} ships no tokenizer files; generation needs one beside the weights")
+    if getattr(loaded.model, "quant_scheme", None) is not None:
+        # Until the GPU kernels land, quantized layers run their reference path: keep dequantized weights.
+        from lowbit.model.qlinear import cache_dequantized_weights
+
+        cache_dequantized_weights(loaded.model)
     params = replace(params, stop_token_ids=loaded.stop_token_ids)
     prompts = [encode_prompt(loaded.tokenizer, p, chat=not args.no_chat, system=args.system) for p in args.prompt]
     dtype = str(loaded.model.embed_tokens.weight.dtype).removeprefix("torch.")

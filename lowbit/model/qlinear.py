@@ -40,6 +40,10 @@ class QuantLinear(nn.Module):
         self.wfmt, self.afmt = wfmt, afmt
         for name in ("qweight", "scales", *_OPTIONAL):
             self.register_buffer(name, None)
+        # Opt-in (cache_dequantized_weights): keep the fp32 dequantized weight between calls. Same
+        # numbers, no per-call dequantization; costs 4 bytes per weight, so off by default.
+        self.cache_weights = False
+        self._weight_cache: torch.Tensor | None = None
 
     @classmethod
     def from_quantized(
@@ -95,6 +99,7 @@ class QuantLinear(nn.Module):
         # model.to(dtype) must move these buffers but never re-round them: scales stay fp16, codes
         # integer, smoothing factors fp32. Only bias and outlier weights follow the model's dtype.
         dtypes = {k: b.dtype for k, b in self._buffers.items() if b is not None}
+        self._weight_cache = None
         super()._apply(fn, recurse)
         for k, dt in dtypes.items():
             b = self._buffers[k]
@@ -137,7 +142,13 @@ class QuantLinear(nn.Module):
         if self.act_perm is not None:
             xf = xf[..., self.act_perm]
         xq = fake_quantize_activation(xf, self.afmt, self.fmpq_high)
-        out = xq @ self.dequantized_weight().t()
+        if self.cache_weights:
+            if self._weight_cache is None:
+                self._weight_cache = self.dequantized_weight()
+            w = self._weight_cache
+        else:
+            w = self.dequantized_weight()
+        out = xq @ w.t()
         if y is not None:
             out = out + y
         if self.bias is not None:
@@ -150,3 +161,15 @@ class QuantLinear(nn.Module):
         a = f"a{self.afmt.bits}" if self.afmt.bits else "a16"
         n_out = 0 if self.outlier_idx is None else self.outlier_idx.numel()
         return f"{self.in_features}->{self.out_features}, {w} {g} {a}" + (f", {n_out} outliers" if n_out else "")
+
+
+def cache_dequantized_weights(model: nn.Module, enabled: bool = True) -> None:
+    """Keep (or stop keeping) every QuantLinear's fp32 dequantized weight between calls.
+
+    For the reference path only: decoding then costs a float matmul per layer instead of a
+    dequantization plus a matmul; numerics are unchanged. Memory: 4 bytes per quantized weight.
+    """
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.cache_weights = enabled
+            m._weight_cache = None

@@ -1,0 +1,112 @@
+"""The accuracy table of ``lowbit eval``: perplexity of models and of quantization schemes, side by side.
+
+Rows: each model as given (float or a lowbit quantized directory), then the first model quantized
+with each scheme. Deltas are against the first row.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit import __version__
+from lowbit.eval.perplexity import evaluate
+from lowbit.formats import QuantScheme
+from lowbit.model.loader import load_model
+from lowbit.quant.api import Stopwatch, linear_bits_per_weight, quantize
+
+
+@dataclass
+class EvalRow:
+    label: str  # scheme name, "unquantized", or the model's name
+    bits_per_weight: float  # decoder Linear layers, scales and outliers included
+    ppl: float
+    nll: float
+    tokens: int
+    quantize_seconds: float | None
+    delta: float = 0.0
+    delta_pct: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    dataset: str = "wiki"
+    eval_seq_len: int = 512
+    max_chunks: int | None = None
+    calib: str = "wiki"
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+
+def run_eval(
+    models: list[str], schemes: list[QuantScheme], settings: EvalSettings, *, device: str | None, dtype: str | None
+) -> tuple[list[EvalRow], dict[str, Any]]:
+    """Evaluate every model, then the first one quantized with each scheme. Returns rows and metadata."""
+    rows: list[EvalRow] = []
+    first = None
+    for name in models:
+        loaded = load_model(name, device=device, dtype=dtype)
+        scheme = getattr(loaded.model, "quant_scheme", None)
+        label = scheme.name if scheme else "unquantized"
+        rows.append(_row(label if len(models) == 1 else f"{label} ({loaded.path.name})", loaded, None, settings))
+        if first is None:
+            first = loaded
+            pristine = copy.deepcopy(loaded.model) if schemes else None
+        else:
+            del loaded
+    for scheme in schemes:
+        model = copy.deepcopy(pristine)
+        candidate = dataclasses.replace(first, model=model)
+        with Stopwatch() as sw:
+            quantize(candidate, scheme, settings.calib, samples=settings.samples, seq_len=settings.seq_len,
+                     seed=settings.seed)
+        rows.append(_row(scheme.name, candidate, sw.seconds, settings))
+        del model, candidate
+    for r in rows:
+        r.delta = r.ppl - rows[0].ppl
+        r.delta_pct = 100 * (r.ppl / rows[0].ppl - 1)
+    dev = first.device
+    meta = {
+        "model": str(first.path), "dataset": settings.dataset, "eval_seq_len": settings.eval_seq_len,
+        "max_chunks": settings.max_chunks, "calib": settings.calib, "samples": settings.samples,
+        "seq_len": settings.seq_len, "tokens": rows[0].tokens,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "dtype": str(first.model.embed_tokens.weight.dtype).removeprefix("torch."),
+        "date": datetime.date.today().isoformat(), "lowbit": __version__,
+    }
+    return rows, meta
+
+
+def _row(label: str, loaded: Any, seconds: float | None, s: EvalSettings) -> EvalRow:
+    res = evaluate(loaded, s.dataset, seq_len=s.eval_seq_len, max_chunks=s.max_chunks)
+    return EvalRow(label, linear_bits_per_weight(loaded.model), res.ppl, res.nll, res.tokens, seconds)
+
+
+def format_table(rows: list[EvalRow], meta: dict[str, Any]) -> str:
+    head = (f"{Path(meta['model']).name} | {meta['dataset']} | windows of {meta['eval_seq_len']} | "
+            f"{meta['tokens']} tokens | {meta['device']} {meta['dtype']}")
+    width = max(18, *(len(r.label) for r in rows))
+    lines = [head, f"{'scheme':<{width}} {'bits/w':>7} {'ppl':>9} {'delta':>8} {'delta %':>8} {'quant s':>8}"]
+    for r in rows:
+        q = f"{r.quantize_seconds:.0f}" if r.quantize_seconds is not None else "-"
+        lines.append(f"{r.label:<{width}} {r.bits_per_weight:>7.2f} {r.ppl:>9.3f} {r.delta:>+8.3f} "
+                     f"{r.delta_pct:>+7.2f}% {q:>8}")
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, rows: list[EvalRow], meta: dict[str, Any]) -> None:
+    """Atomic write: a temp file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
+    os.replace(tmp, path)
