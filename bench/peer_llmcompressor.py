@@ -93,7 +93,7 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 8) -> tuple[float,
     return math.exp(total.item() / tokens), tokens
 
 
-def run(work: Path, group_size: int, actorder: str | None, skip_fp32: bool) -> None:
+def run(work: Path, strategy: str, group_size: int, actorder: str, bypass: bool, skip_fp32: bool) -> None:
     """llm-compressor's venv: oneshot GPTQ W4A16 on the saved windows, then the same perplexity."""
     import compressed_tensors
     import llmcompressor
@@ -102,6 +102,7 @@ def run(work: Path, group_size: int, actorder: str | None, skip_fp32: bool) -> N
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
     from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
 
     hf_dir = work / "hf-fp32"
     calib = torch.load(work / "calib_windows.pt")
@@ -124,13 +125,20 @@ def run(work: Path, group_size: int, actorder: str | None, skip_fp32: bool) -> N
 
     # lowbit's windows as a pre-tokenized dataset: every row is already exactly 512 tokens
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    scheme = {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}}
-    if group_size == 128:
-        scheme = "W4A16"  # the library's preset, spelled out above
+    weights = {"num_bits": 4, "type": "int", "symmetric": True}
+    if strategy == "group":  # the W4A16 preset's weights when group_size == 128
+        weights |= {"strategy": "group", "group_size": group_size}
+    else:  # rows of 1 x group_size blocks: a shorter last block where K % group_size != 0
+        weights |= {"strategy": "block", "block_structure": [1, group_size]}
     kw = {} if actorder == "default" else {"actorder": actorder}
-    recipe = GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], **kw)
+    if (strategy, group_size) == ("group", 128):
+        kw |= {"targets": "Linear", "scheme": "W4A16"}
+    else:
+        kw |= {"config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
+    recipe = GPTQModifier(ignore=["lm_head"], bypass_divisibility_checks=bypass, **kw)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    out_dir = work / f"llmc-w4a16-g{group_size}"
+    tag = f"{strategy}{group_size}"
+    out_dir = work / f"llmc-w4a16-{tag}"
     t = time.time()
     oneshot(
         model=model,
@@ -145,17 +153,23 @@ def run(work: Path, group_size: int, actorder: str | None, skip_fp32: bool) -> N
     res["quant_args"] = qargs.model_dump(mode="json", exclude={"zp_dtype"})
     res["q_proj_weight_scale_shape"] = list(model.model.layers[0].self_attn.q_proj.weight_scale.shape)
     print(f"oneshot GPTQ: {res['gptq_s']} s; weights {res['quant_args']}", flush=True)
+    in_memory = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight_scale")}
     model.save_pretrained(out_dir, save_compressed=True)
     del model
 
     # score the model as saved: reload the compressed checkpoint (decompressed to fp32 on load)
-    timed_ppl(AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32), "w4a16")
+    dequant = CompressedTensorsConfig(dequantize=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, quantization_config=dequant)
+    mods = dict(reloaded.named_modules())
+    res["reload_max_abs_diff"] = max((mods[n].weight - w).abs().max().item() for n, w in in_memory.items())
+    print(f"{len(in_memory)} quantized Linears; reloaded vs in-memory max |diff| {res['reload_max_abs_diff']:.3g}")
+    timed_ppl(reloaded, "w4a16")
     res["date"] = time.strftime("%Y-%m-%d")
-    (work / f"result-g{group_size}.json").write_text(json.dumps(res, indent=2))
+    (work / f"result-{tag}.json").write_text(json.dumps(res, indent=2))
     print(
-        f"RESULT llm-compressor GPTQ W4A16 g{group_size} actorder={res['quant_args'].get('actorder')}: "
+        f"RESULT llm-compressor GPTQ W4A16 {tag} actorder={res['quant_args'].get('actorder')}: "
         f"wiki ppl {res['w4a16']} (fp32 {res.get('fp32', 'skipped')}), {res['tokens']} tokens / "
-        f"{chunks.shape[0]} x {SEQ_LEN}, {SAMPLES} x {SEQ_LEN} calib windows; {versions}; CPU; {res['date']}"
+        f"{chunks.shape[0]} x {SEQ_LEN}, {calib.shape[0]} x {calib.shape[1]} calib windows; {versions}; CPU; {res['date']}"
     )
 
 
@@ -165,14 +179,16 @@ def main() -> None:
     mode.add_argument("--prepare", action="store_true", help="lowbit's venv: HF copy + windows")
     mode.add_argument("--run", action="store_true", help="llm-compressor's venv: GPTQ + perplexity")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("LLMC_PEER_WORK", "/tmp/llmc-peer")))
+    ap.add_argument("--strategy", choices=("group", "block"), default="group", help="block: [1, group-size] blocks")
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--bypass-divisibility-checks", action="store_true", help="the modifier's option of that name")
     ap.add_argument("--actorder", default="static", help="static | weight | group | default (the modifier's)")
     ap.add_argument("--skip-fp32", action="store_true", help="do not score the unquantized copy")
     args = ap.parse_args()
     if args.prepare:
         prepare(args.work)
     else:
-        run(args.work, args.group_size, args.actorder, args.skip_fp32)
+        run(args.work, args.strategy, args.group_size, args.actorder, args.bypass_divisibility_checks, args.skip_fp32)
 
 
 if __name__ == "__main__":
