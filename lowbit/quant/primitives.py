@@ -41,6 +41,11 @@ def group_index(K: int, group_size: int | None) -> torch.Tensor:
     return torch.arange(K) // group_size
 
 
+def _column_groups(K: int, fmt: WeightFormat, g_idx: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """(K,) group of each column: ``g_idx`` if given (act-order), else natural order."""
+    return group_index(K, fmt.group_size).to(device) if g_idx is None else g_idx.to(device)
+
+
 def num_groups(K: int, group_size: int | None) -> int:
     return 1 if group_size is None else math.ceil(K / group_size)
 
@@ -65,7 +70,7 @@ def compute_scales(
     N, K = w.shape
     w = w.float()
     G = num_groups(K, fmt.group_size)
-    g = group_index(K, fmt.group_size).to(w.device) if g_idx is None else g_idx.to(w.device)
+    g = _column_groups(K, fmt, g_idx, w.device)
     # per-group min / max via scatter_reduce over the group of each column
     idx = g.expand(N, K)
     wmax = torch.full((N, G), -math.inf, device=w.device).scatter_reduce(1, idx, w, "amax")
@@ -94,8 +99,7 @@ def quantize_weight(
     g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Codes of ``w`` (N, K): int8 for int formats (signed if symmetric, 0..2**b-1 if not), float8 for fp8."""
-    K = w.shape[1]
-    g = group_index(K, fmt.group_size).to(w.device) if g_idx is None else g_idx.to(w.device)
+    g = _column_groups(w.shape[1], fmt, g_idx, w.device)
     s = scale.float()[:, g]  # (N, K)
     if fmt.dtype == "fp8_e4m3":
         return (w.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -114,8 +118,7 @@ def dequantize_weight(
     g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fp32 (N, K) weights from codes, fp16 scales and zero points."""
-    K = codes.shape[1]
-    g = group_index(K, fmt.group_size).to(codes.device) if g_idx is None else g_idx.to(codes.device)
+    g = _column_groups(codes.shape[1], fmt, g_idx, codes.device)
     q = codes.float()
     if zero is not None:
         q = q - zero.float()[:, g]
