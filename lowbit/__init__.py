@@ -14,6 +14,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "load": "lowbit.model.loader",  # load(path): a float or a lowbit-quantized checkpoint
     "load_model": "lowbit.model.loader",
     "LoadedModel": "lowbit.model.loader",
     "ModelConfig": "lowbit.model.config",
@@ -35,5 +36,5 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(_LAZY[name]), "load_model" if name == "load" else name)
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

@@ -54,7 +54,7 @@ def test_preset_quantizes_generates_and_round_trips(scheme, float_dir, tmp_path)
     save_quantized(model, tmp_path / "q")
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["quantization_config"]["scheme"]["name"] == get_scheme(scheme).name
-    back = load_model(tmp_path / "q", device="cpu", dtype="fp32", with_tokenizer=False).model
+    back = lowbit.load(tmp_path / "q", device="cpu", dtype="fp32", with_tokenizer=False).model
     saved, restored = model.state_dict(), back.state_dict()
     assert saved.keys() == restored.keys()
     for k in saved:
