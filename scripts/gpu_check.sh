@@ -2,7 +2,7 @@
 # One call on the device machine (see README "GPU check"): install the carried wheels, assemble the
 # default model from the parts carried so far, run the GPU tests, generate with the default model on
 # the GPU, evaluate every quantization preset (the accuracy table), and print a short summary last.
-#   bash scripts/gpu_check.sh [tests] [generate] [eval] [ablate]   (default: tests generate eval)
+#   bash scripts/gpu_check.sh [tests] [generate] [eval] [ablate] [kernels]   (default: tests generate eval)
 #
 # The default model's GGUF (98 MB) is larger than what one call may carry (64 MiB), so it travels in
 # two parts over two calls to the same warm machine; parts are kept in /tmp/lowbit-parts in between.
@@ -66,6 +66,13 @@ if [ $have_model = yes ] && want eval; then
     --json "$OUTDIR/eval.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|chunk/s" | tee "$OUTDIR/eval.log"
 fi
 
+kern="skipped"
+if want kernels; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels_w4a16.py 2>&1 | tee "$OUTDIR/kernels.log"
+  kern=$(tail -n 1 "$OUTDIR/kernels.log")
+  python3 bench/w4a16_first.py 2>&1 | tee "$OUTDIR/w4a16_first.log"
+fi
+
 if [ $have_model = yes ] && want ablate; then
   python3 bench/ablate_accuracy.py --device cuda --dtype fp32 --json "$OUTDIR/ablation.json" 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|chunk/s" | tee "$OUTDIR/ablation.log"
@@ -76,3 +83,4 @@ echo "|---|---|"
 echo "| GPU | $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1) |"
 echo "| GPU tests (tests/test_gpu.py) | $tests |"
 echo "| lowbit generate smollm2-135m --device cuda (bf16) | $gen |"
+echo "| kernel tests (tests/test_kernels_w4a16.py) | $kern |"

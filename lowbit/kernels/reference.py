@@ -1,0 +1,22 @@
+"""The emulated path: what every kernel must compute, on any device.
+
+Built from ``lowbit.quant.primitives`` (the bit-exact building blocks, not the algorithms), with the
+math in fp32, as ``lowbit.model.qlinear.QuantLinear.forward`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.formats import WeightFormat
+from lowbit.quant.primitives import dequantize_weight, unpack_int4
+
+
+def w4a16_reference(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int | None, K: int
+) -> torch.Tensor:
+    """x (M, K) fp16/bf16 @ W^T, W (N, K) from int4 codes packed (N, ceil(K/2)); returns (M, N) in x's dtype."""
+    fmt = WeightFormat(bits=4, symmetric=zeros is None, group_size=group_size, method="rtn")
+    codes = unpack_int4(qweight, K, signed=zeros is None)
+    w = dequantize_weight(codes, scales, zeros, fmt)
+    return (x.float() @ w.t()).to(x.dtype)
