@@ -64,6 +64,17 @@ def test_zero_points_and_m_127():
     assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-3
 
 
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_split_k_matches_reference(split_k):
+    K, group = 200, 32  # 7 K tiles of 32: uneven over the splits
+    qw, s, _ = _make(50, K, group)
+    x = torch.randn(3, K).to(DEVICE, torch.float16)
+    ref = w4a16_reference(x, qw, s, None, group, K)
+    y = w4a16_matmul(x, qw, s, None, group, K, split_k=split_k)
+    assert y.dtype == torch.float16
+    assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-3
+
+
 def test_every_output_is_written():
     qw, s, _ = _make(70, 64, 32)
     x = torch.randn(5, 64).to(DEVICE, torch.float16)
@@ -80,5 +91,7 @@ def test_error_paths():
         w4a16_matmul(x, qw, s, None, 32, 96)
     with pytest.raises(LowbitError, match="scales must be fp16"):
         w4a16_matmul(x, qw, s.float(), None, 32, 64)
+    with pytest.raises(LowbitError, match="split_k must be >= 1"):
+        w4a16_matmul(x, qw, s, None, 32, 64, split_k=0)
     with pytest.raises(LowbitError, match="multiple of the K tile"):
         w4a16_matmul(x, qw, s, None, 32, 64, block_k=64)

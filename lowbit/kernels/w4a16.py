@@ -8,8 +8,11 @@ fp32 accumulation. One K tile never straddles two groups (BLOCK_K divides the gr
 tile needs one scale per output row. A K that is not a multiple of the group (a shorter last group)
 and a K that is not a multiple of the tile are handled by masks.
 
-Not yet here (the kernels issue): the small-M memory-bound design (split-K / stream-K), a repacked
-layout for 16-byte loads, per-GPU tuned configs and dispatch, act-order with g_idx.
+Small M: ``split_k`` > 1 splits the K loop over programs (tile t goes to split t % split_k) and sums
+fp32 partials with atomic adds, so a launch with few (M, N) tiles still puts every SM to work.
+
+Not yet here (the kernels issue): a repacked layout for 16-byte loads, stream-K, per-GPU tuned
+configs and dispatch, act-order with g_idx.
 
 Numerics: ``lowbit.kernels.reference.w4a16_reference`` (fp32 math). The kernel rounds the
 dequantized weight to the activation dtype before the MMA, so it matches to fp16/bf16 precision.
@@ -31,15 +34,18 @@ def _w4a16_kernel(
     stride_xm, stride_qn, stride_sn, stride_ym,
     HAS_ZEROS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rb = tl.arange(0, BLOCK_K // 2)  # packed bytes of one K tile
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # split-K: program pid_k takes every SPLIT_K-th K tile, so small-M launches still fill the SMs
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
@@ -58,8 +64,11 @@ def _w4a16_kernel(
             vals = ((codes ^ 8) - 8).to(tl.float32)  # 4-bit two's complement -> [-8, 7]
         w = (vals * scale[:, None]).to(x.dtype)  # (BLOCK_N, BLOCK_K)
         acc += tl.dot(x, tl.trans(w))
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:  # y is an fp32 workspace here, zeroed by the caller; partial sums meet by atomic add
+        tl.atomic_add(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=mask)
 
 
 def w4a16_matmul(
@@ -75,6 +84,7 @@ def w4a16_matmul(
     block_k: int = 32,
     num_warps: int = 4,
     num_stages: int = 2,
+    split_k: int = 1,
 ) -> torch.Tensor:
     """x (M, K) fp16 or bf16, contiguous rows -> (M, N) in x's dtype. ``group_size`` None = per channel."""
     if x.dtype not in (torch.float16, torch.bfloat16):
@@ -94,13 +104,18 @@ def w4a16_matmul(
         raise LowbitError(f"w4a16: group size {group_size} must be a multiple of the K tile {block_k}")
     x = x.contiguous()
     qweight, scales = qweight.contiguous(), scales.contiguous()
-    y = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(x.shape[0], block_m), triton.cdiv(N, block_n))
+    if split_k < 1:
+        raise LowbitError(f"w4a16: split_k must be >= 1, got {split_k}")
+    M = x.shape[0]
+    # split-K sums fp32 partials by atomic add (order-dependent in the last bits), then casts once
+    y = (torch.zeros(M, N, dtype=torch.float32, device=x.device) if split_k > 1
+         else torch.empty(M, N, dtype=x.dtype, device=x.device))
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
     _w4a16_kernel[grid](
         x, qweight, scales, zeros.contiguous() if zeros is not None else scales, y,
         x.shape[0], N, K, G, group,
         x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         HAS_ZEROS=zeros is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
+        SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages,
     )
-    return y
+    return y if split_k == 1 else y.to(x.dtype)
