@@ -30,7 +30,7 @@ from lowbit.errors import LowbitError
 @triton.jit
 def _w4a16_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr,
-    M, N, K, G, group_size,
+    M, N, K, group_size,
     stride_xm, stride_qn, stride_sn, stride_ym,
     HAS_ZEROS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -113,7 +113,7 @@ def w4a16_matmul(
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
     _w4a16_kernel[grid](
         x, qweight, scales, zeros.contiguous() if zeros is not None else scales, y,
-        x.shape[0], N, K, G, group,
+        x.shape[0], N, K, group,
         x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         HAS_ZEROS=zeros is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages,
