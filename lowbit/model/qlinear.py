@@ -22,15 +22,32 @@ columns that are not outliers, then permuted by ``act_perm``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats import ActivationFormat, WeightFormat
-from lowbit.quant.primitives import dequantize_weight, fake_quantize_activation, pack_int4, unpack_int4
+from lowbit.kernels.layout import PackedInt4
+from lowbit.quant.primitives import (
+    dequantize_weight,
+    fake_quantize_activation,
+    pack_int4,
+    unpack_int4,
+)
 from lowbit.quant.quantized import QuantizedWeight
 
 _OPTIONAL = ("zeros", "g_idx", "bias", "smooth", "outlier_idx", "outlier_weight", "act_perm", "fmpq_high")
+
+
+@dataclass
+class KernelWeights:
+    """What a QuantLinear hands its GPU kernel (``lowbit.kernels.ops``), derived once from its buffers."""
+
+    op: str  # "w4a16", "w4a8" or "w8a8"
+    packed: PackedInt4 | None = None  # int4 formats: the kernel layout (lowbit.kernels.layout)
+    w_scale: torch.Tensor | None = None  # w8a8: (N,) fp32 per-channel scales (codes are qweight as stored)
 
 
 class QuantLinear(nn.Module):
@@ -44,6 +61,8 @@ class QuantLinear(nn.Module):
         # numbers, no per-call dequantization; costs 4 bytes per weight, so off by default.
         self.cache_weights = False
         self._weight_cache: torch.Tensor | None = None
+        # set by prepare_kernels() when a GPU kernel takes this format
+        self._kernel: KernelWeights | None = None
 
     @classmethod
     def from_quantized(
@@ -59,7 +78,7 @@ class QuantLinear(nn.Module):
         outlier_weight: torch.Tensor | None = None,
         act_perm: torch.Tensor | None = None,
         fmpq_high: torch.Tensor | None = None,
-    ) -> "QuantLinear":
+    ) -> QuantLinear:
         """Pack an algorithm's result; ``dtype`` is the model's activation dtype (bias, outlier weights)."""
         N, Kq = qw.shape
         n_out = 0 if outlier_idx is None else len(outlier_idx)
@@ -83,7 +102,7 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_tensors(
         cls, tensors: dict[str, torch.Tensor], in_features: int, wfmt: WeightFormat, afmt: ActivationFormat
-    ) -> "QuantLinear":
+    ) -> QuantLinear:
         """Rebuild from checkpoint tensors named without the layer prefix (``qweight``, ``scales``, ...)."""
         missing = [k for k in ("qweight", "scales") if k not in tensors]
         if missing:
@@ -95,11 +114,12 @@ class QuantLinear(nn.Module):
             setattr(m, name, t)
         return m
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001
+    def _apply(self, fn, recurse=True):
         # model.to(dtype) must move these buffers but never re-round them: scales stay fp16, codes
         # integer, smoothing factors fp32. Only bias and outlier weights follow the model's dtype.
         dtypes = {k: b.dtype for k, b in self._buffers.items() if b is not None}
         self._weight_cache = None
+        self._kernel = None  # kernel tensors are derived on one device: prepare_kernels() again after a move
         super()._apply(fn, recurse)
         for k, dt in dtypes.items():
             b = self._buffers[k]
@@ -130,8 +150,55 @@ class QuantLinear(nn.Module):
         keep[self.outlier_idx] = False
         return keep.nonzero().squeeze(1)
 
+    def kernel_op(self) -> str | None:
+        """Which ``lowbit.kernels.ops`` op runs this layer's format on the GPU, or None (reference only).
+
+        Formats with outlier columns (QUIK), FMPQ blocks (COMET), 4-bit activations or 2:4 sparsity
+        have no kernel yet and stay on the reference path.
+        """
+        w, a = self.wfmt, self.afmt
+        if self.outlier_idx is not None or self.act_perm is not None or w.sparsity or a.fmpq_block:
+            return None
+        if w.bits == 4 and w.dtype == "int" and a.bits in (None, 8):
+            return "w4a16" if a.bits is None else "w4a8"
+        if w.bits == 8 and w.group_size is None and a.bits == 8 and w.symmetric and w.dtype == a.dtype:
+            return "w8a8"
+        return None
+
+    def prepare_kernels(self) -> bool:
+        """Repack the weights into the kernel layout on their current device; False if no kernel applies."""
+        from lowbit.kernels.layout import pack_for_kernels
+
+        op = self.kernel_op()
+        if op is None or self.qweight.device.type != "cuda":
+            self._kernel = None
+            return False
+        if op == "w8a8":
+            self._kernel = KernelWeights(op, w_scale=self.scales[:, 0].float().contiguous())
+            return True
+        self._kernel = KernelWeights(op, packed=pack_for_kernels(
+            self.qweight, self.scales, self.zeros, self.wfmt.group_size, self.quantized_in_features, self.g_idx))
+        return True
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from lowbit.kernels import ops
+
+        k, p = self._kernel, self._kernel.packed
+        if k.op == "w4a16":
+            return ops.w4a16(x, p.qweight, p.scales, p.zeros, p.perm, self.bias, p.group_size or 0, p.K)
+        if k.op == "w4a8":
+            return ops.w4a8(x, p.qweight, p.scales, p.zeros, p.perm, self.smooth, self.bias, p.group_size or 0,
+                            p.K, self.afmt.dtype)
+        return ops.w8a8(x, self.qweight, k.w_scale, self.smooth, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) -> (..., N) in x's dtype; the math in fp32 (the numerical spec)."""
+        """x (..., K) -> (..., N) in x's dtype.
+
+        With kernels prepared and x fp16/bf16 on the GPU: the dispatched kernel. Otherwise the
+        reference, with the math in fp32 (the numerical spec every kernel is tested against).
+        """
+        if self._kernel is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            return self._kernel_forward(x)
         xf = x.float()
         if self.smooth is not None:
             xf = xf / self.smooth
@@ -161,6 +228,22 @@ class QuantLinear(nn.Module):
         a = f"a{self.afmt.bits}" if self.afmt.bits else "a16"
         n_out = 0 if self.outlier_idx is None else self.outlier_idx.numel()
         return f"{self.in_features}->{self.out_features}, {w} {g} {a}" + (f", {n_out} outliers" if n_out else "")
+
+
+def use_kernels(model: nn.Module, enabled: bool = True) -> tuple[int, int]:
+    """Run every QuantLinear whose format has a GPU kernel through it (after the model is on the GPU).
+
+    Returns (layers on kernels, quantized layers). Layers without a kernel keep the reference path.
+    """
+    on, total = 0, 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += 1
+            if enabled:
+                on += m.prepare_kernels()
+            else:
+                m._kernel = None
+    return on, total
 
 
 def cache_dequantized_weights(model: nn.Module, enabled: bool = True) -> None:

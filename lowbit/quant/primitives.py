@@ -156,11 +156,13 @@ def quantize_activation(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token (last dim) quantization: codes (int8 or float8, same shape) and fp32 scales (..., 1)."""
     absmax = x.float().abs().amax(dim=-1, keepdim=True)
+    # Divide by a device tensor, not a Python number: PyTorch's CUDA division multiplies by the
+    # reciprocal of a host scalar (not IEEE), which would make the spec differ by an ulp between
+    # CPU and GPU; the kernels (lowbit.kernels.act_quant) divide exactly.
+    qmax = FP8_MAX if dtype == "fp8_e4m3" else 2 ** (bits - 1) - 1
+    scale = (absmax / torch.tensor(float(qmax), device=x.device)).clamp(min=1e-12)
     if dtype == "fp8_e4m3":
-        scale = (absmax / FP8_MAX).clamp(min=1e-12)
         return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
-    qmax = 2 ** (bits - 1) - 1
-    scale = (absmax / qmax).clamp(min=1e-12)
     return torch.round(x.float() / scale).clamp(-qmax, qmax).to(torch.int8), scale
 
 

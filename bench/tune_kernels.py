@@ -1,0 +1,116 @@
+"""Tune the dispatch table on this GPU: time candidate kernels and configs per (op, shape, M).
+
+Writes ``lowbit/kernels/tuned/<gpu>.json`` (the data ``lowbit.kernels.dispatch`` reads) and prints
+the winner of every cell. Candidates come from a fixed list per M range (below); each is timed as
+``lowbit bench kernels`` times it (activation quantization included, weights rotated past L2,
+medians of do_bench).
+
+    python bench/tune_kernels.py [--ops w4a16,w4a8] [--shapes llama3-8b,llama3-70b:gateup] [--ms 1,16] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+from lowbit.bench.kernels import build, parse_shapes, time_us
+from lowbit.kernels.config import TileConfig
+from lowbit.kernels.dispatch import KERNELS, OPS, TUNED_DIR, Choice
+
+TUNE_SHAPES = "llama3-8b:qkv,llama3-8b:gateup,llama3-70b:gateup,llama3-70b:down"
+TUNE_MS = (1, 16, 32, 64, 128, 256, 1024, 4096)
+
+
+def candidates(op: str, M: int) -> list[Choice]:
+    """Kernels and tile configs worth timing for this op at this M (pruned by earlier sweeps, docs/kernels.md)."""
+    out: list[Choice] = []
+    if M <= 16:
+        out += [Choice("triton", TileConfig(16, bn, 128, sk, 4, 4, swap=True)) for bn in (64, 128) for sk in (1, 2, 4, 8)]
+        # x as the MMA's A side: 16-row tiles go to mma.sync (wgmma needs 64 rows), which takes the
+        # dequantized weights straight from registers
+        out += [Choice("triton", TileConfig(16, 128, 128, sk, 4, 4)) for sk in (1, 2, 4)]
+        out += [Choice("triton", TileConfig(16, 256, 128, sk, 8, 4)) for sk in (2, 4)]
+    elif M <= 64:
+        out += [Choice("triton", TileConfig(M, bn, 128, sk, 4, 4, swap=True)) for bn in (64, 128) for sk in (1, 2, 4)]
+        out += [Choice("triton", TileConfig(M, 128, 128, sk, 4, 4)) for sk in (1, 2)]
+    else:
+        out += [Choice("triton", TileConfig(bm, bn, 128, 1, nw, ns)) for bm, bn, nw, ns in (
+            (64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 4, 3), (128, 256, 8, 3), (64, 256, 4, 3), (128, 128, 8, 4))]
+    if "w4a16-fakequant" in KERNELS[op]:  # the W4A16 kernel on dequantized 8-bit activations
+        out += [Choice("w4a16-fakequant", c.config) for c in out if c.kernel == "triton"][:2]
+    if "cublas" in KERNELS[op]:
+        out.append(Choice("cublas"))
+    if M >= 64 and "dequant-cublas" in KERNELS[op]:
+        out.append(Choice("dequant-cublas"))
+    if M >= 128 and "widen-w8a8" in KERNELS[op]:
+        out.append(Choice("widen-w8a8"))  # cuBLAS int8
+        out.append(Choice("widen-w8a8", TileConfig(128, 128, 128, 1, 8, 3)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ops", default=",".join(OPS))
+    ap.add_argument("--shapes", default=TUNE_SHAPES)
+    ap.add_argument("--ms", default=",".join(map(str, TUNE_MS)))
+    ap.add_argument("--out", default=None, help="table to write (default: lowbit/kernels/tuned/<gpu>.json)")
+    ap.add_argument("--top", type=int, default=1, help="print the N fastest candidates of each cell")
+    ap.add_argument("--merge", action="store_true", help="keep the existing table's entries for ops not tuned now")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    gpu = torch.cuda.get_device_name(dev)
+    key = "h200" if "H200" in gpu else "h100" if "H100" in gpu else gpu.lower().replace(" ", "-")
+    out = args.out or str(TUNED_DIR / f"{key}.json")
+    table = {"gpu": gpu, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+             "source": "bench/tune_kernels.py", "entries": {}}
+    if args.merge and os.path.exists(out):
+        with open(out) as f:
+            table["entries"] = json.load(f)["entries"]
+    shapes = parse_shapes(args.shapes)
+    ms = [int(m) for m in args.ms.split(",")]
+    print(f"tuning on {gpu}: ops {args.ops}, {len(shapes)} shapes, M {ms}", flush=True)
+    for op in args.ops.split(","):
+        t_op = time.time()
+        entries = [e for e in table["entries"].get(op, []) if (e["N"], e["K"]) not in {(N, K) for _, N, K in shapes}]
+        for name, N, K in shapes:
+            for M in ms:
+                make, nbytes = build(op, N, K, M, dev)
+                results = []
+                for c in candidates(op, M):
+                    try:
+                        fn, _ = make(c)
+                        results.append((time_us(fn), c))
+                    except Exception as exc:  # a config the compiler rejects (e.g. out of shared memory)
+                        print(f"  skip {op} {name} M={M} {c.kernel} {c.config_str()}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:120]}", file=sys.stderr)
+                if not results:
+                    print(f"{op:<10} {name:<18} M={M:<5} no candidate ran", flush=True)
+                    continue
+                results.sort(key=lambda r: r[0])
+                t, best = results[0]
+                entries.append({"N": N, "K": K, "M": M, "kernel": best.kernel, "us": round(t, 2),
+                                "gbps": round(nbytes / t / 1e3, 1),
+                                "config": best.config.as_dict() if best.config else None})
+                print(f"{op:<10} {name:<18} M={M:<5} {t:9.1f} us {nbytes / t / 1e3:7.0f} GB/s  "
+                      f"{best.kernel} {best.config_str()}", flush=True)
+                if args.top > 1:
+                    for tt, c in results[1:args.top]:
+                        print(f"{'':>40}{tt:9.1f} us  {c.kernel} {c.config_str()}", flush=True)
+                del make
+            torch.cuda.empty_cache()
+        table["entries"][op] = entries
+        print(f"-- {op} tuned in {time.time() - t_op:.0f} s", flush=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump(table, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Benchmarks: kernel speed (``kernels``) against cuBLAS, on the GPU."""

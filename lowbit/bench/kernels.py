@@ -1,0 +1,280 @@
+"""Kernel benchmark: every GEMM path against cuBLAS fp16 and fp8, on real layer shapes, in one run.
+
+Each path is timed as a user would run it: activation quantization included where the scheme
+quantizes activations, the configuration that dispatch picks (or one given by the tuner), random
+data (never zeros), weights rotated over enough copies that L2 (50 MB on H100/H200) cannot serve
+them, medians of ``triton.testing.do_bench`` after its warm-up. Speed is reported as a ratio over
+``torch.matmul`` fp16 measured in the same process, plus achieved weight bandwidth and TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from lowbit.errors import LowbitError
+
+# (layer, N out, K in) of the models users run; 70B's qkv/o are there for dispatch coverage
+SHAPES: dict[str, list[tuple[str, int, int]]] = {
+    "llama3-8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gateup", 28672, 4096), ("down", 4096, 14336)],
+    "llama3-70b": [("qkv", 10240, 8192), ("o", 8192, 8192), ("gateup", 57344, 8192), ("down", 8192, 28672)],
+}
+DEFAULT_MS = (1, 16, 32, 64, 128, 256, 1024, 4096)
+L2_FLUSH_BYTES = 200 << 20  # rotate copies until they span 4x the 50 MB L2
+# paths measured by `lowbit bench kernels`; the first three are the baselines
+PATHS = ("fp16", "fp8-cublas", "int8-cublas", "w4a16", "w4a8", "w4a8-g128", "w4a8-fp8", "w8a8-int8", "w8a8-fp8")
+
+
+@dataclass
+class Measurement:
+    shape: str  # e.g. "llama3-8b gateup"
+    N: int
+    K: int
+    M: int
+    path: str
+    us: float
+    weight_bytes: int
+    how: str = ""  # which kernel / config dispatch ran
+
+    @property
+    def tflops(self) -> float:
+        return 2 * self.M * self.N * self.K / (self.us * 1e-6) / 1e12
+
+    @property
+    def gbps(self) -> float:
+        return self.weight_bytes / (self.us * 1e-6) / 1e9
+
+
+@dataclass
+class KernelReport:
+    gpu: str
+    date: str
+    torch: str
+    triton: str
+    rows: list[Measurement] = field(default_factory=list)
+
+    def speedup(self, shape: str, M: int, path: str, over: str = "fp16") -> float | None:
+        t = {r.path: r.us for r in self.rows if r.shape == shape and r.M == M}
+        return t[over] / t[path] if path in t and over in t else None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for r, row in zip(self.rows, d["rows"]):
+            row.update(tflops=round(r.tflops, 2), gbps=round(r.gbps, 1),
+                       speedup_vs_fp16=self.speedup(r.shape, r.M, r.path),
+                       speedup_vs_fp8=self.speedup(r.shape, r.M, r.path, "fp8-cublas"))
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> KernelReport:
+        keys = set(Measurement.__dataclass_fields__)
+        rows = [Measurement(**{k: v for k, v in r.items() if k in keys}) for r in d["rows"]]
+        return cls(d["gpu"], d["date"], d["torch"], d["triton"], rows)
+
+
+def parse_shapes(spec: str) -> list[tuple[str, int, int]]:
+    """'llama3-8b,llama3-70b' or 'llama3-8b:gateup' or explicit 'NxK' items, comma separated."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        model, _, layer = item.partition(":")
+        if model in SHAPES:
+            layers = [s for s in SHAPES[model] if not layer or s[0] == layer]
+            if not layers:
+                raise LowbitError(f"{model} has no layer {layer!r}; layers: {', '.join(s[0] for s in SHAPES[model])}")
+            out += [(f"{model} {n}", N, K) for n, N, K in layers]
+        elif "x" in item and all(p.isdigit() for p in item.split("x")) and item.count("x") == 1:
+            N, K = map(int, item.split("x"))
+            out.append((f"{N}x{K}", N, K))
+        else:
+            raise LowbitError(f"unknown shape {item!r}: use {', '.join(SHAPES)}, MODEL:LAYER or NxK")
+    return out
+
+
+# ---- building one path's inputs and callable ----------------------------------------------------
+
+def _copies(nbytes: int) -> int:
+    return max(1, min(16, math.ceil(L2_FLUSH_BYTES / max(nbytes, 1))))
+
+
+def _random_int4(N: int, K: int, group: int | None, device) -> tuple:
+    """Checkpoint-layout int4 weights with realistic scales, packed for the kernels."""
+    from lowbit.kernels.layout import pack_for_kernels
+
+    G = 1 if group is None else -(-K // group)
+    qw = torch.randint(0, 256, (N, (K + 1) // 2), dtype=torch.uint8, device=device)
+    s = (torch.rand(N, G, device=device) * 0.02 + 1e-3).half()
+    return pack_for_kernels(qw, s, None, group, K)
+
+
+def build(path: str, N: int, K: int, M: int, device) -> tuple[Callable, int]:
+    """Inputs for one path at one shape: ``(make, weight bytes)``.
+
+    ``make(choice)`` returns ``(fn, description)``; ``fn()`` runs the GEMM once, rotating weight
+    copies. ``choice`` None = what dispatch picks; the tuner passes its candidates.
+    """
+    from lowbit.kernels import dispatch
+
+    x16 = torch.randn(M, K, device=device, dtype=torch.float16)
+    if path == "fp16":
+        ws = [torch.randn(N, K, device=device, dtype=torch.float16) for _ in range(_copies(2 * N * K))]
+        return (lambda choice=None: (_rotating(lambda w: x16 @ w.t(), ws), "torch.matmul")), 2 * N * K
+    if path in ("fp8-cublas", "int8-cublas"):
+        adtype = "fp8_e4m3" if path == "fp8-cublas" else "int"
+        xq, xs = _quant_ref(torch.randn(max(M, 17) if adtype == "int" else M, K, device=device), adtype)
+        wq = [_quant_ref(torch.randn(N, K, device=device), adtype)[0] for _ in range(_copies(N * K))]
+        wsc = torch.rand(N, device=device) + 0.5
+        if adtype == "fp8_e4m3":  # cuBLAS alone: row-wise scales, bf16 out, no activation quantization
+            fn = lambda w: torch._scaled_mm(xq, w.t(), scale_a=xs[:, None], scale_b=wsc[None, :],
+                                           out_dtype=torch.bfloat16)
+            return (lambda choice=None: (_rotating(fn, wq), "torch._scaled_mm row-wise")), N * K
+        how = "torch._int_mm" + (" (M padded to 17)" if M < 17 else "")
+        return (lambda choice=None: (_rotating(lambda w: torch._int_mm(xq, w.t()), wq), how)), N * K
+
+    def pick(choice):
+        return dispatch.choose(path, M, N, K, device) if choice is None else choice
+
+    if path.startswith("w8a8"):
+        adtype = "fp8_e4m3" if path == "w8a8-fp8" else "int"
+        wq = [_quant_ref(torch.randn(N, K, device=device), adtype)[0] for _ in range(_copies(N * K))]
+        wsc = (torch.rand(N, device=device) + 0.5).half()
+
+        def make(choice=None):
+            c = pick(choice)
+            return _rotating(lambda w: dispatch.run_w8a8(x16, w, wsc, adtype, c), wq), f"{c.kernel} {c.config_str()}"
+
+        return make, N * K + 2 * N
+    groups = {"w4a16": 128, "w4a8": None, "w4a8-g128": 128, "w4a8-fp8": None}
+    if path not in groups:
+        raise LowbitError(f"unknown kernel path {path!r}; paths: {', '.join(PATHS)}")
+    packs = [_random_int4(N, K, groups[path], device) for _ in range(_copies(N * K // 2))]
+    adtype = "fp8_e4m3" if path == "w4a8-fp8" else "int"
+
+    def make(choice=None):
+        c = pick(choice)
+        if path == "w4a16":
+            fn = lambda p: dispatch.run_w4a16(x16, p, c)
+        else:
+            fn = lambda p: dispatch.run_w4a8(x16, p, adtype, c)
+        return _rotating(fn, packs), f"{c.kernel} {c.config_str()}"
+
+    return make, packs[0].nbytes()
+
+
+def _quant_ref(x: torch.Tensor, adtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from lowbit.quant.primitives import quantize_activation
+
+    q, s = quantize_activation(x, 8, adtype)
+    return q, s[:, 0].float()
+
+
+def _rotating(fn: Callable, items: list) -> Callable[[], torch.Tensor]:
+    state = [0]
+
+    def run() -> torch.Tensor:
+        state[0] = (state[0] + 1) % len(items)
+        return fn(items[state[0]])
+
+    return run
+
+
+def time_us(fn: Callable[[], torch.Tensor]) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+
+
+def run(shapes: list[tuple[str, int, int]], ms: list[int], paths: list[str], progress=None) -> KernelReport:
+    """Time every (shape, M, path) on the current CUDA device."""
+    import datetime
+
+    import triton
+
+    if not torch.cuda.is_available():
+        raise LowbitError("lowbit bench kernels needs a CUDA GPU; this machine has none")
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        raise LowbitError(f"unknown kernel path(s) {unknown}; paths: {', '.join(PATHS)}")
+    dev = torch.device("cuda")
+    report = KernelReport(torch.cuda.get_device_name(dev), datetime.date.today().isoformat(),
+                          torch.__version__, triton.__version__)
+    for name, N, K in shapes:
+        for M in ms:
+            for path in paths:
+                make, nbytes = build(path, N, K, M, dev)
+                fn, how = make()
+                report.rows.append(Measurement(name, N, K, M, path, time_us(fn), nbytes, how))
+                if progress:
+                    progress(report.rows[-1])
+            torch.cuda.empty_cache()
+    return report
+
+
+def format_table(report: KernelReport) -> str:
+    """Markdown: one row per (shape, M), speed-up over fp16 per path, fp16 microseconds first."""
+    paths = [p for p in PATHS if any(r.path == p for r in report.rows)]
+    head = "| layer (N x K) | M | fp16 us | " + " | ".join(p for p in paths if p != "fp16") + " |"
+    lines = [(f"{report.gpu}, {report.date}, torch {report.torch}, triton {report.triton}. "
+             "Speed-up over cuBLAS fp16 (torch.matmul); activation quantization included for A8 paths."),
+             "", head, "|" + "---|" * (2 + len(paths))]
+    keys = dict.fromkeys((r.shape, r.N, r.K, r.M) for r in report.rows)
+    for shape, N, K, M in keys:
+        t16 = next((r.us for r in report.rows if (r.shape, r.M, r.path) == (shape, M, "fp16")), None)
+        cells = []
+        for p in paths:
+            if p == "fp16":
+                continue
+            s = report.speedup(shape, M, p)
+            cells.append(f"{s:.2f}x" if s is not None else "")
+        lines.append(f"| {shape} ({N}x{K}) | {M} | {t16:.1f} | " + " | ".join(cells) + " |" if t16 else "")
+    return "\n".join(line for line in lines if line is not None)
+
+
+def plot(report: KernelReport, path: str) -> None:
+    """PNG: speed-up over fp16 vs M (log2 x axis), one line per kernel path, one panel per layer."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise LowbitError("--plot needs matplotlib: pip install 'lowbit[bench]'") from exc
+    shapes = list(dict.fromkeys(r.shape for r in report.rows))
+    paths = [p for p in PATHS if p != "fp16" and any(r.path == p for r in report.rows)]
+    cols = min(3, len(shapes))
+    rows = math.ceil(len(shapes) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, shape in zip(axes.flat, shapes):
+        ms = sorted({r.M for r in report.rows if r.shape == shape})
+        for p in paths:
+            ys = [report.speedup(shape, m, p) for m in ms]
+            if any(y is not None for y in ys):
+                ax.plot(ms, [float("nan") if y is None else y for y in ys], marker="o", ms=3, label=p,
+                        ls="--" if p.endswith("cublas") else "-")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(shape, fontsize=10)
+        ax.set_xlabel("M (tokens in the batch)")
+        ax.set_ylabel("speed-up over cuBLAS fp16")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(shapes):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"lowbit kernels on {report.gpu} ({report.date})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    import os
+
+    os.replace(path + ".tmp.png", path)
+
+
+def write_json(report: KernelReport, path: str) -> None:
+    import os
+
+    with open(path + ".tmp", "w") as f:
+        json.dump(report.to_json(), f, indent=1)
+    os.replace(path + ".tmp", path)

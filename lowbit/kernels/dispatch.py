@@ -1,0 +1,201 @@
+"""Which kernel runs a quantized GEMM, for a given (op, M, N, K, GPU): a tuned table kept as data.
+
+Hardware facts this file acts on (measured: ../shared/PERF.md, docs/kernels.md):
+- Hopper (sm_90) has no int4 tensor cores: ``mma.sync`` s4 runs at 52 TOPS (emulated, two IMMA.S8
+  per s4 MMA in SASS) against 1194 TOPS for s8. So no path here multiplies 4-bit activations: 4-bit
+  weights are widened in registers and the MMA is 16-bit (W4A16) or 8-bit (W4A8, W8A8).
+- FP8 tensor cores exist from sm_89 (Ada, Hopper); fp8 paths refuse older GPUs.
+- At small M every GEMM is bound by the bytes of its weights, so W4 paths win ~3-4x there; at large
+  M it is bound by MMA throughput, where 8-bit MMAs run at twice the 16-bit rate. The same int4
+  weights therefore serve a W4A8 scheme through whichever kernel the table says is fastest at that M.
+
+The table (``lowbit/kernels/tuned/<gpu>.json``, written by ``bench/tune_kernels.py`` on that GPU)
+lists, per op and tuned (N, K, M), the fastest kernel and its ``TileConfig``. A lookup takes the
+tuned shape nearest in log N and log K, then the smallest tuned M >= M (the largest if none). GPUs
+without a table get ``default_choice``, a heuristic that is correct everywhere and fast on Hopper.
+On the CPU, ``lowbit.model.qlinear`` keeps its PyTorch reference path and never comes here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.kernels.config import TileConfig
+
+TUNED_DIR = Path(__file__).with_name("tuned")
+OPS = ("w4a16", "w4a8", "w4a8-g128", "w4a8-fp8", "w8a8-int8", "w8a8-fp8")
+# kernels each op may be run by
+KERNELS = {
+    "w4a16": ("triton", "dequant-cublas"),
+    "w4a8": ("triton", "w4a16-fakequant", "widen-w8a8", "dequant-cublas"),
+    "w4a8-g128": ("triton", "w4a16-fakequant", "dequant-cublas"),
+    "w4a8-fp8": ("triton",),
+    "w8a8-int8": ("triton", "cublas"),
+    "w8a8-fp8": ("triton", "cublas"),
+}
+
+
+@dataclass(frozen=True)
+class Choice:
+    kernel: str  # one of KERNELS[op]
+    config: TileConfig | None = None  # None for cuBLAS
+
+    def config_str(self) -> str:
+        c = self.config
+        if c is None:
+            return ""
+        return (f"bm{c.block_m} bn{c.block_n} bk{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages}"
+                + (" swap" if c.swap else ""))
+
+
+def table_key(gpu_name: str) -> str | None:
+    """'NVIDIA H200' -> 'h200'; the longest known key contained in the name, or None.
+
+    ``$LOWBIT_KERNEL_TABLE`` (a JSON file from bench/tune_kernels.py) overrides the shipped tables.
+    """
+    if os.environ.get("LOWBIT_KERNEL_TABLE"):
+        return os.environ["LOWBIT_KERNEL_TABLE"]
+    keys = sorted((p.stem for p in TUNED_DIR.glob("*.json")), key=len, reverse=True)
+    return next((k for k in keys if k.upper() in gpu_name.upper()), None)
+
+
+@lru_cache(maxsize=8)
+def load_table(key: str) -> dict:
+    path = Path(key) if key.endswith(".json") else TUNED_DIR / f"{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LowbitError(f"cannot read the tuned kernel table {path}: {exc}") from exc
+
+
+@lru_cache(maxsize=8)
+def _device_info(index: int) -> tuple[str, int, tuple[int, int]]:
+    p = torch.cuda.get_device_properties(index)
+    return p.name, p.multi_processor_count, (p.major, p.minor)
+
+
+def _lookup(entries: list[dict], M: int, N: int, K: int) -> dict | None:
+    if not entries:
+        return None
+    dist = lambda e: abs(math.log2(e["N"] / N)) + abs(math.log2(e["K"] / K))
+    best = min(dist(e) for e in entries)
+    near = sorted((e for e in entries if dist(e) == best), key=lambda e: e["M"])
+    return next((e for e in near if e["M"] >= M), near[-1])
+
+
+def default_choice(op: str, M: int, N: int, K: int, sms: int) -> Choice:
+    """Heuristic for GPUs without a tuned table: swapped split-K tiles at small M, big tiles above."""
+    if M <= 64:
+        block_n = 64 if M <= 16 else 128
+        tiles = math.ceil(N / block_n)
+        split = max(1, min(16, round(2 * sms / tiles)))
+        return Choice("triton", TileConfig(block_m=max(16, 1 << (M - 1).bit_length()), block_n=block_n,
+                                           split_k=split, num_warps=4, num_stages=4, swap=True))
+    if op.startswith("w8a8"):
+        return Choice("cublas")
+    return Choice("triton", TileConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3))
+
+
+def choose(op: str, M: int, N: int, K: int, device: torch.device) -> Choice:
+    """The kernel and configuration for this GEMM on this CUDA device."""
+    if op not in OPS:
+        raise LowbitError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    if device.type != "cuda":
+        raise LowbitError("kernel dispatch is for CUDA devices; on the CPU the reference path runs")
+    name, sms, cap = _device_info(device.index if device.index is not None else torch.cuda.current_device())
+    if "fp8" in op and cap < (8, 9):
+        raise LowbitError(f"{op} needs FP8 tensor cores (compute capability 8.9+); {name} has {cap[0]}.{cap[1]}")
+    key = table_key(name)
+    if key is not None:
+        e = _lookup(load_table(key).get("entries", {}).get(op, []), M, N, K)
+        if e is not None:
+            cfg = e.get("config")
+            return Choice(e["kernel"], TileConfig(**cfg) if cfg else None)
+    return default_choice(op, M, N, K, sms)
+
+
+# ---- running a choice ---------------------------------------------------------------------------
+
+def run_w4a16(x: torch.Tensor, w, choice: Choice, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) fp16/bf16, w ``PackedInt4`` -> (M, N) in x's dtype."""
+    from lowbit.kernels.w4a16 import w4a16_matmul
+
+    if choice.kernel == "dequant-cublas":  # large M: widen once, then cuBLAS fp16/bf16
+        from lowbit.kernels.widen import widen_int4
+
+        if w.perm is not None:
+            x = x.index_select(1, w.perm)
+        y = x @ widen_int4(w, x.dtype).t()
+        return y if bias is None else y + bias
+    return w4a16_matmul(x, w, bias, choice.config)
+
+
+def run_w4a8(x: torch.Tensor, w, adtype: str, choice: Choice, smooth: torch.Tensor | None = None,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) fp16/bf16 -> per-token 8-bit activations -> int4 weights ``w`` -> (M, N) in x's dtype."""
+    from lowbit.kernels.act_quant import quantize_activations
+    from lowbit.kernels.w4a8 import w4a8_matmul
+    from lowbit.kernels.w4a16 import w4a16_matmul
+
+    if w.perm is not None:
+        x = x.index_select(1, w.perm)
+        smooth = None if smooth is None else smooth[w.perm]
+    xq, xs = quantize_activations(x, adtype, smooth)
+    if choice.kernel == "widen-w8a8":
+        # large M, per-channel weights: the int4 codes widened to int8 once, then an int8 GEMM
+        from lowbit.kernels.w8a8 import w8a8_cublas, w8a8_matmul
+        from lowbit.kernels.widen import widen_int4
+
+        wq = widen_int4(_without_perm(w), torch.int8)
+        if choice.config is None and cublas_takes(xq, wq):
+            return w8a8_cublas(xq, xs, wq, w.scales[0], x.dtype, bias)
+        return w8a8_matmul(xq, xs, wq, w.scales[0], x.dtype, bias, choice.config)
+    if choice.kernel == "dequant-cublas":
+        # large M, any group: dequantized 8-bit activations times the widened weights on cuBLAS
+        from lowbit.kernels.widen import widen_int4
+
+        y = (xq.float() * xs[:, None]).to(x.dtype) @ widen_int4(_without_perm(w), x.dtype).t()
+        return y if bias is None else y + bias
+    if choice.kernel == "w4a16-fakequant":
+        # same int4 weights through the W4A16 kernel: the 8-bit activations, dequantized
+        xd = (xq.float() * xs[:, None]).to(x.dtype)
+        return w4a16_matmul(xd, _without_perm(w), bias, choice.config)
+    return w4a8_matmul(xq, xs, _without_perm(w), x.dtype, bias, choice.config)
+
+
+def cublas_takes(xq: torch.Tensor, wq: torch.Tensor) -> bool:
+    """Shapes cuBLAS's 8-bit GEMMs accept: torch._int_mm needs M > 16 and K, N multiples of 8;
+    torch._scaled_mm needs K and N multiples of 16. Others go to the Triton kernel."""
+    M, K = xq.shape
+    N = wq.shape[0]
+    if xq.dtype == torch.int8:
+        return M > 16 and K % 8 == 0 and N % 8 == 0
+    return K % 16 == 0 and N % 16 == 0
+
+
+def _without_perm(w):
+    if w.perm is None:
+        return w
+    from dataclasses import replace
+
+    return replace(w, perm=None)
+
+
+def run_w8a8(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, adtype: str, choice: Choice,
+             smooth: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) fp16/bf16 -> per-token 8-bit activations @ wq (N, K) 8-bit -> (M, N) in x's dtype."""
+    from lowbit.kernels.act_quant import quantize_activations
+    from lowbit.kernels.w8a8 import w8a8_cublas, w8a8_matmul
+
+    xq, xs = quantize_activations(x, adtype, smooth)
+    if choice.kernel == "cublas" and cublas_takes(xq, wq):
+        return w8a8_cublas(xq, xs, wq, w_scale, x.dtype, bias)
+    return w8a8_matmul(xq, xs, wq, w_scale, x.dtype, bias, choice.config)

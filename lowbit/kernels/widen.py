@@ -1,0 +1,86 @@
+"""Widen int4 weights (``PackedInt4``) to a plain row-major matrix for a cuBLAS-class GEMM at large M.
+
+At large M a GEMM is bound by MMA throughput, and the fused int4 kernels spend their issue slots on
+unpacking (docs/kernels.md). There, one pass that writes the weights out wide, followed by the best
+8- or 16-bit GEMM, is faster than unpacking inside the GEMM: the pass costs ~N*K*1.5 bytes of
+traffic, amortized over M rows.
+
+- ``int8``: (N, K) int8 codes ``u - zero`` (exact, in [-15, 15]), for per-channel weights; the
+  per-channel scale stays in the GEMM's epilogue (W8A8 numerics with the same int4 weights).
+- ``fp16`` / ``bf16``: (N, K) ``(u - zero) * scale`` in that dtype (the W4A16 weight, rounded).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.errors import LowbitError
+from lowbit.kernels.layout import TILE_K, PackedInt4
+
+HALF = TILE_K // 2
+
+
+@triton.jit
+def _widen_kernel(
+    w_ptr, s_ptr, z_ptr, out_ptr, N, K, group_size, stride_wn, stride_on,
+    HAS_ZEROS: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr,
+    HALF_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    t = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = tl.arange(0, HALF_K)
+    k0 = t * 2 * HALF_K
+    n_ok = rn[:, None] < N
+    b = tl.load(w_ptr + rn[:, None] * stride_wn + t * HALF_K + rj[None, :], mask=n_ok, other=0).to(tl.int32)
+    lo = b & 0xF
+    hi = b >> 4
+    if HAS_ZEROS:
+        g_lo = tl.minimum((k0 + rj) // group_size, (K - 1) // group_size)
+        g_hi = tl.minimum((k0 + HALF_K + rj) // group_size, (K - 1) // group_size)
+        lo = lo - tl.load(z_ptr + g_lo[None, :] * N + rn[:, None], mask=n_ok, other=0).to(tl.int32)
+        hi = hi - tl.load(z_ptr + g_hi[None, :] * N + rn[:, None], mask=n_ok, other=0).to(tl.int32)
+    else:
+        lo = lo - 8
+        hi = hi - 8
+    ok_lo = n_ok & (k0 + rj[None, :] < K)
+    ok_hi = n_ok & (k0 + HALF_K + rj[None, :] < K)
+    out_lo = out_ptr + rn[:, None] * stride_on + k0 + rj[None, :]
+    if SCALED:
+        g_lo = tl.minimum((k0 + rj) // group_size, (K - 1) // group_size)
+        g_hi = tl.minimum((k0 + HALF_K + rj) // group_size, (K - 1) // group_size)
+        s_lo = tl.load(s_ptr + g_lo[None, :] * N + rn[:, None], mask=n_ok, other=0.0).to(tl.float32)
+        s_hi = tl.load(s_ptr + g_hi[None, :] * N + rn[:, None], mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(out_lo, (lo.to(tl.float32) * s_lo).to(out_ptr.dtype.element_ty), mask=ok_lo)
+        tl.store(out_lo + HALF_K, (hi.to(tl.float32) * s_hi).to(out_ptr.dtype.element_ty), mask=ok_hi)
+    else:
+        tl.store(out_lo, lo.to(tl.int8), mask=ok_lo)
+        tl.store(out_lo + HALF_K, hi.to(tl.int8), mask=ok_hi)
+
+
+def widen_int4(w: PackedInt4, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, K) ``dtype`` weights from ``w`` in the packed (post-``perm``) column order.
+
+    ``dtype`` torch.int8: codes minus zero (per-channel formats only; the scale is left to the GEMM);
+    torch.float16 / torch.bfloat16: dequantized weights. ``out``: a reusable (N, K) buffer.
+    """
+    if dtype == torch.int8 and w.group_size is not None:
+        raise LowbitError("widening to int8 keeps one scale per channel; grouped weights need fp16/bf16")
+    if dtype not in (torch.int8, torch.float16, torch.bfloat16):
+        raise LowbitError(f"widen_int4 makes int8, fp16 or bf16 weights, not {dtype}")
+    N, K = w.N, w.K
+    if out is None:
+        out = torch.empty(N, K, dtype=dtype, device=w.qweight.device)
+    elif out.shape != (N, K) or out.dtype != dtype:
+        raise LowbitError(f"widen_int4: out must be {dtype} ({N}, {K})")
+    block_n = 64
+    grid = (triton.cdiv(N, block_n), w.Kp // TILE_K)
+    _widen_kernel[grid](
+        w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, out, N, K, w.group_size or K,
+        w.qweight.stride(0), out.stride(0),
+        HAS_ZEROS=w.zeros is not None, SCALED=dtype != torch.int8, BLOCK_N=block_n, HALF_K=HALF,
+        num_warps=4,
+    )
+    return out

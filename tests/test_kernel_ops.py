@@ -1,0 +1,147 @@
+"""The custom ops (lowbit::w4a16, w4a8, w8a8): schema and fake implementations (opcheck), torch.compile
+with fullgraph, CPU reference parity, QuantLinear routing, and on the GPU the kernel path against the
+reference forward of real quantized layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.formats import ActivationFormat, WeightFormat
+from lowbit.kernels import ops
+from lowbit.kernels.layout import pack_for_kernels
+from lowbit.model.qlinear import QuantLinear, use_kernels
+from lowbit.quant.gptq import rtn_quantize
+
+CUDA = torch.cuda.is_available()
+
+
+def _layer(wfmt: WeightFormat, afmt: ActivationFormat, N=48, K=256, seed=0, bias=True, smooth=False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g)
+    qw = rtn_quantize(w, wfmt)
+    return QuantLinear.from_quantized(
+        qw, afmt, in_features=K, dtype=torch.float16,
+        bias=torch.randn(N, generator=g) if bias else None,
+        smooth=(torch.rand(K, generator=g) + 0.5) if smooth else None,
+    )
+
+
+def _int4_args(K=256, group=128, seed=0):
+    layer = _layer(WeightFormat(bits=4, group_size=group, method="rtn"), ActivationFormat(), K=K, seed=seed)
+    p = pack_for_kernels(layer.qweight, layer.scales, layer.zeros, group, K)
+    return layer, p
+
+
+def test_opcheck_all_ops():
+    _, p = _int4_args()
+    x = torch.randn(3, 256, dtype=torch.float16)
+    bias = torch.randn(p.N, dtype=torch.float16)
+    torch.library.opcheck(ops.w4a16, (x, p.qweight, p.scales, None, None, bias, 128, 256))
+    torch.library.opcheck(ops.w4a8, (x, p.qweight, p.scales, None, None, None, bias, 128, 256, "int"))
+    wq = torch.randint(-127, 128, (40, 256), dtype=torch.int8)
+    torch.library.opcheck(ops.w8a8, (x, wq, torch.rand(40) + 0.1, None, None))
+
+
+def test_ops_compile_fullgraph_and_match_reference_forward():
+    """The CPU path of each op equals QuantLinear's reference forward, also under torch.compile."""
+    cases = [
+        (WeightFormat(bits=4, group_size=128, method="rtn"), ActivationFormat(), "w4a16"),
+        (WeightFormat(bits=4, group_size=None, symmetric=False, method="rtn"), ActivationFormat(bits=8), "w4a8"),
+        (WeightFormat(bits=8, group_size=None, method="rtn"), ActivationFormat(bits=8), "w8a8"),
+    ]
+    for wfmt, afmt, op in cases:
+        layer = _layer(wfmt, afmt, smooth=afmt.bits is not None)
+        assert layer.kernel_op() == op
+        t = layer
+        x = torch.randn(2, 3, 256).half()
+        ref = layer(x)
+        p = None
+        if op != "w8a8":
+            p = pack_for_kernels(t.qweight, t.scales, t.zeros, wfmt.group_size, 256)
+
+        def f(x):
+            if op == "w4a16":
+                return ops.w4a16(x, p.qweight, p.scales, p.zeros, None, t.bias, wfmt.group_size or 0, 256)
+            if op == "w4a8":
+                return ops.w4a8(x, p.qweight, p.scales, p.zeros, None, t.smooth, t.bias, wfmt.group_size or 0, 256, "int")
+            return ops.w8a8(x, t.qweight, t.scales[:, 0].float(), t.smooth, t.bias)
+
+        eager = f(x)
+        compiled = torch.compile(f, fullgraph=True, backend="eager")(x)
+        assert eager.shape == (2, 3, 48) and eager.dtype == torch.float16
+        assert torch.allclose(eager.float(), ref.float(), atol=2e-2, rtol=2e-3), op
+        assert torch.equal(compiled, eager)
+
+
+def test_formats_without_kernels_stay_on_reference():
+    quik = _layer(WeightFormat(bits=4, group_size=None, method="rtn"), ActivationFormat(bits=4))
+    assert quik.kernel_op() is None  # 4-bit activations: issue 6
+    grouped8 = _layer(WeightFormat(bits=8, group_size=128, method="rtn"), ActivationFormat(bits=8))
+    assert grouped8.kernel_op() is None
+    assert not quik.prepare_kernels()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("M", [1, 3, 17, 127])
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a16-asym-g64", "w4a8", "w4a8-g128", "w8a8-int8", "w8a8-fp8"])
+def test_kernel_path_matches_reference_on_gpu(scheme, M):
+    wfmt, afmt = {
+        "w4a16": (WeightFormat(bits=4, group_size=128, method="rtn"), ActivationFormat()),
+        "w4a16-asym-g64": (WeightFormat(bits=4, group_size=64, symmetric=False, method="rtn"), ActivationFormat()),
+        "w4a8": (WeightFormat(bits=4, group_size=None, method="rtn"), ActivationFormat(bits=8)),
+        "w4a8-g128": (WeightFormat(bits=4, group_size=128, method="rtn"), ActivationFormat(bits=8)),
+        "w8a8-int8": (WeightFormat(bits=8, group_size=None, method="rtn"), ActivationFormat(bits=8)),
+        "w8a8-fp8": (WeightFormat(bits=8, dtype="fp8_e4m3", group_size=None, method="rtn"),
+                     ActivationFormat(bits=8, dtype="fp8_e4m3")),
+    }[scheme]
+    layer = _layer(wfmt, afmt, N=200, K=384, smooth=afmt.bits is not None).cuda()
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(M, 384, device="cuda", dtype=torch.float16)
+    ref = layer(x)
+    assert use_kernels(model) == (1, 1)
+    y = layer(x)
+    rel = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < 5e-3, rel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a8", "w4a8-g128", "w8a8-int8", "w8a8-fp8"])
+def test_quantized_model_on_kernels_matches_reference_and_captures_in_a_cuda_graph(scheme, tmp_path):
+    """A tiny quantized Llama in fp16 on the GPU: kernels vs reference logits, torch.compile, CUDA graph."""
+    import lowbit
+    from lowbit.model.loader import load_model
+    from tests.tiny_models import make_hf_model
+
+    make_hf_model("llama-bias", hidden_size=256, intermediate_size=512).save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, device="cpu", dtype="fp32", with_tokenizer=False)
+    calib = torch.randint(3, 97, (8, 32), generator=torch.Generator().manual_seed(0))
+    model = lowbit.quantize(loaded, scheme, calib, progress=False).to("cuda", torch.float16)
+    ids = torch.randint(3, 97, (3, 11), device="cuda")
+    with torch.no_grad():
+        ref = model(ids).float()
+        on, total = use_kernels(model)
+        assert on == total > 0
+        out = model(ids).float()
+        # fp8: cuBLAS's row-wise fp8 GEMM returns bf16 (8-bit mantissa), and fp8 activation codes
+        # flip at rounding boundaries when inputs differ in the last bit; both compound over layers
+        tol = 8e-2 if "fp8" in scheme else 2e-2
+        assert ((out - ref).norm() / ref.norm()).item() < tol
+        # inductor fuses the norms and rounds fp16 differently; 8-bit activation rounding amplifies that
+        compiled = torch.compile(model)(ids).float()
+        assert ((compiled - out).norm() / out.norm()).item() < 5e-2
+        layer = next(m for m in model.modules() if isinstance(m, QuantLinear))
+        x = torch.randn(5, layer.in_features, device="cuda", dtype=torch.float16)
+        assert torch.allclose(torch.compile(layer, fullgraph=True)(x), layer(x))  # the op never breaks a graph
+        # capture one forward (after a warm-up run, which allocates the split-K workspace) and replay
+        static = ids.clone()
+        model(static)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(static)
+        static.copy_(torch.randint(3, 97, (3, 11), device="cuda"))
+        graph.replay()
+        assert torch.allclose(captured.float(), model(static).float(), atol=1e-2, rtol=1e-2)
