@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=TUNE_SHAPES)
     ap.add_argument("--ms", default=",".join(map(str, TUNE_MS)))
     ap.add_argument("--out", default=None, help="table to write (default: lowbit/kernels/tuned/<gpu>.json)")
+    ap.add_argument("--tile-k", type=int, default=128, choices=(128, 256),
+                    help="int4 layout tile (PackedInt4.tile_k) to tune the int4 ops for; recorded per op in the table")
     ap.add_argument("--top", type=int, default=1, help="print the N fastest candidates of each cell")
     ap.add_argument("--merge", action="store_true", help="keep the existing table's entries for ops not tuned now")
     args = ap.parse_args()
@@ -68,10 +70,11 @@ def main() -> None:
     key = "h200" if "H200" in gpu else "h100" if "H100" in gpu else gpu.lower().replace(" ", "-")
     out = args.out or str(TUNED_DIR / f"{key}.json")
     table = {"gpu": gpu, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-             "source": "bench/tune_kernels.py", "entries": {}}
+             "source": "bench/tune_kernels.py", "tile_k": {}, "entries": {}}
     if args.merge and os.path.exists(out):
         with open(out) as f:
-            table["entries"] = json.load(f)["entries"]
+            old = json.load(f)
+        table["entries"], table["tile_k"] = old["entries"], old.get("tile_k", {})
     shapes = parse_shapes(args.shapes)
     ms = [int(m) for m in args.ms.split(",")]
     print(f"tuning on {gpu}: ops {args.ops}, {len(shapes)} shapes, M {ms}", flush=True)
@@ -80,7 +83,7 @@ def main() -> None:
         entries = [e for e in table["entries"].get(op, []) if (e["N"], e["K"]) not in {(N, K) for _, N, K in shapes}]
         for name, N, K in shapes:
             for M in ms:
-                make, nbytes = build(op, N, K, M, dev)
+                make, nbytes = build(op, N, K, M, dev, tile_k=args.tile_k)
                 results = []
                 for c in candidates(op, M):
                     try:
@@ -105,6 +108,7 @@ def main() -> None:
                 del make
             torch.cuda.empty_cache()
         table["entries"][op] = entries
+        table["tile_k"][op] = args.tile_k  # the int4 layout these entries were timed with
         print(f"-- {op} tuned in {time.time() - t_op:.0f} s", flush=True)
     with open(out + ".tmp", "w") as f:
         json.dump(table, f, indent=1)

@@ -3,7 +3,8 @@
 # default model from the parts carried so far, run the GPU tests, generate with the default model on
 # the GPU, evaluate every quantization preset (the accuracy table), and print a short summary last.
 #   bash scripts/gpu_check.sh [tests] [generate] [eval] [ablate] [kernels] [tune] [bench]   (default: tests generate eval)
-#   kernels: tests/test_kernels.py; tune: bench/tune_kernels.py $TUNE_ARGS; bench: lowbit bench kernels $BENCH_ARGS
+#   kernels: kernel tests; tune: bench/tune_kernels.py $TUNE_ARGS; bench: lowbit bench kernels $BENCH_ARGS;
+#   e2e: quantize the default model (w4a16, w4a8, w8a8-fp8) and generate with it on the kernels
 #
 # The default model's GGUF (98 MB) is larger than what one call may carry (64 MiB), so it travels in
 # two parts over two calls to the same warm machine; parts are kept in /tmp/lowbit-parts in between.
@@ -83,6 +84,18 @@ if want bench; then
   python3 -m lowbit.cli bench kernels ${BENCH_ARGS:-} --json "$OUTDIR/kernels.json" 2>&1 | tee "$OUTDIR/bench.log"
 fi
 
+e2e="skipped"
+if [ $have_model = yes ] && want e2e; then
+  # quantize the default model, then generate with its layers on the Triton kernels (fp16 and bf16)
+  for scheme in w4a16 w4a8 w8a8-fp8; do
+    python3 -m lowbit.cli quantize smollm2-135m --scheme $scheme --device cuda --samples 32 \
+      -o /tmp/q-$scheme --overwrite 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tail -n 2
+    python3 -m lowbit.cli generate /tmp/q-$scheme --device cuda --dtype fp16 -n 48 \
+      -p "Explain in two sentences why quantizing an LLM to 4 bits makes it faster to serve." 2>&1 | tee -a "$OUTDIR/e2e.log"
+  done
+  e2e=$(grep -c "quantized layers on GPU kernels" "$OUTDIR/e2e.log")" of 3 schemes generated on kernels"
+fi
+
 if [ $have_model = yes ] && want ablate; then
   python3 bench/ablate_accuracy.py --device cuda --dtype fp32 --json "$OUTDIR/ablation.json" 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|chunk/s" | tee "$OUTDIR/ablation.log"
@@ -94,3 +107,4 @@ echo "| GPU | $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1) |
 echo "| GPU tests (tests/test_gpu.py) | $tests |"
 echo "| lowbit generate smollm2-135m --device cuda (bf16) | $gen |"
 echo "| kernel tests (tests/test_kernels.py, test_kernel_ops.py) | $kern |"
+echo "| quantize + generate on kernels (e2e) | $e2e |"

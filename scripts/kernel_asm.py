@@ -59,12 +59,12 @@ def report(name: str, kernel) -> None:
 def main() -> None:
     dev = torch.device("cuda")
     N, K = 28672, 4096
-    p = _random_int4(N, K, 128, dev)
+    p = _random_int4(N, K, 128, dev, 128)
     x = torch.randn(16, K, device=dev, dtype=torch.float16)
     w4a16_matmul(x[:1], p, config=TileConfig(16, 128, 128, 2, 4, 4))
     report("w4a16 (x as A, mma.sync)", _w4a16_kernel)
     xq, xs = quantize_activations(x, "int")
-    w4a8_matmul(xq, xs, _random_int4(N, K, None, dev), torch.float16, config=TileConfig(16, 128, 128, 1, 4, 4, swap=True))
+    w4a8_matmul(xq, xs, _random_int4(N, K, None, dev, 128), torch.float16, config=TileConfig(16, 128, 128, 1, 4, 4, swap=True))
     report("w4a8 int8 swap", _w4a8_kernel)
     xq8, xs8 = quantize_activations(x, "fp8_e4m3")
     wq = torch.randn(N, K, device=dev).to(torch.float8_e4m3fn)

@@ -37,8 +37,8 @@ def test_opcheck_all_ops():
     _, p = _int4_args()
     x = torch.randn(3, 256, dtype=torch.float16)
     bias = torch.randn(p.N, dtype=torch.float16)
-    torch.library.opcheck(ops.w4a16, (x, p.qweight, p.scales, None, None, bias, 128, 256))
-    torch.library.opcheck(ops.w4a8, (x, p.qweight, p.scales, None, None, None, bias, 128, 256, "int"))
+    torch.library.opcheck(ops.w4a16, (x, p.qweight, p.scales, None, None, bias, 128, 256, 128))
+    torch.library.opcheck(ops.w4a8, (x, p.qweight, p.scales, None, None, None, bias, 128, 256, 128, "int"))
     wq = torch.randint(-127, 128, (40, 256), dtype=torch.int8)
     torch.library.opcheck(ops.w8a8, (x, wq, torch.rand(40) + 0.1, None, None))
 
@@ -56,22 +56,24 @@ def test_ops_compile_fullgraph_and_match_reference_forward():
         t = layer
         x = torch.randn(2, 3, 256).half()
         ref = layer(x)
-        p = None
-        if op != "w8a8":
-            p = pack_for_kernels(t.qweight, t.scales, t.zeros, wfmt.group_size, 256)
+        for tile in (128, 256):  # the op must read the layout the weights were packed in
+            p = None
+            if op != "w8a8":
+                p = pack_for_kernels(t.qweight, t.scales, t.zeros, wfmt.group_size, 256, tile_k=tile)
 
-        def f(x):
-            if op == "w4a16":
-                return ops.w4a16(x, p.qweight, p.scales, p.zeros, None, t.bias, wfmt.group_size or 0, 256)
-            if op == "w4a8":
-                return ops.w4a8(x, p.qweight, p.scales, p.zeros, None, t.smooth, t.bias, wfmt.group_size or 0, 256, "int")
-            return ops.w8a8(x, t.qweight, t.scales[:, 0].float(), t.smooth, t.bias)
+            def f(x):
+                g = wfmt.group_size or 0
+                if op == "w4a16":
+                    return ops.w4a16(x, p.qweight, p.scales, p.zeros, None, t.bias, g, 256, tile)
+                if op == "w4a8":
+                    return ops.w4a8(x, p.qweight, p.scales, p.zeros, None, t.smooth, t.bias, g, 256, tile, "int")
+                return ops.w8a8(x, t.qweight, t.scales[:, 0].float(), t.smooth, t.bias)
 
-        eager = f(x)
-        compiled = torch.compile(f, fullgraph=True, backend="eager")(x)
-        assert eager.shape == (2, 3, 48) and eager.dtype == torch.float16
-        assert torch.allclose(eager.float(), ref.float(), atol=2e-2, rtol=2e-3), op
-        assert torch.equal(compiled, eager)
+            eager = f(x)
+            compiled = torch.compile(f, fullgraph=True, backend="eager")(x)
+            assert eager.shape == (2, 3, 48) and eager.dtype == torch.float16
+            assert torch.allclose(eager.float(), ref.float(), atol=2e-2, rtol=2e-3), (op, tile)
+            assert torch.equal(compiled, eager)
 
 
 def test_formats_without_kernels_stay_on_reference():
@@ -127,11 +129,12 @@ def test_quantized_model_on_kernels_matches_reference_and_captures_in_a_cuda_gra
         out = model(ids).float()
         # fp8: cuBLAS's row-wise fp8 GEMM returns bf16 (8-bit mantissa), and fp8 activation codes
         # flip at rounding boundaries when inputs differ in the last bit; both compound over layers
-        tol = 8e-2 if "fp8" in scheme else 2e-2
+        # (an e4m3 step is 6-12% of a value, so one flip weighs far more than an int8 one)
+        tol = 1e-1 if "fp8" in scheme else 2e-2
         assert ((out - ref).norm() / ref.norm()).item() < tol
         # inductor fuses the norms and rounds fp16 differently; 8-bit activation rounding amplifies that
         compiled = torch.compile(model)(ids).float()
-        assert ((compiled - out).norm() / out.norm()).item() < 5e-2
+        assert ((compiled - out).norm() / out.norm()).item() < (1e-1 if "fp8" in scheme else 5e-2)
         layer = next(m for m in model.modules() if isinstance(m, QuantLinear))
         x = torch.randn(5, layer.in_features, device="cuda", dtype=torch.float16)
         assert torch.allclose(torch.compile(layer, fullgraph=True)(x), layer(x))  # the op never breaks a graph

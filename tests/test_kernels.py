@@ -33,7 +33,7 @@ SMALL = TileConfig(block_m=16, block_n=32)
 SMALL_SPLIT = TileConfig(block_m=16, block_n=32, swap=True, split_k=3)
 
 
-def _weights(N, K, group, symmetric=True, seed=0, g_idx=None):
+def _weights(N, K, group, symmetric=True, seed=0, g_idx=None, tile_k=128):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=gen)
     fmt = WeightFormat(bits=4, symmetric=symmetric, group_size=group, method="rtn")
@@ -41,7 +41,7 @@ def _weights(N, K, group, symmetric=True, seed=0, g_idx=None):
     codes = quantize_weight(w, scale, zero, fmt, g_idx=g_idx)
     qw = pack_int4(codes)
     to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
-    packed = pack_for_kernels(to(qw), to(scale), to(zero), group, K, g_idx=to(g_idx))
+    packed = pack_for_kernels(to(qw), to(scale), to(zero), group, K, g_idx=to(g_idx), tile_k=tile_k)
     return to(qw), to(scale), to(zero), packed
 
 
@@ -56,13 +56,14 @@ def _x(M, K, seed, dtype=torch.float16):
 # ---- layout -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("K, group, symmetric", [(200, 32, True), (300, 128, False), (64, None, True)])
-def test_layout_round_trips_codes_and_pads_with_zero_value(K, group, symmetric):
-    qw, s, z, p = _weights(24, K, group, symmetric)
+@pytest.mark.parametrize("tile_k", [128, 256])
+def test_layout_round_trips_codes_and_pads_with_zero_value(K, group, symmetric, tile_k):
+    qw, s, z, p = _weights(24, K, group, symmetric, tile_k=tile_k)
     from lowbit.quant.primitives import unpack_int4
 
     ref = unpack_int4(qw, K, signed=symmetric).to(torch.int16) + (8 if symmetric else 0)
     assert torch.equal(unpack_kernel_codes(p), ref)
-    assert p.Kp % 128 == 0 and p.scales.shape == (s.shape[1], s.shape[0])
+    assert p.Kp % tile_k == 0 and p.scales.shape == (s.shape[1], s.shape[0])
     full = torch.stack([p.qweight & 0xF, p.qweight >> 4], 1)  # padding codes decode to value 0
     assert full.numel() == 24 * p.Kp
 
@@ -75,6 +76,8 @@ def test_layout_rejects_bad_inputs():
         pack_for_kernels(qw, s.float(), z, 32, 64)
     with pytest.raises(LowbitError, match="qweight must be uint8"):
         pack_for_kernels(qw, s, z, 32, 66)
+    with pytest.raises(LowbitError, match="tile must be one of"):
+        pack_for_kernels(qw, s, z, 32, 64, tile_k=64)
 
 
 # ---- W4A16 ------------------------------------------------------------------------------------
@@ -83,9 +86,10 @@ def test_layout_rejects_bad_inputs():
 @pytest.mark.parametrize("K, group, symmetric", [(128, 32, True), (200, 64, False), (96, None, True),
                                                  (300, 128, True), (260, 128, False), (520, 256, True)])
 @pytest.mark.parametrize("dtype", [torch.float16, BF16])
-def test_w4a16_matches_reference(M, K, group, symmetric, dtype):
+@pytest.mark.parametrize("tile_k", [128, 256])
+def test_w4a16_matches_reference(M, K, group, symmetric, dtype, tile_k):
     N = 72  # not a multiple of the N tile
-    qw, s, z, p = _weights(N, K, group, symmetric, seed=M + K)
+    qw, s, z, p = _weights(N, K, group, symmetric, seed=M + K, tile_k=tile_k)
     x = _x(M, K, M, dtype)
     ref = w4a16_reference(x, qw, s, z, group, K)
     for cfg in (SMALL, SMALL_SPLIT):
@@ -154,12 +158,18 @@ def test_act_quant_errors():
 # ---- W4A8 -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("M", M_ODD)
-@pytest.mark.parametrize("K, group, symmetric", [(160, None, True), (200, None, False), (300, 128, True), (260, 128, False)])
+@pytest.mark.parametrize("K, group, symmetric", [(160, None, True), (200, None, False), (300, 128, True), (260, 128, False),
+                                                 (200, 64, True)])
 @pytest.mark.parametrize("adtype", ["int", FP8])
-def test_w4a8_matches_reference(M, K, group, symmetric, adtype):
+@pytest.mark.parametrize("tile_k", [128, 256])
+def test_w4a8_matches_reference(M, K, group, symmetric, adtype, tile_k):
     N = 40
-    qw, s, z, p = _weights(N, K, group, symmetric, seed=K)
+    qw, s, z, p = _weights(N, K, group, symmetric, seed=K, tile_k=tile_k)
     xq, xs = quantize_activations(_x(M, K, M), adtype)
+    if group and group % (tile_k // 2):  # a group smaller than a tile half has no kernel here
+        with pytest.raises(LowbitError, match="multiples of"):
+            w4a8_matmul(xq, xs, p, torch.float16)
+        return
     ref = w4a8_reference(xq, xs, qw, s, z, group, K, torch.float16)
     for cfg in (SMALL, SMALL_SPLIT):
         y = w4a8_matmul(xq, xs, p, torch.float16, config=cfg)
@@ -168,10 +178,10 @@ def test_w4a8_matches_reference(M, K, group, symmetric, adtype):
 
 
 def test_w4a8_errors():
-    _, _, _, p64 = _weights(16, 128, 64)
+    _, _, _, p32 = _weights(16, 128, 32)
     xq, xs = quantize_activations(_x(2, 128, 0))
-    with pytest.raises(LowbitError, match="multiples of 128"):
-        w4a8_matmul(xq, xs, p64, torch.float16)
+    with pytest.raises(LowbitError, match="multiples of 64"):  # a group per tile half (64 of 128)
+        w4a8_matmul(xq, xs, p32, torch.float16)
     _, _, _, p = _weights(16, 128, None)
     with pytest.raises(LowbitError, match="int8 or float8"):
         w4a8_matmul(_x(2, 128, 0), xs, p, torch.float16)
@@ -206,11 +216,12 @@ def test_w8a8_errors():
 # ---- widening for the large-M paths ------------------------------------------------------------
 
 @pytest.mark.parametrize("K, group, symmetric", [(200, None, True), (260, None, False), (300, 128, True), (200, 64, False)])
-def test_widen_matches_dequantized_weights(K, group, symmetric):
+@pytest.mark.parametrize("tile_k", [128, 256])
+def test_widen_matches_dequantized_weights(K, group, symmetric, tile_k):
     from lowbit.kernels.widen import widen_int4
     from lowbit.quant.primitives import dequantize_weight, unpack_int4
 
-    qw, s, z, p = _weights(40, K, group, symmetric, seed=3)
+    qw, s, z, p = _weights(40, K, group, symmetric, seed=3, tile_k=tile_k)
     codes = unpack_int4(qw, K, signed=symmetric)
     fmt = WeightFormat(bits=4, symmetric=symmetric, group_size=group, method="rtn")
     ref = dequantize_weight(codes, s, z, fmt)

@@ -100,21 +100,22 @@ def _copies(nbytes: int) -> int:
     return max(1, min(16, math.ceil(L2_FLUSH_BYTES / max(nbytes, 1))))
 
 
-def _random_int4(N: int, K: int, group: int | None, device) -> tuple:
-    """Checkpoint-layout int4 weights with realistic scales, packed for the kernels."""
+def _random_int4(N: int, K: int, group: int | None, device, tile_k: int):
+    """Random int4 weights with realistic scales, packed for the kernels (``PackedInt4``)."""
     from lowbit.kernels.layout import pack_for_kernels
 
     G = 1 if group is None else -(-K // group)
     qw = torch.randint(0, 256, (N, (K + 1) // 2), dtype=torch.uint8, device=device)
     s = (torch.rand(N, G, device=device) * 0.02 + 1e-3).half()
-    return pack_for_kernels(qw, s, None, group, K)
+    return pack_for_kernels(qw, s, None, group, K, tile_k=tile_k)
 
 
-def build(path: str, N: int, K: int, M: int, device) -> tuple[Callable, int]:
+def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None) -> tuple[Callable, int]:
     """Inputs for one path at one shape: ``(make, weight bytes)``.
 
     ``make(choice)`` returns ``(fn, description)``; ``fn()`` runs the GEMM once, rotating weight
-    copies. ``choice`` None = what dispatch picks; the tuner passes its candidates.
+    copies. ``choice`` None = what dispatch picks; the tuner passes its candidates (and ``tile_k``,
+    the int4 layout tile it tunes for; default: the one this GPU's table was tuned with).
     """
     from lowbit.kernels import dispatch
 
@@ -150,7 +151,8 @@ def build(path: str, N: int, K: int, M: int, device) -> tuple[Callable, int]:
     groups = {"w4a16": 128, "w4a8": None, "w4a8-g128": 128, "w4a8-fp8": None}
     if path not in groups:
         raise LowbitError(f"unknown kernel path {path!r}; paths: {', '.join(PATHS)}")
-    packs = [_random_int4(N, K, groups[path], device) for _ in range(_copies(N * K // 2))]
+    tile_k = tile_k or dispatch.layout_tile(torch.device(device), path)
+    packs = [_random_int4(N, K, groups[path], device, tile_k) for _ in range(_copies(N * K // 2))]
     adtype = "fp8_e4m3" if path == "w4a8-fp8" else "int"
 
     def make(choice=None):

@@ -91,6 +91,22 @@ def _lookup(entries: list[dict], M: int, N: int, K: int) -> dict | None:
     return next((e for e in near if e["M"] >= M), near[-1])
 
 
+def layout_tile(device: torch.device, op: str) -> int:
+    """The int4 layout tile (``PackedInt4.tile_k``) this GPU's table tuned ``op`` with (default 128).
+
+    The layout is fixed when a layer is loaded, so it is chosen per op: W4A8 with per-channel scales
+    measured ~12% faster at small M with 256-wide tiles on the H200, W4A16 slower (docs/kernels.md).
+    """
+    from lowbit.kernels.layout import TILE_K
+
+    if device.type != "cuda":
+        return TILE_K
+    name, _, _ = _device_info(device.index if device.index is not None else torch.cuda.current_device())
+    key = table_key(name)
+    tiles = load_table(key).get("tile_k", {}) if key is not None else {}
+    return int(tiles.get(op, TILE_K))
+
+
 def default_choice(op: str, M: int, N: int, K: int, sms: int) -> Choice:
     """Heuristic for GPUs without a tuned table: swapped split-K tiles at small M, big tiles above."""
     if M <= 64:

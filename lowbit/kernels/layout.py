@@ -33,7 +33,8 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.quant.primitives import num_groups, unpack_int4
 
-TILE_K = 128  # K columns per packed tile; also the smallest group that needs one scale per tile
+TILE_K = 128  # K columns per packed tile (default); each half (64) pairs with one MMA operand
+TILE_CHOICES = (128, 256)
 
 
 @dataclass
@@ -46,6 +47,11 @@ class PackedInt4:
     group_size: int | None  # None = per output channel (G = 1)
     K: int  # logical input features
     perm: torch.Tensor | None = None  # (K,) int64 act-order gather for x, or None
+    tile_k: int = TILE_K  # K columns per packed tile: the low nibbles hold its first half
+
+    @property
+    def half(self) -> int:
+        return self.tile_k // 2
 
     @property
     def N(self) -> int:
@@ -61,10 +67,10 @@ class PackedInt4:
         return n + (self.zeros.numel() if self.zeros is not None else 0)
 
 
-def _interleave(u: torch.Tensor) -> torch.Tensor:
+def _interleave(u: torch.Tensor, tile_k: int) -> torch.Tensor:
     """(N, Kp) uint8 codes in [0, 15] -> (N, Kp/2) bytes in the tile-interleaved order."""
     N, Kp = u.shape
-    t = u.view(N, Kp // TILE_K, 2, TILE_K // 2)
+    t = u.view(N, Kp // tile_k, 2, tile_k // 2)
     return (t[:, :, 0] | (t[:, :, 1] << 4)).reshape(N, Kp // 2)
 
 
@@ -75,6 +81,7 @@ def pack_for_kernels(
     group_size: int | None,
     K: int,
     g_idx: torch.Tensor | None = None,
+    tile_k: int = TILE_K,
 ) -> PackedInt4:
     """Repack checkpoint-layout int4 weights (module docstring) into ``PackedInt4``.
 
@@ -83,6 +90,8 @@ def pack_for_kernels(
     """
     N = qweight.shape[0]
     G = num_groups(K, group_size)
+    if tile_k not in TILE_CHOICES:
+        raise LowbitError(f"int4 kernel tile must be one of {TILE_CHOICES}, got {tile_k}")
     if qweight.dtype != torch.uint8 or qweight.shape != (N, (K + 1) // 2):
         raise LowbitError(f"int4 qweight must be uint8 ({N}, {(K + 1) // 2}), got {qweight.dtype} {tuple(qweight.shape)}")
     if scales.dtype != torch.float16 or scales.shape != (N, G):
@@ -101,13 +110,13 @@ def pack_for_kernels(
             if not torch.equal(g_idx[perm], natural):
                 raise LowbitError("act-order g_idx must give every group exactly group_size columns")
             u = u[:, perm]
-    Kp = -(-K // TILE_K) * TILE_K
+    Kp = -(-K // tile_k) * tile_k
     pad_code = 8 if symmetric else 0
     full = torch.full((N, Kp), pad_code, dtype=torch.int16, device=qweight.device)
     full[:, :K] = u
     if not symmetric:  # padding must dequantize to 0: code = that row's last-group zero
         full[:, K:] = zeros[:, -1:].to(torch.int16)
-    packed = _interleave(full.to(torch.uint8))
+    packed = _interleave(full.to(torch.uint8), tile_k)
     return PackedInt4(
         qweight=packed.contiguous(),
         scales=scales.t().contiguous(),
@@ -115,12 +124,13 @@ def pack_for_kernels(
         group_size=group_size,
         K=K,
         perm=perm,
+        tile_k=tile_k,
     )
 
 
 def unpack_kernel_codes(p: PackedInt4) -> torch.Tensor:
     """Inverse of the interleave, for tests: (N, K) int16 unsigned codes in natural (post-perm) order."""
     N, half = p.qweight.shape
-    b = p.qweight.view(N, half // (TILE_K // 2), TILE_K // 2).to(torch.int16)
+    b = p.qweight.view(N, half // p.half, p.half).to(torch.int16)
     u = torch.stack([b & 0xF, b >> 4], dim=2).reshape(N, -1)
     return u[:, : p.K]

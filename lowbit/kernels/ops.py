@@ -5,8 +5,8 @@ numbers, picks its kernel per call through ``lowbit.kernels.dispatch`` (the batc
 known then), and has a fake implementation (shape and dtype only) for ``torch.compile`` tracing. On
 a CPU tensor the op runs the PyTorch reference instead: same numerics, no Triton.
 
-- ``lowbit::w4a16``  (x, qweight, scales, zeros?, perm?, bias?, group_size, K)
-- ``lowbit::w4a8``   (x, qweight, scales, zeros?, perm?, smooth?, bias?, group_size, K, act_dtype)
+- ``lowbit::w4a16``  (x, qweight, scales, zeros?, perm?, bias?, group_size, K, tile_k)
+- ``lowbit::w4a8``   (x, qweight, scales, zeros?, perm?, smooth?, bias?, group_size, K, tile_k, act_dtype)
 - ``lowbit::w8a8``   (x, wq, w_scale, smooth?, bias?)   activations quantized like ``wq``'s dtype
 
 ``group_size`` 0 means per channel. ``x`` is (..., K) fp16 or bf16; outputs are (..., N) in x's dtype.
@@ -21,8 +21,8 @@ from lowbit.kernels import dispatch
 from lowbit.kernels.layout import PackedInt4, unpack_kernel_codes
 
 
-def _packed(qweight, scales, zeros, perm, group_size, K) -> PackedInt4:
-    return PackedInt4(qweight, scales, zeros, group_size or None, K, perm)
+def _packed(qweight, scales, zeros, perm, group_size, K, tile_k) -> PackedInt4:
+    return PackedInt4(qweight, scales, zeros, group_size or None, K, perm, tile_k)
 
 
 def _dequant_reference(w: PackedInt4) -> Tensor:
@@ -51,8 +51,8 @@ def _finish(y: Tensor, bias: Tensor | None, like: Tensor) -> Tensor:
 
 @torch.library.custom_op("lowbit::w4a16", mutates_args=())
 def w4a16(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, perm: Tensor | None,
-          bias: Tensor | None, group_size: int, K: int) -> Tensor:
-    w = _packed(qweight, scales, zeros, perm, group_size, K)
+          bias: Tensor | None, group_size: int, K: int, tile_k: int) -> Tensor:
+    w = _packed(qweight, scales, zeros, perm, group_size, K, tile_k)
     x2 = x.reshape(-1, K)
     if x.device.type != "cuda":
         xs = x2 if perm is None else x2.index_select(1, perm)
@@ -62,7 +62,7 @@ def w4a16(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, perm
 
 
 @w4a16.register_fake
-def _(x, qweight, scales, zeros, perm, bias, group_size, K):
+def _(x, qweight, scales, zeros, perm, bias, group_size, K, tile_k):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -75,21 +75,22 @@ def w4a8_op_name(group_size: int, act_dtype: str) -> str:
 
 @torch.library.custom_op("lowbit::w4a8", mutates_args=())
 def w4a8(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, perm: Tensor | None,
-         smooth: Tensor | None, bias: Tensor | None, group_size: int, K: int, act_dtype: str) -> Tensor:
-    w = _packed(qweight, scales, zeros, perm, group_size, K)
+         smooth: Tensor | None, bias: Tensor | None, group_size: int, K: int, tile_k: int,
+         act_dtype: str) -> Tensor:
+    w = _packed(qweight, scales, zeros, perm, group_size, K, tile_k)
     x2 = x.reshape(-1, K)
     if x.device.type != "cuda":
         xa = _reference_act(x2, act_dtype, smooth)
         xa = xa if perm is None else xa.index_select(1, perm)
         return _finish(xa @ _dequant_reference(w).t(), bias, x).reshape(*x.shape[:-1], w.N)
     choice = dispatch.choose(w4a8_op_name(group_size, act_dtype), x2.shape[0], w.N, K, x.device)
-    if group_size and group_size % 128:  # only the W4A16 kernel takes groups of 32 / 64
+    if group_size and group_size % w.half:  # groups smaller than a tile half: only the W4A16 kernel
         choice = dispatch.Choice("w4a16-fakequant", choice.config)
     return dispatch.run_w4a8(x2, w, act_dtype, choice, smooth, bias).reshape(*x.shape[:-1], w.N)
 
 
 @w4a8.register_fake
-def _(x, qweight, scales, zeros, perm, smooth, bias, group_size, K, act_dtype):
+def _(x, qweight, scales, zeros, perm, smooth, bias, group_size, K, tile_k, act_dtype):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 

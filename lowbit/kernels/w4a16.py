@@ -29,11 +29,10 @@ import triton.language as tl
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
-from lowbit.kernels.layout import TILE_K, PackedInt4
+from lowbit.kernels.layout import PackedInt4
 from lowbit.kernels.splitk import finish, reserve
 from lowbit.kernels.unpack import USE_ASM, nibbles_float
 
-HALF = TILE_K // 2
 # lowbit.kernels.unpack turns a nibble u into BASE + u in the activation dtype (exact: u < 16)
 _MAGIC = {torch.float16: {"IS_FP16": True, "BASE": 1024.0}, torch.bfloat16: {"IS_FP16": False, "BASE": 128.0}}
 
@@ -44,7 +43,7 @@ def _w4a16_kernel(
     M, N, K, n_tiles, group_size,
     stride_xm, stride_wn, stride_ym,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCALE_MODE: tl.constexpr,  # 0 per channel, 1 one group per tile (group >= 128), 2 per column
+    SCALE_MODE: tl.constexpr,  # 0 per channel, 1 one group per tile half, 2 per column (scale_mode)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
     HALF_K: tl.constexpr, IS_FP16: tl.constexpr, BASE: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -95,21 +94,22 @@ def _w4a16_kernel(
                 w_lo = (nibbles_float(b, False, IS_FP16, ASM) - off) * s_lo.to(DT)
                 w_hi = (nibbles_float(b, True, IS_FP16, ASM) - off) * s_hi.to(DT)
         else:
-            if HAS_ZEROS and SCALE_MODE == 1:
-                z = tl.load(z_ptr + (k0 // group_size) * N + rn_ld)
-                off = (z.to(tl.float32) + BASE).to(DT)[:, None]
-            w_lo = nibbles_float(b, False, IS_FP16, ASM) - off
-            w_hi = nibbles_float(b, True, IS_FP16, ASM) - off
-        if SCALE_MODE == 1:
-            s = tl.load(s_ptr + (k0 // group_size) * N + rn_ld).to(tl.float32)
-            if SWAP:
-                part = tl.dot(w_lo, tl.trans(x_lo))
-                part = tl.dot(w_hi, tl.trans(x_hi), part)
-                acc += part * s[:, None]
+            if HAS_ZEROS and SCALE_MODE == 1:  # each half lies in one group
+                z_lo = tl.load(z_ptr + (k0 // group_size) * N + rn_ld)
+                z_hi = tl.load(z_ptr + tl.minimum((k0 + HALF_K) // group_size, last_group) * N + rn_ld)
+                w_lo = nibbles_float(b, False, IS_FP16, ASM) - (z_lo.to(tl.float32) + BASE).to(DT)[:, None]
+                w_hi = nibbles_float(b, True, IS_FP16, ASM) - (z_hi.to(tl.float32) + BASE).to(DT)[:, None]
             else:
-                part = tl.dot(x_lo, tl.trans(w_lo))
-                part = tl.dot(x_hi, tl.trans(w_hi), part)
-                acc += part * s[None, :]
+                w_lo = nibbles_float(b, False, IS_FP16, ASM) - off
+                w_hi = nibbles_float(b, True, IS_FP16, ASM) - off
+        if SCALE_MODE == 1:
+            # one group per half: each half's MMA into a fresh fp32 partial, scaled, then accumulated
+            s_lo = tl.load(s_ptr + (k0 // group_size) * N + rn_ld).to(tl.float32)
+            s_hi = tl.load(s_ptr + tl.minimum((k0 + HALF_K) // group_size, last_group) * N + rn_ld).to(tl.float32)
+            if SWAP:
+                acc += tl.dot(w_lo, tl.trans(x_lo)) * s_lo[:, None] + tl.dot(w_hi, tl.trans(x_hi)) * s_hi[:, None]
+            else:
+                acc += tl.dot(x_lo, tl.trans(w_lo)) * s_lo[None, :] + tl.dot(x_hi, tl.trans(w_hi)) * s_hi[None, :]
         else:
             if SWAP:
                 acc = tl.dot(w_lo, tl.trans(x_lo), acc)
@@ -141,10 +141,11 @@ def check_activation(x: torch.Tensor, K: int, dtypes: tuple[torch.dtype, ...], o
         raise LowbitError(f"{op}: x must be (M, {K}), got {tuple(x.shape)}")
 
 
-def scale_mode(group_size: int | None) -> int:
+def scale_mode(group_size: int | None, half: int) -> int:
+    """0: per channel; 1: a group per tile half (group a multiple of the half); 2: per column."""
     if group_size is None:
         return 0
-    return 1 if group_size % TILE_K == 0 else 2
+    return 1 if group_size % half == 0 else 2
 
 
 def w4a16_matmul(
@@ -163,11 +164,11 @@ def w4a16_matmul(
     _w4a16_kernel[grid](
         x, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
         bias if bias is not None else w.scales, y, ws, locks,
-        M, N, w.K, w.Kp // TILE_K, w.group_size or w.K,
+        M, N, w.K, w.Kp // w.tile_k, w.group_size or w.K,
         x.stride(0), w.qweight.stride(0), y.stride(0),
-        HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None, SCALE_MODE=scale_mode(w.group_size),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, SWAP=cfg.swap, HALF_K=HALF,
-        **_MAGIC[x.dtype], ASM=USE_ASM, EVEN_K=w.K % TILE_K == 0,
+        HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None, SCALE_MODE=scale_mode(w.group_size, w.half),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, SWAP=cfg.swap, HALF_K=w.half,
+        **_MAGIC[x.dtype], ASM=USE_ASM, EVEN_K=w.K % w.tile_k == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y

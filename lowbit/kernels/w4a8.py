@@ -27,12 +27,41 @@ import triton.language as tl
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
-from lowbit.kernels.layout import TILE_K, PackedInt4
+from lowbit.kernels.layout import PackedInt4
 from lowbit.kernels.splitk import finish, reserve
 from lowbit.kernels.unpack import USE_ASM, nibbles_float, nibbles_int8
 from lowbit.kernels.w4a16 import check_activation
 
-HALF = TILE_K // 2
+
+
+@triton.jit
+def _mma(w, x, acc, SWAP: tl.constexpr, OUT: tl.constexpr):
+    """acc + x @ w^T, as (M, N) or, swapped, as (N, M) = w @ x^T."""
+    if SWAP:
+        out = tl.dot(w, tl.trans(x), acc, out_dtype=OUT)
+    else:
+        out = tl.dot(x, tl.trans(w), acc, out_dtype=OUT)
+    return out
+
+
+@triton.jit
+def _outer(wvec, xvec, SWAP: tl.constexpr):
+    """wvec (N,) times xvec (M,) laid out like the accumulator."""
+    if SWAP:
+        out = wvec[:, None] * xvec[None, :]
+    else:
+        out = xvec[:, None] * wvec[None, :]
+    return out
+
+
+@triton.jit
+def _scale_w(acc, wvec, SWAP: tl.constexpr):
+    """Scale the accumulator's weight-row axis by wvec (N,)."""
+    if SWAP:
+        out = acc * wvec[:, None]
+    else:
+        out = acc * wvec[None, :]
+    return out
 
 
 @triton.jit
@@ -63,9 +92,11 @@ def _w4a8_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_T)
     rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)  # int8 path, per channel: sum of x over all K
-    z = tl.full((BLOCK_N,), 8, tl.int32)
+    z_lo = tl.full((BLOCK_N,), 8, tl.int32)
     if HAS_ZEROS and not PER_TILE:
-        z = tl.load(z_ptr + rn_ld).to(tl.int32)
+        z_lo = tl.load(z_ptr + rn_ld).to(tl.int32)
+    z_hi = z_lo
+    last_group = (K - 1) // group_size
     for t in range(pid_k, n_tiles, SPLIT_K):
         k0 = t * (2 * HALF_K)
         b = tl.load(w_row + t * HALF_K)
@@ -75,48 +106,40 @@ def _w4a8_kernel(
         else:
             x_lo = tl.load(x_row + k0, mask=k0 + rj[None, :] < K, other=0.0)
             x_hi = tl.load(x_row + k0 + HALF_K, mask=k0 + HALF_K + rj[None, :] < K, other=0.0)
+        g_lo = k0 // group_size  # per group: each tile half lies in one group
+        g_hi = tl.minimum((k0 + HALF_K) // group_size, last_group)
         if HAS_ZEROS and PER_TILE:
-            z = tl.load(z_ptr + (k0 // group_size) * N + rn_ld).to(tl.int32)
+            z_lo = tl.load(z_ptr + g_lo * N + rn_ld).to(tl.int32)
+            z_hi = tl.load(z_ptr + g_hi * N + rn_ld).to(tl.int32)
         if FP8:
             # (u - z) through fp16 (u | 0x6400 is 1024 + u), then to e4m3: exact for |u - z| <= 15
-            off = (z.to(tl.float32) + 1024.0).to(tl.float16)[:, None]
-            w_lo = (nibbles_float(b, False, True, ASM) - off).to(tl.float8e4nv)
-            w_hi = (nibbles_float(b, True, True, ASM) - off).to(tl.float8e4nv)
+            w_lo = (nibbles_float(b, False, True, ASM) - (z_lo.to(tl.float32) + 1024.0).to(tl.float16)[:, None])
+            w_hi = (nibbles_float(b, True, True, ASM) - (z_hi.to(tl.float32) + 1024.0).to(tl.float16)[:, None])
+            w_lo = w_lo.to(tl.float8e4nv)
+            w_hi = w_hi.to(tl.float8e4nv)
         else:
             w_lo = nibbles_int8(b, False, ASM)
             w_hi = nibbles_int8(b, True, ASM)
-        # per channel: accumulate across tiles in the MMA; per group: a fresh partial per tile
         if PER_TILE:
-            part = tl.zeros(acc.shape, dtype=PART_T)
+            # a fresh exact partial per half, zero point removed, scaled into the fp32 accumulator
+            p_lo = _mma(w_lo, x_lo, tl.zeros(acc.shape, dtype=PART_T), SWAP, PART_T)
+            p_hi = _mma(w_hi, x_hi, tl.zeros(acc.shape, dtype=PART_T), SWAP, PART_T)
+            if not FP8:
+                p_lo = p_lo - _outer(z_lo, tl.sum(x_lo.to(tl.int32), axis=1), SWAP)
+                p_hi = p_hi - _outer(z_hi, tl.sum(x_hi.to(tl.int32), axis=1), SWAP)
+            s_lo = tl.load(s_ptr + g_lo * N + rn_ld).to(tl.float32)
+            s_hi = tl.load(s_ptr + g_hi * N + rn_ld).to(tl.float32)
+            acc += _scale_w(p_lo.to(tl.float32), s_lo, SWAP) + _scale_w(p_hi.to(tl.float32), s_hi, SWAP)
         else:
-            part = acc
-        if SWAP:
-            part = tl.dot(w_lo, tl.trans(x_lo), part, out_dtype=PART_T)
-            part = tl.dot(w_hi, tl.trans(x_hi), part, out_dtype=PART_T)
-        else:
-            part = tl.dot(x_lo, tl.trans(w_lo), part, out_dtype=PART_T)
-            part = tl.dot(x_hi, tl.trans(w_hi), part, out_dtype=PART_T)
-        if not FP8:
-            rs = tl.sum(x_lo.to(tl.int32), axis=1) + tl.sum(x_hi.to(tl.int32), axis=1)  # (BLOCK_M,)
-            if PER_TILE:  # remove the zero point from this tile's exact int32 partial
-                if SWAP:
-                    part = part - z[:, None] * rs[None, :]
-                else:
-                    part = part - rs[:, None] * z[None, :]
-            else:
-                rowsum += rs
-        if PER_TILE:
-            s = tl.load(s_ptr + (k0 // group_size) * N + rn_ld).to(tl.float32)
-            if SWAP:
-                acc += part.to(tl.float32) * s[:, None]
-            else:
-                acc += part.to(tl.float32) * s[None, :]
-        else:
-            acc = part
+            # per channel: accumulate across all of K in the MMA, zero point once at the end
+            acc = _mma(w_lo, x_lo, acc, SWAP, PART_T)
+            acc = _mma(w_hi, x_hi, acc, SWAP, PART_T)
+            if not FP8:
+                rowsum += tl.sum(x_lo.to(tl.int32), axis=1) + tl.sum(x_hi.to(tl.int32), axis=1)
     if SWAP:
         acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
     if not FP8 and not PER_TILE:
-        acc = acc - rowsum[:, None] * z[None, :]  # exact int32: x . u - z * sum(x)
+        acc = acc - rowsum[:, None] * z_lo[None, :]  # exact int32: x . u - z * sum(x)
     out_f = acc.to(tl.float32)
     if not PER_TILE:
         out_f = out_f * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -145,8 +168,8 @@ def w4a8_matmul(
     no one-scale-per-tile form here; use ``w4a16_matmul`` on dequantized activations instead).
     """
     check_activation(xq, w.K, (torch.int8, torch.float8_e4m3fn), "w4a8")
-    if w.group_size is not None and w.group_size % TILE_K:
-        raise LowbitError(f"w4a8 kernel takes per-channel weights or groups that are multiples of {TILE_K}, "
+    if w.group_size is not None and w.group_size % w.half:
+        raise LowbitError(f"w4a8 kernel takes per-channel weights or groups that are multiples of {w.half}, "
                           f"got group {w.group_size}")
     if x_scale.shape != (xq.shape[0],) or x_scale.dtype != torch.float32:
         raise LowbitError(f"w4a8: x_scale must be fp32 ({xq.shape[0]},), got {x_scale.dtype} {tuple(x_scale.shape)}")
@@ -161,11 +184,11 @@ def w4a8_matmul(
     _w4a8_kernel[grid](
         xq, x_scale, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
         bias if bias is not None else w.scales, y, ws, locks,
-        M, N, w.K, w.Kp // TILE_K, w.group_size or w.K,
+        M, N, w.K, w.Kp // w.tile_k, w.group_size or w.K,
         xq.stride(0), w.qweight.stride(0), y.stride(0),
         HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None, PER_TILE=w.group_size is not None,
         FP8=xq.dtype == torch.float8_e4m3fn,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, SWAP=cfg.swap, HALF_K=HALF,
-        ASM=USE_ASM, EVEN_K=w.K % TILE_K == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, SWAP=cfg.swap, HALF_K=w.half,
+        ASM=USE_ASM, EVEN_K=w.K % w.tile_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y

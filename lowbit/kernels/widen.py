@@ -17,9 +17,8 @@ import triton
 import triton.language as tl
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.layout import TILE_K, PackedInt4
+from lowbit.kernels.layout import PackedInt4
 
-HALF = TILE_K // 2
 
 
 @triton.jit
@@ -76,11 +75,11 @@ def widen_int4(w: PackedInt4, dtype: torch.dtype, out: torch.Tensor | None = Non
     elif out.shape != (N, K) or out.dtype != dtype:
         raise LowbitError(f"widen_int4: out must be {dtype} ({N}, {K})")
     block_n = 64
-    grid = (triton.cdiv(N, block_n), w.Kp // TILE_K)
+    grid = (triton.cdiv(N, block_n), w.Kp // w.tile_k)
     _widen_kernel[grid](
         w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, out, N, K, w.group_size or K,
         w.qweight.stride(0), out.stride(0),
-        HAS_ZEROS=w.zeros is not None, SCALED=dtype != torch.int8, BLOCK_N=block_n, HALF_K=HALF,
+        HAS_ZEROS=w.zeros is not None, SCALED=dtype != torch.int8, BLOCK_N=block_n, HALF_K=w.half,
         num_warps=4,
     )
     return out

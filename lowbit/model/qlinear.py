@@ -176,8 +176,13 @@ class QuantLinear(nn.Module):
         if op == "w8a8":
             self._kernel = KernelWeights(op, w_scale=self.scales[:, 0].float().contiguous())
             return True
+        from lowbit.kernels.dispatch import layout_tile
+        from lowbit.kernels.ops import w4a8_op_name
+
+        table_op = op if op == "w4a16" else w4a8_op_name(self.wfmt.group_size or 0, self.afmt.dtype)
         self._kernel = KernelWeights(op, packed=pack_for_kernels(
-            self.qweight, self.scales, self.zeros, self.wfmt.group_size, self.quantized_in_features, self.g_idx))
+            self.qweight, self.scales, self.zeros, self.wfmt.group_size, self.quantized_in_features, self.g_idx,
+            tile_k=layout_tile(self.qweight.device, table_op)))
         return True
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,10 +190,10 @@ class QuantLinear(nn.Module):
 
         k, p = self._kernel, self._kernel.packed
         if k.op == "w4a16":
-            return ops.w4a16(x, p.qweight, p.scales, p.zeros, p.perm, self.bias, p.group_size or 0, p.K)
+            return ops.w4a16(x, p.qweight, p.scales, p.zeros, p.perm, self.bias, p.group_size or 0, p.K, p.tile_k)
         if k.op == "w4a8":
             return ops.w4a8(x, p.qweight, p.scales, p.zeros, p.perm, self.smooth, self.bias, p.group_size or 0,
-                            p.K, self.afmt.dtype)
+                            p.K, p.tile_k, self.afmt.dtype)
         return ops.w8a8(x, self.qweight, k.w_scale, self.smooth, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
