@@ -38,6 +38,18 @@ _MAGIC = {torch.float16: {"IS_FP16": True, "BASE": 1024.0}, torch.bfloat16: {"IS
 
 
 @triton.jit
+def load_x_halves(x_row, k0, K, rj, HALF_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The activations for one packed tile: columns k0 + rj and k0 + HALF_K + rj (zeros past K)."""
+    if EVEN_K:
+        x_lo = tl.load(x_row + k0)
+        x_hi = tl.load(x_row + k0 + HALF_K)
+    else:
+        x_lo = tl.load(x_row + k0, mask=k0 + rj[None, :] < K, other=0.0)
+        x_hi = tl.load(x_row + k0 + HALF_K, mask=k0 + HALF_K + rj[None, :] < K, other=0.0)
+    return x_lo, x_hi
+
+
+@triton.jit
 def _w4a16_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, n_tiles, group_size,
@@ -72,12 +84,7 @@ def _w4a16_kernel(
     for t in range(pid_k, n_tiles, SPLIT_K):
         k0 = t * (2 * HALF_K)
         b = tl.load(w_row + t * HALF_K)  # K is padded to whole tiles in PackedInt4
-        if EVEN_K:
-            x_lo = tl.load(x_row + k0)
-            x_hi = tl.load(x_row + k0 + HALF_K)
-        else:
-            x_lo = tl.load(x_row + k0, mask=k0 + rj[None, :] < K, other=0.0)
-            x_hi = tl.load(x_row + k0 + HALF_K, mask=k0 + HALF_K + rj[None, :] < K, other=0.0)
+        x_lo, x_hi = load_x_halves(x_row, k0, K, rj, HALF_K, EVEN_K)
         if SCALE_MODE == 2:
             # group 32 / 64: a scale (and zero) per column, applied to the operand; padding columns
             # (their x is 0) borrow the last group

@@ -30,7 +30,7 @@ from lowbit.kernels.config import TileConfig
 from lowbit.kernels.layout import PackedInt4
 from lowbit.kernels.splitk import finish, reserve
 from lowbit.kernels.unpack import USE_ASM, nibbles_float, nibbles_int8
-from lowbit.kernels.w4a16 import check_activation
+from lowbit.kernels.w4a16 import check_activation, load_x_halves
 
 
 
@@ -100,12 +100,7 @@ def _w4a8_kernel(
     for t in range(pid_k, n_tiles, SPLIT_K):
         k0 = t * (2 * HALF_K)
         b = tl.load(w_row + t * HALF_K)
-        if EVEN_K:
-            x_lo = tl.load(x_row + k0)
-            x_hi = tl.load(x_row + k0 + HALF_K)
-        else:
-            x_lo = tl.load(x_row + k0, mask=k0 + rj[None, :] < K, other=0.0)
-            x_hi = tl.load(x_row + k0 + HALF_K, mask=k0 + HALF_K + rj[None, :] < K, other=0.0)
+        x_lo, x_hi = load_x_halves(x_row, k0, K, rj, HALF_K, EVEN_K)
         g_lo = k0 // group_size  # per group: each tile half lies in one group
         g_hi = tl.minimum((k0 + HALF_K) // group_size, last_group)
         if HAS_ZEROS and PER_TILE:
