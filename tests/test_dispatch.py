@@ -1,0 +1,112 @@
+"""Dispatch's table lookup and defaults, the benchmark's shape parsing and report rendering (no GPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lowbit.bench import kernels as kb
+from lowbit.errors import LowbitError
+from lowbit.kernels import dispatch
+from lowbit.kernels.config import TileConfig
+
+
+def test_shipped_tables_are_complete_and_valid():
+    keys = [p.stem for p in dispatch.TUNED_DIR.glob("*.json")]
+    assert "h200" in keys
+    for key in keys:
+        table = dispatch.load_table(key)
+        assert set(table["entries"]) == set(dispatch.OPS), key
+        for op, entries in table["entries"].items():
+            assert {e["M"] for e in entries} >= {1, 16, 256, 4096}, (key, op)
+            for e in entries:
+                assert e["kernel"] in dispatch.KERNELS[op], (op, e)
+                if e["config"] is not None:
+                    TileConfig(**e["config"])  # raises if the stored config is invalid
+        assert set(table["tile_k"].values()) <= {128, 256}
+
+
+def test_table_key_matches_gpu_names(monkeypatch):
+    monkeypatch.delenv("LOWBIT_KERNEL_TABLE", raising=False)
+    assert dispatch.table_key("NVIDIA H200") == "h200"
+    assert dispatch.table_key("NVIDIA A100-SXM4-80GB") is None  # no table: the heuristic default
+    monkeypatch.setenv("LOWBIT_KERNEL_TABLE", "/tmp/mine.json")
+    assert dispatch.table_key("NVIDIA H200") == "/tmp/mine.json"
+
+
+def test_lookup_takes_nearest_shape_then_smallest_tuned_m_at_or_above():
+    entries = [
+        {"N": 4096, "K": 4096, "M": m, "kernel": f"small-{m}"} for m in (1, 16, 256)
+    ] + [{"N": 57344, "K": 8192, "M": m, "kernel": f"big-{m}"} for m in (1, 16, 256)]
+    assert dispatch._lookup(entries, 1, 4096, 4096)["kernel"] == "small-1"
+    assert dispatch._lookup(entries, 9, 6144, 4096)["kernel"] == "small-16"
+    assert dispatch._lookup(entries, 17, 28672, 8192)["kernel"] == "big-256"
+    assert dispatch._lookup(entries, 5000, 57344, 8192)["kernel"] == "big-256"  # past the largest M
+    assert dispatch._lookup([], 1, 1, 1) is None
+
+
+@pytest.mark.parametrize("op", dispatch.OPS)
+@pytest.mark.parametrize("M", [1, 7, 16, 33, 64, 65, 1000])
+def test_default_choice_is_a_valid_kernel(op, M):
+    c = dispatch.default_choice(op, M, 6144, 4096, sms=132)
+    assert c.kernel in dispatch.KERNELS[op]
+    if M <= 64:
+        assert c.config.swap and c.config.block_m >= min(M, 64) and 1 <= c.config.split_k <= 16
+
+
+def test_choose_refuses_cpu_and_unknown_ops():
+    import torch
+
+    with pytest.raises(LowbitError, match="unknown op"):
+        dispatch.choose("w3a3", 1, 8, 8, torch.device("cpu"))
+    with pytest.raises(LowbitError, match="CUDA devices"):
+        dispatch.choose("w4a16", 1, 8, 8, torch.device("cpu"))
+
+
+def test_parse_shapes():
+    assert kb.parse_shapes("llama3-70b:down") == [("llama3-70b down", 8192, 28672)]
+    assert len(kb.parse_shapes("llama3-8b,llama3-70b")) == 8
+    assert kb.parse_shapes("100x200") == [("100x200", 100, 200)]
+    for bad in ("llama3-8b:nope", "7b", "3x4x5"):
+        with pytest.raises(LowbitError):
+            kb.parse_shapes(bad)
+
+
+def test_report_table_round_trips_through_json(tmp_path):
+    rep = kb.KernelReport("NVIDIA H200", "2026-11-21", "2.11", "3.6")
+    for path, us in (("fp16", 100.0), ("fp8-cublas", 60.0), ("w4a16", 40.0)):
+        rep.rows.append(kb.Measurement("llama3-8b gateup", 28672, 4096, 1, path, us, 1000))
+    out = tmp_path / "k.json"
+    kb.write_json(rep, str(out))
+    d = json.loads(out.read_text())
+    w4 = next(r for r in d["rows"] if r["path"] == "w4a16")
+    assert w4["speedup_vs_fp16"] == 2.5 and w4["speedup_vs_fp8"] == 1.5
+    table = kb.format_table(kb.KernelReport.from_json(d))
+    assert "NVIDIA H200" in table and "| llama3-8b gateup (28672x4096) | 1 | 100.0 | 1.67x | 2.50x |" in table
+
+
+def test_bench_cli_from_json_and_gpu_requirement(tmp_path, capsys):
+    import torch
+
+    from lowbit.cli import main
+
+    rep = kb.KernelReport("NVIDIA H200", "2026-11-21", "2.11", "3.6",
+                          [kb.Measurement("s", 8, 8, 1, "fp16", 2.0, 128), kb.Measurement("s", 8, 8, 1, "w4a16", 1.0, 32)])
+    kb.write_json(rep, str(tmp_path / "r.json"))
+    assert main(["bench", "kernels", "--from-json", str(tmp_path / "r.json")]) == 0
+    assert "| s (8x8) | 1 | 2.0 | 2.00x |" in capsys.readouterr().out
+    assert main(["bench", "kernels", "--from-json", str(tmp_path / "missing.json")]) == 2
+    assert main(["bench", "kernels", "--m", "1,x"]) == 2
+    if not torch.cuda.is_available():
+        assert main(["bench", "kernels", "--m", "1"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("op", dispatch.OPS)
+def test_tuner_candidates_are_kernels_dispatch_can_run(op):
+    from bench.tune_kernels import candidates
+
+    for M in (1, 16, 32, 64, 128, 4096):
+        cands = candidates(op, M)
+        assert cands and all(c.kernel in dispatch.KERNELS[op] for c in cands), (op, M)
