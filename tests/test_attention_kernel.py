@@ -1,0 +1,70 @@
+"""Decode attention over a quantized KV cache: the Triton kernel against its reference, and the cache
+layout against the KV fake-quant numerics of issue 3 (lowbit.quant.kv)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.formats import KVCacheFormat
+from lowbit.quant.kv import fake_quantize_kv
+
+triton = pytest.importorskip("triton")
+from lowbit.kernels.attention import (  # noqa: E402
+    decode_attention,
+    decode_attention_reference,
+    dequantize_kv,
+    quantize_kv,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP8 = pytest.param("fp8_e4m3", None, marks=pytest.mark.skipif(DEVICE == "cpu", reason="NumPy has no fp8; GPU only"))
+
+
+@pytest.mark.parametrize("dtype, group", [("int8", None), ("int4", 32), ("int4", None), ("fp8_e4m3", None)])
+def test_cache_layout_reproduces_fake_quant_numerics(dtype, group):
+    t = torch.randn(3, 2, 17, 64, generator=torch.Generator().manual_seed(0)) * 2
+    bits_fmt = KVCacheFormat(dtype=dtype, group_size=group) if dtype != "fp8_e4m3" else KVCacheFormat(dtype=dtype)
+    assert torch.allclose(dequantize_kv(quantize_kv(t, dtype, group)), fake_quantize_kv(t, bits_fmt), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, group", [("int8", None), ("int4", 32), ("int4", None), FP8])
+@pytest.mark.parametrize("Hq, Hkv", [(4, 2), (8, 1)])
+def test_decode_attention_matches_reference(dtype, group, Hq, Hkv):
+    gen = torch.Generator().manual_seed(Hq)
+    S, L, D = 3, 100, 64
+    k = quantize_kv(torch.randn(S, Hkv, L, D, generator=gen).to(DEVICE), dtype, group)
+    v = quantize_kv(torch.randn(S, Hkv, L, D, generator=gen).to(DEVICE), dtype, group)
+    q = torch.randn(3, Hq, D, generator=gen).to(DEVICE, torch.float16)
+    lengths = torch.tensor([1, 37, 100], dtype=torch.int32, device=DEVICE)
+    slots = torch.tensor([2, 0, 1], dtype=torch.int32, device=DEVICE)
+    ref = decode_attention_reference(q, k, v, lengths, slots, D ** -0.5)
+    for split in (512, 32):  # one split, and several merged
+        out = decode_attention(q, k, v, lengths, slots, block_s=16, tokens_per_split=split)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert rel < 5e-3, (split, rel)
+
+
+def test_static_fp8_scales_reference():
+    t = torch.randn(2, 2, 5, 32)
+    s = torch.tensor([0.01, 0.02])
+    kv = quantize_kv(t, "fp8_e4m3", static_scale=s)
+    assert kv.scales.shape == (2,)
+    assert torch.allclose(dequantize_kv(kv), fake_quantize_kv(t, KVCacheFormat(dtype="fp8_e4m3"), s))
+
+
+def test_decode_attention_errors():
+    k = quantize_kv(torch.randn(1, 1, 8, 64).to(DEVICE), "int8")
+    q = torch.randn(1, 2, 64).to(DEVICE, torch.float16)
+    one = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(LowbitError, match="fp16/bf16"):
+        decode_attention(q.float(), k, k, one, one * 0)
+    with pytest.raises(LowbitError, match=r"lengths must be in \[1, 8\]"):
+        decode_attention(q, k, k, one * 9, one * 0)
+    with pytest.raises(LowbitError, match="heads must divide"):
+        decode_attention(torch.randn(1, 3, 64).to(DEVICE, torch.float16), quantize_kv(torch.randn(1, 2, 8, 64).to(DEVICE), "int8"),
+                         quantize_kv(torch.randn(1, 2, 8, 64).to(DEVICE), "int8"), one, one * 0)
+    with pytest.raises(LowbitError, match="KV cache dtype"):
+        quantize_kv(torch.randn(1, 1, 2, 64), "int2")
