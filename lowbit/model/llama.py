@@ -156,6 +156,7 @@ class Transformer(nn.Module):
         start: int = 0,  # first cache slot this chunk is written to
         key_valid: torch.Tensor | None = None,  # (B, >= start+T) bool: False for padding slots
         last_only: bool = False,
+        mask: torch.Tensor | None = None,  # (B, 1, T, S) bool: overrides the mask built from the above
     ) -> torch.Tensor:
         B, T = input_ids.shape
         device = input_ids.device
@@ -165,7 +166,8 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions, x.dtype)
         if cache is None and start != 0:
             raise ValueError("start > 0 needs a KV cache holding the earlier slots")
-        mask = self.attention_mask(B, T, start, key_valid, device)
+        if mask is None:
+            mask = self.attention_mask(B, T, start, key_valid, device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i, start)
         if last_only:

@@ -1,0 +1,226 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+Each request owns one slot of a ``SlotKVCache`` while it runs. An engine step:
+1. admits waiting requests into free slots (a request that does not fit waits in the queue: the
+   engine never fails for lack of memory, it only waits);
+2. prefills one chunk (``prefill_chunk`` tokens) of one admitted request, so that a long prompt is
+   spread over several steps while the running requests keep streaming;
+3. runs one decode step for every running request at once, each at its own position (a ragged
+   batch: per-row rotary positions, per-row cache positions, a per-row attention mask);
+4. retires requests that hit a stop token, their token budget or were cancelled, freeing slots.
+
+``Engine.step`` returns ``TokenEvent``s; the server turns them into streamed chunks. ``add`` and
+``cancel`` may be called from other threads (they only touch a lock-protected inbox).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from lowbit.engine.kv_cache import SlotKVCache
+from lowbit.engine.sampling import SamplingParams, sample
+from lowbit.errors import LowbitError
+from lowbit.model.llama import Transformer
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class TokenEvent:
+    request_id: int
+    token: int | None  # the new token (None when the request ends without one: cancelled)
+    finish_reason: FinishReason | None = None  # set on the request's last event
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    max_new: int
+    generator: torch.Generator | None
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens already in the cache
+    generated: list[int] = field(default_factory=list)
+    last_logits: torch.Tensor | None = None  # (vocab,) logits that pick the next token
+
+
+def plan_slots(model: Transformer, max_len: int, *, memory_fraction: float = 0.9, cap: int = 256) -> int:
+    """How many sequences of ``max_len`` tokens fit in the KV cache.
+
+    CUDA: from free device memory (``torch.cuda.mem_get_info``) after the weights, times
+    ``memory_fraction``; CPU: 8. At most ``cap``; at least 1.
+    """
+    p = next(model.parameters())
+    if p.device.type != "cuda":
+        return min(8, cap)
+    free, _ = torch.cuda.mem_get_info(p.device)
+    per_slot = SlotKVCache.bytes_per_slot(model.config, max_len, p.dtype)
+    return max(1, min(cap, int(free * memory_fraction // per_slot)))
+
+
+class Engine:
+    """Continuous-batching generation over one model (module docstring)."""
+
+    def __init__(self, model: Transformer, *, max_slots: int | None = None, max_len: int | None = None,
+                 prefill_chunk: int = 256) -> None:
+        if prefill_chunk < 1:
+            raise LowbitError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model = model
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, model.embed_tokens.weight.dtype
+        self.max_len = max_len or model.config.max_position_embeddings
+        if self.max_len > model.config.max_position_embeddings:
+            raise LowbitError(f"max_len {self.max_len} exceeds the model's context {model.config.max_position_embeddings}")
+        slots = max_slots or plan_slots(model, self.max_len)
+        self.cache = SlotKVCache(model.config, slots, self.max_len, device=self.device, dtype=self.dtype)
+        self.prefill_chunk = prefill_chunk
+        self._free = list(range(slots))[::-1]
+        self._waiting: deque[_Request] = deque()
+        self._prefilling: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._inbox: list[_Request] = []
+        self._cancelled: set[int] = set()
+
+    # ---- called from any thread ------------------------------------------------------------------
+    def add(self, prompt: list[int], params: SamplingParams) -> int:
+        """Queue a request; returns its id. Raises LowbitError if it can never fit."""
+        if not prompt:
+            raise LowbitError("a prompt needs at least one token")
+        if len(prompt) >= self.max_len:
+            raise LowbitError(f"the prompt has {len(prompt)} tokens; this engine's context is {self.max_len}")
+        max_new = min(params.max_new_tokens, self.max_len - len(prompt))
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        with self._lock:
+            req = _Request(next(self._ids), list(prompt), params, max_new, gen)
+            self._inbox.append(req)
+        return req.id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request (queued or running); its slot is freed at the next step."""
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    # ---- the engine loop -------------------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        with self._lock:
+            inbox = bool(self._inbox)
+        return inbox or bool(self._waiting or self._prefilling or self._running)
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        with self._lock:
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+            cancelled, self._cancelled = self._cancelled, set()
+        if cancelled:
+            events += self._drop(cancelled)
+        while self._waiting and self._free:  # admit
+            req = self._waiting.popleft()
+            req.slot = self._free.pop()
+            self._prefilling.append(req)
+        if self._prefilling:
+            req = self._prefilling[0]
+            self._prefill_chunk(req)
+            if req.prefilled == len(req.prompt):
+                self._prefilling.popleft()
+                self._running.append(req)
+        ready = [r for r in self._running if r.last_logits is not None]
+        if ready:
+            events += self._emit(ready)
+        decoding = [r for r in self._running if r.last_logits is None]
+        if decoding:
+            self._decode(decoding)
+        return events
+
+    def run(self) -> dict[int, tuple[list[int], FinishReason]]:
+        """Step until every request ended; returns id -> (generated tokens without the stop token, reason)."""
+        out: dict[int, tuple[list[int], FinishReason]] = {}
+        tokens: dict[int, list[int]] = {}
+        while self.has_work:
+            for ev in self.step():
+                if ev.token is not None and ev.finish_reason != "stop":
+                    tokens.setdefault(ev.request_id, []).append(ev.token)
+                if ev.finish_reason is not None:
+                    out[ev.request_id] = (tokens.pop(ev.request_id, []), ev.finish_reason)
+        return out
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _drop(self, ids: set[int]) -> list[TokenEvent]:
+        events = []
+        for queue in (self._waiting, self._prefilling):
+            for req in [r for r in queue if r.id in ids]:
+                queue.remove(req)
+                self._release(req)
+                events.append(TokenEvent(req.id, None, "cancelled"))
+        for req in [r for r in self._running if r.id in ids]:
+            self._running.remove(req)
+            self._release(req)
+            events.append(TokenEvent(req.id, None, "cancelled"))
+        return events
+
+    def _release(self, req: _Request) -> None:
+        if req.slot >= 0:
+            self._free.append(req.slot)
+            req.slot = -1
+
+    def _forward(self, slots: list[int], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Ragged forward: row b is slot slots[b], tokens ids[b] at positions[b] (B, T). Returns last logits (B, vocab)."""
+        slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        span = self.cache.bind(slot_t, positions)
+        k_pos = torch.arange(span, device=self.device)
+        allowed = k_pos[None, None, :] <= positions[:, :, None]  # (B, T, S): each row's own history
+        window = self.model.config.sliding_window
+        if window is not None:
+            allowed &= positions[:, :, None] - k_pos[None, None, :] < window
+        logits = self.model(ids, positions, self.cache, span - positions.shape[1], mask=allowed[:, None],
+                            last_only=True)
+        return logits[:, -1]
+
+    def _prefill_chunk(self, req: _Request) -> None:
+        a = req.prefilled
+        b = min(len(req.prompt), a + self.prefill_chunk)
+        ids = torch.tensor([req.prompt[a:b]], dtype=torch.long, device=self.device)
+        pos = torch.arange(a, b, device=self.device)[None]
+        logits = self._forward([req.slot], ids, pos)
+        req.prefilled = b
+        if b == len(req.prompt):
+            req.last_logits = logits[0]
+
+    def _decode(self, reqs: list[_Request]) -> None:
+        ids = torch.tensor([[r.generated[-1]] for r in reqs], dtype=torch.long, device=self.device)
+        pos = torch.tensor([[len(r.prompt) + len(r.generated) - 1] for r in reqs], device=self.device)
+        logits = self._forward([r.slot for r in reqs], ids, pos)
+        for r, lg in zip(reqs, logits):
+            r.last_logits = lg
+
+    def _emit(self, reqs: list[_Request]) -> list[TokenEvent]:
+        """Pick each request's next token from its logits; retire the ones that end."""
+        events = []
+        for r in reqs:
+            token = int(sample(r.last_logits[None], r.params, r.generator)[0])
+            r.last_logits = None
+            r.generated.append(token)
+            reason: FinishReason | None = None
+            if token in r.params.stop_token_ids:
+                reason = "stop"
+            elif len(r.generated) >= r.max_new:
+                reason = "length"
+            events.append(TokenEvent(r.id, token, reason))
+            if reason is not None:
+                self._running.remove(r)
+                self._release(r)
+        return events
