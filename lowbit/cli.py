@@ -106,6 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("assets", nargs="*", metavar="ASSET", help="smollm2-135m and/or wiki (default: both)")
     f.set_defaults(func=_cmd_fetch)
 
+    sv = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve MODEL at http://HOST:PORT/v1 (completions, chat/completions with streaming, models) "
+        "plus /health, with continuous batching: requests join and leave the running batch between decode steps, "
+        "and wait in a queue when every KV slot is taken. Quantized checkpoints run on the GPU kernels on CUDA.",
+    )
+    sv.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--name", default=None, help="model id clients ask for (default: the model's directory or file name)")
+    sv.add_argument("--max-slots", type=int, default=None,
+                    help="sequences served at once (default: as many KV slots as fit in 90%% of free GPU memory; 8 on CPU)")
+    sv.add_argument("--max-len", type=int, default=None, help="tokens per sequence, prompt + output (default: the model's context)")
+    sv.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step (default: 256)")
+    _add_placement(sv)
+    sv.set_defaults(func=_cmd_serve)
+
     b = sub.add_parser(
         "bench",
         help="benchmark kernels on the GPU",
@@ -132,6 +150,32 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--from-json", metavar="FILE", help="no GPU: re-print the table (and --plot) from a saved --json")
     k.set_defaults(func=_cmd_bench_kernels)
     return parser
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from lowbit.engine.scheduler import Engine
+    from lowbit.model.loader import load_model
+
+    try:
+        import uvicorn
+
+        from lowbit.serve.app import create_app
+    except ImportError as exc:
+        raise LowbitError(f"lowbit serve needs fastapi and uvicorn ({exc}); pip install fastapi uvicorn") from exc
+    if not 0 < args.port < 65536:
+        raise LowbitError(f"--port must be in 1..65535, got {args.port}")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    if loaded.tokenizer is None:
+        raise LowbitError(f"{loaded.path} ships no tokenizer files; serving needs one beside the weights")
+    if getattr(loaded.model, "quant_scheme", None) is not None and loaded.device.type == "cuda":
+        from lowbit.model.qlinear import use_kernels
+
+        use_kernels(loaded.model)
+    engine = Engine(loaded.model, max_slots=args.max_slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk)
+    name = args.name or loaded.path.name
+    print(f"[serving {name} on {loaded.device} at http://{args.host}:{args.port}/v1, "
+          f"{engine.cache.slots} KV slots of {engine.max_len} tokens]", file=sys.stderr)
+    uvicorn.run(create_app(loaded, engine, name), host=args.host, port=args.port, log_level="warning")
 
 
 def _cmd_bench_kernels(args: argparse.Namespace) -> None:

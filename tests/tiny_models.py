@@ -51,3 +51,21 @@ def make_hf_model(arch: str, seed: int = 0, **overrides):
             else:
                 p.copy_(0.08 * torch.randn_like(p))
     return model
+
+
+def save_tiny_tokenizer(path, vocab: int = 97) -> None:  # noqa: ANN001
+    """A word-level tokenizer over the tiny models' vocabulary ("w3".."w96"), with a chat template.
+
+    Ids 0, 1, 2 are <pad>, <s>, </s> (the tiny configs' pad, bos and eos ids), so the models' stop token
+    decodes as it should.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(path)

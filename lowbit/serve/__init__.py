@@ -1,0 +1,1 @@
+"""HTTP serving: an OpenAI-compatible API over the continuous-batching engine (``app.create_app``)."""

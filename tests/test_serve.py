@@ -1,0 +1,124 @@
+"""The OpenAI-compatible server, started on loopback with a tiny model, exercised with the `openai`
+client: models, completions and chat (streamed and not), errors as 4xx JSON, disconnect cancels."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from lowbit.engine.generate import decode, generate
+from lowbit.engine.sampling import SamplingParams
+from lowbit.engine.scheduler import Engine
+from lowbit.model.loader import load_model
+from lowbit.serve.app import create_app
+from tests.tiny_models import make_hf_model, save_tiny_tokenizer
+
+PROMPT = "w5 w17 w33 w8"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = tmp_path_factory.mktemp("served")
+    make_hf_model("llama2").save_pretrained(path)
+    save_tiny_tokenizer(path)
+    loaded = load_model(path, device="cpu", dtype="fp32")
+    engine = Engine(loaded.model, max_slots=2, max_len=64, prefill_chunk=8)
+    app = create_app(loaded, engine, "tiny")
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield loaded, engine, f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[2] + "/v1", api_key="unused", max_retries=0)
+
+
+def _alone(loaded, text: str, n: int) -> str:
+    ids = loaded.tokenizer(text)["input_ids"]
+    out = generate(loaded.model, [ids], SamplingParams(max_new_tokens=n, stop_token_ids=loaded.stop_token_ids))[0]
+    return decode(loaded.tokenizer, out.token_ids)
+
+
+def test_models_and_health(server, client):
+    import httpx
+
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(server[2] + "/health").json() == {"status": "ok"}
+
+
+def test_completion_is_the_greedy_generation(server, client):
+    loaded = server[0]
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0)
+    assert r.choices[0].text == _alone(loaded, PROMPT, 10)
+    assert r.usage.prompt_tokens == 4 and r.usage.completion_tokens <= 10
+    streamed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_streamed_and_not(server, client):
+    msgs = [{"role": "user", "content": PROMPT}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
+    text = r.choices[0].message.content
+    assert r.choices[0].message.role == "assistant" and text == _alone(server[0], PROMPT + " ", 8)
+    parts = [c.choices[0].delta.content or "" for c in
+             client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True)]
+    assert "".join(parts) == text
+
+
+def test_concurrent_requests_get_their_own_answers(server, client):
+    prompts = [f"w{i} w{i + 1} w{i + 2}" for i in (3, 20, 40, 60)]
+    results = {}
+
+    def ask(p):
+        results[p] = client.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in prompts:  # 4 clients on 2 slots: some waited, none got another's tokens
+        assert results[p] == _alone(server[0], p, 6), p
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(client):
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.completions.create(model="gpt-9", prompt=PROMPT, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="invalid request"):
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="invalid request"):
+        client.completions.create(model="tiny", prompt=PROMPT, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="context is 64"):
+        client.completions.create(model="tiny", prompt=" ".join(["w5"] * 80), max_tokens=4)
+    assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
+
+
+def test_disconnect_cancels_the_request(server):
+    import httpx
+
+    _, engine, url = server
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 60, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        next(r.iter_lines())  # one event, then hang up
+    for _ in range(100):
+        if not engine.has_work:
+            break
+        time.sleep(0.05)
+    assert not engine.has_work and len(engine._free) == 2  # the slot came back
