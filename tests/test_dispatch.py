@@ -110,3 +110,26 @@ def test_tuner_candidates_are_kernels_dispatch_can_run(op):
     for M in (1, 16, 32, 64, 128, 4096):
         cands = candidates(op, M)
         assert cands and all(c.kernel in dispatch.KERNELS[op] for c in cands), (op, M)
+
+
+def test_choose_reads_the_gpus_table_and_refuses_fp8_before_sm89(monkeypatch):
+    """choose() on a (simulated) CUDA device: the H200 table's entry, the default elsewhere, fp8 checks."""
+    import torch
+
+    gpus = {0: ("NVIDIA H200", 132, (9, 0)), 1: ("NVIDIA A100-SXM4-80GB", 108, (8, 0))}
+    monkeypatch.setattr(dispatch, "_device_info", lambda index: gpus[index])
+    monkeypatch.delenv("LOWBIT_KERNEL_TABLE", raising=False)
+    dispatch._choose_cached.cache_clear()
+    try:
+        want = dispatch._lookup(dispatch.load_table("h200")["entries"]["w4a16"], 1, 28672, 4096)
+        got = dispatch.choose("w4a16", 1, 28672, 4096, torch.device("cuda", 0))
+        assert got.kernel == want["kernel"] and got.config == TileConfig(**want["config"])
+        assert dispatch.choose("w4a16", 1, 28672, 4096, torch.device("cuda", 0)) is got  # memoized
+        a100 = torch.device("cuda", 1)
+        assert dispatch.choose("w4a16", 3, 4096, 4096, a100) == dispatch.default_choice("w4a16", 3, 4096, 4096, 108)
+        with pytest.raises(LowbitError, match="compute capability 8.9"):
+            dispatch.choose("w8a8-fp8", 1, 4096, 4096, a100)
+        assert dispatch.layout_tile(torch.device("cuda", 0), "w4a8") == dispatch.load_table("h200")["tile_k"]["w4a8"]
+        assert dispatch.layout_tile(a100, "w4a8") == 128
+    finally:
+        dispatch._choose_cached.cache_clear()

@@ -63,8 +63,13 @@ def table_key(gpu_name: str) -> str | None:
     """
     if os.environ.get("LOWBIT_KERNEL_TABLE"):
         return os.environ["LOWBIT_KERNEL_TABLE"]
-    keys = sorted((p.stem for p in TUNED_DIR.glob("*.json")), key=len, reverse=True)
-    return next((k for k in keys if k.upper() in gpu_name.upper()), None)
+    return next((k for k in _shipped_keys() if k.upper() in gpu_name.upper()), None)
+
+
+@lru_cache(maxsize=1)
+def _shipped_keys() -> tuple[str, ...]:
+    """Names of the shipped tables, longest first (read once: dispatch runs on every GEMM call)."""
+    return tuple(sorted((p.stem for p in TUNED_DIR.glob("*.json")), key=len, reverse=True))
 
 
 @lru_cache(maxsize=8)
@@ -80,6 +85,13 @@ def load_table(key: str) -> dict:
 def _device_info(index: int) -> tuple[str, int, tuple[int, int]]:
     p = torch.cuda.get_device_properties(index)
     return p.name, p.multi_processor_count, (p.major, p.minor)
+
+
+def _device_table(device: torch.device) -> tuple[str, int, tuple[int, int], dict]:
+    """(GPU name, SM count, compute capability, its tuned table or {}) for a CUDA device."""
+    name, sms, cap = _device_info(device.index if device.index is not None else torch.cuda.current_device())
+    key = table_key(name)
+    return name, sms, cap, load_table(key) if key is not None else {}
 
 
 def _lookup(entries: list[dict], M: int, N: int, K: int) -> dict | None:
@@ -101,10 +113,7 @@ def layout_tile(device: torch.device, op: str) -> int:
 
     if device.type != "cuda":
         return TILE_K
-    name, _, _ = _device_info(device.index if device.index is not None else torch.cuda.current_device())
-    key = table_key(name)
-    tiles = load_table(key).get("tile_k", {}) if key is not None else {}
-    return int(tiles.get(op, TILE_K))
+    return int(_device_table(device)[3].get("tile_k", {}).get(op, TILE_K))
 
 
 def default_choice(op: str, M: int, N: int, K: int, sms: int) -> Choice:
@@ -126,15 +135,21 @@ def choose(op: str, M: int, N: int, K: int, device: torch.device) -> Choice:
         raise LowbitError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
     if device.type != "cuda":
         raise LowbitError("kernel dispatch is for CUDA devices; on the CPU the reference path runs")
-    name, sms, cap = _device_info(device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _choose_cached(op, M, N, K, index, os.environ.get("LOWBIT_KERNEL_TABLE"))
+
+
+@lru_cache(maxsize=4096)
+def _choose_cached(op: str, M: int, N: int, K: int, index: int, table_env: str | None) -> Choice:
+    """``choose`` memoized per GEMM shape: every layer calls it on every forward (``table_env`` keys
+    the cache on the table override, which ``table_key`` reads)."""
+    name, sms, cap, table = _device_table(torch.device("cuda", index))
     if "fp8" in op and cap < (8, 9):
         raise LowbitError(f"{op} needs FP8 tensor cores (compute capability 8.9+); {name} has {cap[0]}.{cap[1]}")
-    key = table_key(name)
-    if key is not None:
-        e = _lookup(load_table(key).get("entries", {}).get(op, []), M, N, K)
-        if e is not None:
-            cfg = e.get("config")
-            return Choice(e["kernel"], TileConfig(**cfg) if cfg else None)
+    e = _lookup(table.get("entries", {}).get(op, []), M, N, K)
+    if e is not None:
+        cfg = e.get("config")
+        return Choice(e["kernel"], TileConfig(**cfg) if cfg else None)
     return default_choice(op, M, N, K, sms)
 
 
