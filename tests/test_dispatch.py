@@ -14,7 +14,7 @@ from lowbit.kernels.config import TileConfig
 
 def test_shipped_tables_are_complete_and_valid():
     keys = [p.stem for p in dispatch.TUNED_DIR.glob("*.json")]
-    assert "h200" in keys
+    assert {"h100", "h200"} <= set(keys)
     for key in keys:
         table = dispatch.load_table(key)
         assert set(table["entries"]) == set(dispatch.OPS), key
@@ -30,6 +30,7 @@ def test_shipped_tables_are_complete_and_valid():
 def test_table_key_matches_gpu_names(monkeypatch):
     monkeypatch.delenv("LOWBIT_KERNEL_TABLE", raising=False)
     assert dispatch.table_key("NVIDIA H200") == "h200"
+    assert dispatch.table_key("NVIDIA H100 80GB HBM3") == "h100"
     assert dispatch.table_key("NVIDIA A100-SXM4-80GB") is None  # no table: the heuristic default
     monkeypatch.setenv("LOWBIT_KERNEL_TABLE", "/tmp/mine.json")
     assert dispatch.table_key("NVIDIA H200") == "/tmp/mine.json"
@@ -116,7 +117,8 @@ def test_choose_reads_the_gpus_table_and_refuses_fp8_before_sm89(monkeypatch):
     """choose() on a (simulated) CUDA device: the H200 table's entry, the default elsewhere, fp8 checks."""
     import torch
 
-    gpus = {0: ("NVIDIA H200", 132, (9, 0)), 1: ("NVIDIA A100-SXM4-80GB", 108, (8, 0))}
+    gpus = {0: ("NVIDIA H200", 132, (9, 0)), 1: ("NVIDIA A100-SXM4-80GB", 108, (8, 0)),
+            2: ("NVIDIA H100 80GB HBM3", 132, (9, 0))}
     monkeypatch.setattr(dispatch, "_device_info", lambda index: gpus[index])
     monkeypatch.delenv("LOWBIT_KERNEL_TABLE", raising=False)
     dispatch._choose_cached.cache_clear()
@@ -131,5 +133,9 @@ def test_choose_reads_the_gpus_table_and_refuses_fp8_before_sm89(monkeypatch):
             dispatch.choose("w8a8-fp8", 1, 4096, 4096, a100)
         assert dispatch.layout_tile(torch.device("cuda", 0), "w4a8") == dispatch.load_table("h200")["tile_k"]["w4a8"]
         assert dispatch.layout_tile(a100, "w4a8") == 128
+        h100 = dispatch.load_table("h100")
+        want = dispatch._lookup(h100["entries"]["w4a8"], 16, 57344, 8192)
+        got = dispatch.choose("w4a8", 16, 57344, 8192, torch.device("cuda", 2))
+        assert got.kernel == want["kernel"] and h100["gpu"].startswith("NVIDIA H100")
     finally:
         dispatch._choose_cached.cache_clear()
