@@ -16,6 +16,7 @@ from lowbit.kernels.attention import (  # noqa: E402
     decode_attention_reference,
     dequantize_kv,
     quantize_kv,
+    splits_for,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,13 +30,25 @@ def test_cache_layout_reproduces_fake_quant_numerics(dtype, group):
     assert torch.allclose(dequantize_kv(quantize_kv(t, dtype, group)), fake_quantize_kv(t, bits_fmt), atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype, group", [("int8", None), ("int4", 32), ("int4", None), FP8])
+FP8_STATIC = pytest.param("fp8_e4m3", "static", marks=FP8.marks)
+
+
+@pytest.mark.parametrize("dtype, group", [("int8", None), ("int4", 32), ("int4", None), ("fp16", None), FP8,
+                                          FP8_STATIC])
 @pytest.mark.parametrize("Hq, Hkv", [(4, 2), (8, 1)])
 def test_decode_attention_matches_reference(dtype, group, Hq, Hkv):
     gen = torch.Generator().manual_seed(Hq)
     S, L, D = 3, 100, 64
-    k = quantize_kv(torch.randn(S, Hkv, L, D, generator=gen).to(DEVICE), dtype, group)
-    v = quantize_kv(torch.randn(S, Hkv, L, D, generator=gen).to(DEVICE), dtype, group)
+
+    def cache(t):
+        if dtype == "fp16":
+            return quantize_kv(t.to(DEVICE, torch.float16), dtype)
+        if group == "static":
+            return quantize_kv(t.to(DEVICE), dtype, static_scale=t.abs().amax(dim=(0, 2, 3)).to(DEVICE) / 448)
+        return quantize_kv(t.to(DEVICE), dtype, group)
+
+    k = cache(torch.randn(S, Hkv, L, D, generator=gen))
+    v = cache(torch.randn(S, Hkv, L, D, generator=gen))
     q = torch.randn(3, Hq, D, generator=gen).to(DEVICE, torch.float16)
     lengths = torch.tensor([1, 37, 100], dtype=torch.int32, device=DEVICE)
     slots = torch.tensor([2, 0, 1], dtype=torch.int32, device=DEVICE)
@@ -45,6 +58,16 @@ def test_decode_attention_matches_reference(dtype, group, Hq, Hkv):
         assert out.shape == q.shape and out.dtype == q.dtype
         rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         assert rel < 5e-3, (split, rel)
+    # a fixed split count (the CUDA-graph form: no host read of lengths)
+    out = decode_attention(q, k, v, lengths, slots, block_s=16, n_splits=3, check=False)
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < 5e-3, ("n_splits=3", rel)
+
+
+def test_splits_for_fills_the_gpu_without_empty_blocks():
+    assert splits_for(1, 8, 4096, 132) == 33  # 264 programs for 8 heads
+    assert splits_for(64, 8, 4096, 132) == 1
+    assert splits_for(1, 8, 100, 132) == 2  # no split shorter than a 64-token block
 
 
 def test_static_fp8_scales_reference():
@@ -68,3 +91,6 @@ def test_decode_attention_errors():
                          quantize_kv(torch.randn(1, 2, 8, 64).to(DEVICE), "int8"), one, one * 0)
     with pytest.raises(LowbitError, match="KV cache dtype"):
         quantize_kv(torch.randn(1, 1, 2, 64), "int2")
+    with pytest.raises(LowbitError, match="query's dtype"):
+        plain = quantize_kv(torch.randn(1, 1, 8, 64, dtype=torch.bfloat16).to(DEVICE), "fp16")
+        decode_attention(q, plain, plain, one, one * 0)

@@ -37,11 +37,11 @@ from lowbit.errors import LowbitError
 
 @dataclass
 class QuantizedKV:
-    """One layer's K or V cache, quantized (module docstring)."""
+    """One layer's K or V cache, quantized (module docstring), or plain ("fp16": codes are the values)."""
 
-    codes: torch.Tensor  # int8 / float8_e4m3fn (S, H, L, D) or uint8 (S, H, L, D/2) for int4
-    scales: torch.Tensor  # fp32 (S, H, L, D/group), or (H,) static fp8
-    dtype: str  # "int8", "int4" or "fp8_e4m3"
+    codes: torch.Tensor  # int8 / float8_e4m3fn (S, H, L, D), uint8 (S, H, L, D/2) for int4, fp16/bf16 for "fp16"
+    scales: torch.Tensor  # fp32 (S, H, L, D/group), or (H,) static fp8; unused (may be empty) for "fp16"
+    dtype: str  # "int8", "int4", "fp8_e4m3" or "fp16" (a plain cache in the model's dtype, fp16 or bf16)
     group: int  # channels per scale (head_dim for one scale per token and head)
 
     @property
@@ -51,10 +51,14 @@ class QuantizedKV:
 
 def quantize_kv(t: torch.Tensor, dtype: str, group: int | None = None,
                 static_scale: torch.Tensor | None = None) -> QuantizedKV:
-    """Quantize K or V ``t`` (S, H, L, D) fp16/bf16/fp32 into the cache layout (reference code path)."""
+    """Quantize K or V ``t`` (S, H, L, D) fp16/bf16/fp32 into the cache layout (reference code path).
+
+    ``dtype`` "int8", "int4", "fp8_e4m3", or "fp16" for a plain cache that keeps ``t`` as it is."""
     from lowbit.quant.primitives import FP8_MAX, quantize_activation
 
     S, H, L, D = t.shape
+    if dtype == "fp16":  # a plain cache: values kept in t's dtype (fp16 or bf16), no scales
+        return QuantizedKV(t.contiguous(), t.new_empty(0, dtype=torch.float32), "fp16", D)
     g = group or D
     if D % g or (dtype == "int4" and D % 2):
         raise LowbitError(f"head_dim {D} must be a multiple of the KV group {g} (and even for int4)")
@@ -64,7 +68,7 @@ def quantize_kv(t: torch.Tensor, dtype: str, group: int | None = None,
         return QuantizedKV(codes, static_scale.float().contiguous(), dtype, D)
     bits = {"int8": 8, "int4": 4, "fp8_e4m3": 8}.get(dtype)
     if bits is None:
-        raise LowbitError(f"KV cache dtype must be int8, int4 or fp8_e4m3, got {dtype!r}")
+        raise LowbitError(f"KV cache dtype must be int8, int4, fp8_e4m3 or fp16, got {dtype!r}")
     adtype = "fp8_e4m3" if dtype == "fp8_e4m3" else "int"
     codes, scale = quantize_activation(t.reshape(S, H, L, D // g, g), bits, adtype)
     codes, scale = codes.reshape(S, H, L, D), scale.reshape(S, H, L, D // g).float()
@@ -76,6 +80,8 @@ def quantize_kv(t: torch.Tensor, dtype: str, group: int | None = None,
 
 def dequantize_kv(kv: QuantizedKV) -> torch.Tensor:
     """fp32 (S, H, L, D) from the cache layout."""
+    if kv.dtype == "fp16":
+        return kv.codes.float()
     if kv.dtype == "int4":
         b = kv.codes.to(torch.int16)
         lo, hi = b & 0xF, (b >> 4) & 0xF
@@ -110,7 +116,8 @@ def _load_kv_tile(codes_ptr, scales_ptr, base, sbase, rs, rd, s_ok, D_HALF: tl.c
                   STATIC: tl.constexpr, static_scale):
     """(BLOCK_S, D_HALF) fp32 dequantized values of channels [HI * D_HALF, (HI + 1) * D_HALF).
 
-    KIND 0 int8, 1 int4 (halves layout), 2 fp8. ``base`` points at the slot/head's first token.
+    KIND 0 int8, 1 int4 (halves layout), 2 fp8 e4m3 (passed as its bytes, uint8), 3 a plain fp16/bf16
+    cache (no scale). ``base`` points at the slot/head's first token.
     """
     if KIND == 1:
         b = tl.load(codes_ptr + base + rs[:, None] * D_HALF + rd[None, :], mask=s_ok[:, None], other=0)
@@ -123,9 +130,15 @@ def _load_kv_tile(codes_ptr, scales_ptr, base, sbase, rs, rd, s_ok, D_HALF: tl.c
         vals = q.to(tl.float32)
     else:
         col = rd + HI * D_HALF
-        vals = tl.load(codes_ptr + base + rs[:, None] * (2 * D_HALF) + col[None, :], mask=s_ok[:, None],
-                       other=0).to(tl.float32)
-    if STATIC:
+        raw = tl.load(codes_ptr + base + rs[:, None] * (2 * D_HALF) + col[None, :], mask=s_ok[:, None], other=0)
+        if KIND == 2:
+            # fp8 travels as uint8: a masked load's `other` cannot be cast to fp8, and a byte 0 is +0.0
+            vals = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            vals = raw.to(tl.float32)
+    if KIND == 3:
+        pass
+    elif STATIC:
         vals = vals * static_scale
     else:
         g = (rd + HI * D_HALF) // GROUP
@@ -219,10 +232,14 @@ def _merge_splits_kernel(part_o_ptr, part_ml_ptr, out_ptr, N_SPLITS: tl.constexp
 
 def decode_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, lengths: torch.Tensor,
                      slot_of_row: torch.Tensor, scale: float | None = None, *, block_s: int = 64,
-                     tokens_per_split: int = 512) -> torch.Tensor:
+                     tokens_per_split: int = 512, n_splits: int | None = None, check: bool = True) -> torch.Tensor:
     """q (B, Hq, D) fp16/bf16 -> (B, Hq, D); row b attends to tokens [0, lengths[b]) of cache slot slot_of_row[b].
 
     ``lengths`` (B,) int32, each >= 1; ``slot_of_row`` (B,) int32. K and V share dtype, group and shape.
+    The work is split along the tokens into ``n_splits`` parts when given (a fixed grid: no host sync,
+    so the call can be captured in a CUDA graph; parts past a row's length do nothing), else into
+    parts of ``tokens_per_split`` tokens of the longest row. ``check=False`` skips the checks that read
+    ``lengths`` on the host (for graph capture, where the caller guarantees them).
     """
     if q.ndim != 3 or q.dtype not in (torch.float16, torch.bfloat16):
         raise LowbitError(f"decode attention takes q (B, heads, head_dim) fp16/bf16, got {q.dtype} {tuple(q.shape)}")
@@ -234,19 +251,31 @@ def decode_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, lengths: t
         raise LowbitError(f"q has {Hq} heads of {D}; the cache {Hkv} heads of {k.head_dim} (heads must divide)")
     if D & (D - 1) or D < 32:
         raise LowbitError(f"head_dim must be a power of two >= 32 for this kernel, got {D}")
+    if k.dtype == "fp16" and k.codes.dtype != q.dtype:
+        raise LowbitError(f"a plain KV cache must have the query's dtype {q.dtype}, got {k.codes.dtype}")
     if lengths.shape != (B,) or slot_of_row.shape != (B,):
         raise LowbitError("lengths and slot_of_row must be (B,)")
-    if B and (int(lengths.min()) < 1 or int(lengths.max()) > L or int(slot_of_row.max()) >= S):
+    if check and B and (int(lengths.min()) < 1 or int(lengths.max()) > L or int(slot_of_row.max()) >= S):
         raise LowbitError(f"lengths must be in [1, {L}] and slots < {S}")
     G = Hq // Hkv
-    static = k.scales.ndim == 1
-    kind = {"int8": 0, "int4": 1, "fp8_e4m3": 2}[k.dtype]
-    n_splits = max(1, math.ceil(int(lengths.max()) / tokens_per_split)) if B else 1
+    kind = {"int8": 0, "int4": 1, "fp8_e4m3": 2, "fp16": 3}[k.dtype]
+    static = kind == 2 and k.scales.ndim == 1
+    if n_splits is None:
+        n_splits = max(1, math.ceil(int(lengths.max()) / tokens_per_split)) if B else 1
+    else:
+        tokens_per_split = math.ceil(math.ceil(L / n_splits) / block_s) * block_s
+    kc, vc = k.codes, v.codes
+    if kind == 2:
+        kc, vc = kc.view(torch.uint8), vc.view(torch.uint8)  # the kernel bit-casts bytes to e4m3
     part_o = torch.empty(B, Hq, n_splits, D, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(B, Hq, n_splits, 2, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
+    if lengths.dtype != torch.int32:
+        lengths = lengths.to(torch.int32)
+    if slot_of_row.dtype != torch.int32:
+        slot_of_row = slot_of_row.to(torch.int32)
     _decode_attn_kernel[(B, Hkv, n_splits)](
-        q.contiguous(), k.codes, k.scales, v.codes, v.scales, lengths.to(torch.int32), slot_of_row.to(torch.int32),
+        q.contiguous(), kc, k.scales, vc, v.scales, lengths, slot_of_row,
         part_o, part_ml, Hq, Hkv, L, scale if scale is not None else D ** -0.5, tokens_per_split,
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), D_HALF=D // 2, BLOCK_S=block_s,
         GROUP=k.group, N_GROUPS=D // k.group, KIND=kind, STATIC=static, CODE_D=k.codes.shape[-1],
@@ -254,3 +283,10 @@ def decode_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, lengths: t
     _merge_splits_kernel[(B * Hq,)](part_o, part_ml, out, N_SPLITS=n_splits,
                                     SPLITS_PAD=max(2, triton.next_power_of_2(n_splits)), D=D)
     return out
+
+
+def splits_for(batch: int, kv_heads: int, max_len: int, sms: int, block_s: int = 64) -> int:
+    """A fixed split count for ``decode_attention(n_splits=...)``: about two programs per SM for the
+    batch, never parts shorter than one block of ``block_s`` tokens."""
+    want = math.ceil(2 * sms / max(1, batch * kv_heads))
+    return max(1, min(want, math.ceil(max_len / block_s)))
