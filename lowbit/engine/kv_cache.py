@@ -11,9 +11,16 @@ the fixed addresses that CUDA-graph capture needs later.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
+from lowbit.formats import KVCacheFormat
 from lowbit.model.config import ModelConfig
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of q (B, heads, T, hd) over k, v (B, kv_heads, S, hd); mask (B, 1, T, S) bool or None."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class KVCache:
@@ -50,6 +57,12 @@ class KVCache:
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def attend(self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Store k, v (B, kv_heads, T, hd) at slots [start, start+T) and attend q (B, heads, T, hd) over [0, start+T)."""
+        keys, values = self.update(layer, start, k, v)
+        return sdpa(q, keys, values, mask)
+
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
@@ -58,53 +71,150 @@ class KVCache:
 class SlotKVCache:
     """A KV cache of ``slots`` independent sequences, each at its own length (continuous batching).
 
-    Same storage as ``KVCache``, ``(num_layers, slots, num_kv_heads, max_len, head_dim)``, but a
-    forward pass runs any subset of slots, each writing its tokens at its own positions. Before a
-    forward, ``bind(slot_ids, write_pos)`` says which slot each batch row is and where its T new
-    tokens go; ``update`` (called by every attention layer) then scatters the new keys and values
-    and returns each row's slots ``[0, span)``, with ``span`` the furthest position written plus one.
-    The caller's attention mask must hide, per row, the positions beyond that row's own tokens.
+    Per layer and for K and V: the plain cache (slots, kv_heads, max_len, head_dim) in the model's
+    dtype, or a quantized one in the layout of ``lowbit.kernels.attention.QuantizedKV`` (int8 / fp8
+    codes, int4 codes two per byte, fp32 scales per token, head and group), written quantized and read
+    either by the decode-attention kernel, in place, or dequantized for the SDPA path. The quantized
+    numbers are those of ``lowbit.quant.kv.fake_quantize_kv`` (the model's reference path), so a
+    quantized cache gives the tokens the reference gives.
+
+    A forward pass runs any subset of slots, each writing its tokens at its own positions. Before it,
+    ``bind`` says which slot each batch row is and where its T new tokens go. Then every attention
+    layer calls ``attend``, which stores the new keys and values and attends:
+    - in *kernel* mode (one new token per row, ``bind(..., kernel=True)``): the decode-attention kernel
+      reads each row's slot in place, tokens ``[0, pos]``; no host sync, so CUDA graphs capture it;
+    - otherwise (prefill chunks, CPU): each row's span ``[0, furthest position]`` is gathered (a copy)
+      and SDPA applies the caller's mask, which must hide, per row, the positions beyond its tokens.
     """
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, *, device: torch.device | str,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, kv: KVCacheFormat | None = None,
+                 static_scales: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None) -> None:
         if slots < 1 or max_len < 1:
             raise LowbitError(f"a KV cache needs slots >= 1 and max_len >= 1, got slots={slots}, max_len={max_len}")
-        shape = (config.num_layers, slots, config.num_kv_heads, max_len, config.head_dim)
+        self.kv = kv or KVCacheFormat()
+        L, H, D = config.num_layers, config.num_kv_heads, config.head_dim
+        self.dtype = dtype
+        self.slots, self.max_len, self.head_dim = slots, max_len, D
+        code_dtype, code_d, n_scales = self.layout(self.kv, D, dtype)
+        self.static = self.kv.dtype == "fp8_e4m3" and static_scales is not None and static_scales[0][0] is not None
         # zeros, not empty: a row's gathered span includes positions only other rows wrote, and
         # uninitialized memory can hold NaN bit patterns, which a masked softmax does not remove
         # (NaN * 0 is NaN). Stale values left by finished requests are finite, so they stay harmless.
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.slots, self.max_len = slots, max_len
+        shape = (L, slots, H, max_len, code_d)
+        self.keys = torch.zeros(shape, device=device, dtype=code_dtype)
+        self.values = torch.zeros(shape, device=device, dtype=code_dtype)
+        if self.static:
+            self.key_scales = torch.stack([ks.float() for ks, _ in static_scales]).to(device)  # (L, H)
+            self.value_scales = torch.stack([vs.float() for _, vs in static_scales]).to(device)
+        elif n_scales:
+            self.key_scales = torch.ones((L, slots, H, max_len, n_scales), device=device, dtype=torch.float32)
+            self.value_scales = torch.ones_like(self.key_scales)
+        else:
+            self.key_scales = self.value_scales = torch.empty((L, 0), device=device, dtype=torch.float32)
         self._rows: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
+        self._lengths: torch.Tensor | None = None  # kernel mode: (B,) int32 tokens each row attends to
+        self.splits = 1  # kernel mode: the decode-attention split count (fixed per batch size for graphs)
 
     @staticmethod
-    def bytes_per_slot(config: ModelConfig, max_len: int, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.num_layers * config.num_kv_heads * max_len * config.head_dim * elem
+    def layout(kv: KVCacheFormat, head_dim: int, dtype: torch.dtype) -> tuple[torch.dtype, int, int]:
+        """(code dtype, code elements per token and head, scales per token and head) of a cache format."""
+        if kv.dtype == "fp16":
+            return dtype, head_dim, 0
+        group = kv.group_size or head_dim
+        if head_dim % group:
+            raise LowbitError(f"head_dim {head_dim} is not a multiple of the KV group size {group}")
+        if kv.dtype == "int4":
+            return torch.uint8, head_dim // 2, head_dim // group
+        if kv.dtype == "int8":
+            return torch.int8, head_dim, head_dim // group
+        return torch.float8_e4m3fn, head_dim, 1  # fp8: per-token scales unless static per-head ones are given
 
-    def bind(self, slot_ids: torch.Tensor, write_pos: torch.Tensor) -> int:
-        """Rows of the next forward: slot_ids (B,) int64, write_pos (B, T) int64. Returns the span."""
+    @staticmethod
+    def bytes_per_slot(config: ModelConfig, max_len: int, dtype: torch.dtype, kv: KVCacheFormat | None = None) -> int:
+        """Bytes of one sequence of ``max_len`` tokens over all layers, K and V, scales included."""
+        code_dtype, code_d, n_scales = SlotKVCache.layout(kv or KVCacheFormat(), config.head_dim, dtype)
+        elem = torch.empty((), dtype=code_dtype).element_size()
+        per_token_head = code_d * elem + 4 * n_scales
+        return 2 * config.num_layers * config.num_kv_heads * max_len * per_token_head
+
+    def bind(self, slot_ids: torch.Tensor, write_pos: torch.Tensor, *, kernel: bool = False) -> int:
+        """Rows of the next forward: slot_ids (B,) int64, write_pos (B, T) int64.
+
+        Returns the span (furthest position + 1; a host sync), or, with ``kernel=True`` (T must be 1),
+        0 without reading the positions: the caller keeps them below ``max_len``.
+        """
+        self._rows, self._pos = slot_ids, write_pos
+        if kernel:
+            if write_pos.shape[1] != 1:
+                raise LowbitError("the decode-attention kernel takes one new token per row")
+            self._lengths = (write_pos[:, 0] + 1).to(torch.int32)
+            return 0
+        self._lengths = None
         span = int(write_pos.max()) + 1
         if span > self.max_len:
             raise LowbitError(f"KV cache overflow: position {span - 1} >= max_len {self.max_len}")
-        self._rows, self._pos = slot_ids, write_pos
         return span
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scatter k, v (B, kv_heads, T, head_dim) to the bound positions; return (B, kv_heads, span, head_dim)."""
+    @property
+    def needs_mask(self) -> bool:
+        """False in kernel mode: the kernel limits each row to its own tokens."""
+        return self._lengths is None
+
+    def layer_kv(self, layer: int):  # noqa: ANN201 - (QuantizedKV, QuantizedKV), imported lazily
+        """Layer ``layer``'s K and V caches as ``QuantizedKV`` views (what the decode kernel reads)."""
+        from lowbit.kernels.attention import QuantizedKV
+
+        group = self.kv.group_size or self.head_dim
+        return (QuantizedKV(self.keys[layer], self.key_scales[layer], self.kv.dtype, group),
+                QuantizedKV(self.values[layer], self.value_scales[layer], self.kv.dtype, group))
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        from lowbit.kernels.attention import quantize_kv
+
         rows, pos = self._rows, self._pos
-        if rows is None:
-            raise LowbitError("SlotKVCache.update before bind()")
-        r = rows[:, None].expand_as(pos)
-        # (B, T) index pairs -> (B, T, kv_heads, head_dim) values
-        self.keys[layer][r, :, pos] = k.transpose(1, 2)
-        self.values[layer][r, :, pos] = v.transpose(1, 2)
-        span = int(pos.max()) + 1
-        return self.keys[layer][rows, :, :span], self.values[layer][rows, :, :span]
+        r = rows[:, None].expand_as(pos)  # (B, T) index pairs -> (B, T, kv_heads, ...) values
+        for t, codes, scales, which in ((k, self.keys, self.key_scales, 0), (v, self.values, self.value_scales, 1)):
+            static = scales[layer] if self.static else None
+            q = quantize_kv(t.to(self.dtype), self.kv.dtype, self.kv.group_size, static)
+            codes[layer][r, :, pos] = q.codes.transpose(1, 2)
+            if scales.ndim == 5:
+                scales[layer][r, :, pos] = q.scales.transpose(1, 2)
+
+    def _gather(self, layer: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from lowbit.kernels.attention import QuantizedKV, dequantize_kv
+
+        rows = self._rows
+        out = []
+        for kv in self.layer_kv(layer):
+            codes = kv.codes[rows, :, :span]
+            if self.kv.dtype == "fp16":
+                out.append(codes)
+                continue
+            scales = kv.scales if self.static else kv.scales[rows, :, :span]
+            out.append(dequantize_kv(QuantizedKV(codes, scales, kv.dtype, kv.group)).to(self.dtype))
+        return out[0], out[1]
+
+    def attend(self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Store k, v (B, kv_heads, T, hd) at the bound positions; attend q (B, heads, T, hd) -> (B, heads, T, hd)."""
+        if self._rows is None:
+            raise LowbitError("SlotKVCache.attend before bind()")
+        self._store(layer, k, v)
+        if self._lengths is not None:
+            from lowbit.kernels.attention import decode_attention
+
+            kq, vq = self.layer_kv(layer)
+            out = decode_attention(q[:, :, 0], kq, vq, self._lengths, self._rows, n_splits=self.splits, check=False)
+            return out[:, :, None]
+        keys, values = self._gather(layer, int(self._pos.max()) + 1)
+        return sdpa(q, keys, values, mask)
+
+    @property
+    def quantized(self) -> bool:
+        return self.kv.dtype != "fp16"
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return sum(t.nbytes for t in (self.keys, self.values, self.key_scales, self.value_scales))

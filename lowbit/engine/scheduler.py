@@ -26,6 +26,7 @@ import torch
 from lowbit.engine.kv_cache import SlotKVCache
 from lowbit.engine.sampling import SamplingParams, sample
 from lowbit.errors import LowbitError
+from lowbit.formats import KVCacheFormat
 from lowbit.model.llama import Transformer
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -51,36 +52,68 @@ class _Request:
     last_logits: torch.Tensor | None = None  # (vocab,) logits that pick the next token
 
 
-def plan_slots(model: Transformer, max_len: int, *, memory_fraction: float = 0.9, cap: int = 256) -> int:
-    """How many sequences of ``max_len`` tokens fit in the KV cache.
+def plan_slots(model: Transformer, max_len: int, *, memory_fraction: float = 0.9, cap: int = 256,
+               kv: KVCacheFormat | None = None) -> int:
+    """How many sequences of ``max_len`` tokens fit in the KV cache (of format ``kv``, fp16 by default).
 
     CUDA: from free device memory (``torch.cuda.mem_get_info``) after the weights, times
-    ``memory_fraction``; CPU: 8. At most ``cap``; at least 1.
+    ``memory_fraction`` (the rest is left for activations and CUDA graphs); CPU: 8. At most ``cap``;
+    at least 1.
     """
-    p = next(model.parameters())
+    p = model.embed_tokens.weight
     if p.device.type != "cuda":
         return min(8, cap)
     free, _ = torch.cuda.mem_get_info(p.device)
-    per_slot = SlotKVCache.bytes_per_slot(model.config, max_len, p.dtype)
+    per_slot = SlotKVCache.bytes_per_slot(model.config, max_len, p.dtype, kv)
     return max(1, min(cap, int(free * memory_fraction // per_slot)))
+
+
+def model_kv_format(model: Transformer) -> tuple[KVCacheFormat, list[tuple[torch.Tensor | None, torch.Tensor | None]]]:
+    """The KV cache format the model was quantized for (fp16 if none) and each layer's static fp8 scales."""
+    attn = [layer.self_attn for layer in model.layers]
+    fmt = attn[0].kv_format or KVCacheFormat()
+    return fmt, [(a.k_scale, a.v_scale) for a in attn]
 
 
 class Engine:
     """Continuous-batching generation over one model (module docstring)."""
 
     def __init__(self, model: Transformer, *, max_slots: int | None = None, max_len: int | None = None,
-                 prefill_chunk: int = 256) -> None:
+                 prefill_chunk: int = 256, decode_kernel: bool | None = None, cuda_graphs: bool | None = None,
+                 graph_batch_sizes: list[int] | None = None) -> None:
+        """``decode_kernel``: decode attention by the Triton kernel reading the cache in place (default:
+        on CUDA, unless a sliding window shorter than ``max_len`` needs the masked path).
+        ``cuda_graphs``: replay decode steps from CUDA graphs (default: on CUDA with the decode
+        kernel), captured for ``graph_batch_sizes`` (default 1, 2, 4, ... up to the slot count).
+        """
         if prefill_chunk < 1:
             raise LowbitError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, model.embed_tokens.weight.dtype
+        self.device, self.dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
         self.max_len = max_len or model.config.max_position_embeddings
         if self.max_len > model.config.max_position_embeddings:
             raise LowbitError(f"max_len {self.max_len} exceeds the model's context {model.config.max_position_embeddings}")
-        slots = max_slots or plan_slots(model, self.max_len)
-        self.cache = SlotKVCache(model.config, slots, self.max_len, device=self.device, dtype=self.dtype)
+        on_cuda = self.device.type == "cuda"
+        window = model.config.sliding_window
+        kernel_ok = window is None or window >= self.max_len  # the kernel has no sliding window
+        if decode_kernel and not kernel_ok:
+            raise LowbitError(f"the decode-attention kernel has no sliding window ({window} < max_len {self.max_len})")
+        self.decode_kernel = kernel_ok and on_cuda if decode_kernel is None else decode_kernel
+        if cuda_graphs and not (on_cuda and self.decode_kernel):
+            raise LowbitError("CUDA graphs need the model on a CUDA device and the decode-attention kernel")
+        use_graphs = self.decode_kernel and on_cuda if cuda_graphs is None else cuda_graphs
+        kv, static_scales = model_kv_format(model)
+        slots = max_slots or plan_slots(model, self.max_len, kv=kv)
+        # one spare slot for the padding rows of a graphed batch (GraphedDecode)
+        self.cache = SlotKVCache(model.config, slots + use_graphs, self.max_len, device=self.device,
+                                 dtype=self.dtype, kv=kv, static_scales=static_scales)
         self.prefill_chunk = prefill_chunk
+        self.graphs = None
+        if use_graphs:
+            from lowbit.engine.cuda_graphs import GraphedDecode, default_batch_sizes
+
+            sizes = [b for b in graph_batch_sizes or default_batch_sizes(slots) if b <= slots]
+            self.graphs = GraphedDecode(model, self.cache, sizes, pad_slot=slots)
         self._free = list(range(slots))[::-1]
         self._waiting: deque[_Request] = deque()
         self._prefilling: deque[_Request] = deque()
@@ -180,6 +213,9 @@ class Engine:
     def _forward(self, slots: list[int], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Ragged forward: row b is slot slots[b], tokens ids[b] at positions[b] (B, T). Returns last logits (B, vocab)."""
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        if self.decode_kernel and positions.shape[1] == 1:  # the kernel limits each row to its own tokens
+            self.cache.bind(slot_t, positions, kernel=True)
+            return self.model(ids, positions, self.cache, 0, last_only=True)[:, -1]
         span = self.cache.bind(slot_t, positions)
         k_pos = torch.arange(span, device=self.device)
         allowed = k_pos[None, None, :] <= positions[:, :, None]  # (B, T, S): each row's own history
@@ -201,17 +237,33 @@ class Engine:
             req.last_logits = logits[0]
 
     def _decode(self, reqs: list[_Request]) -> None:
-        ids = torch.tensor([[r.generated[-1]] for r in reqs], dtype=torch.long, device=self.device)
-        pos = torch.tensor([[len(r.prompt) + len(r.generated) - 1] for r in reqs], device=self.device)
-        logits = self._forward([r.slot for r in reqs], ids, pos)
+        slots = [r.slot for r in reqs]
+        tokens = [r.generated[-1] for r in reqs]
+        positions = [len(r.prompt) + len(r.generated) - 1 for r in reqs]
+        if self.graphs is not None:
+            step = self.graphs.max_batch
+            parts = []
+            for i in range(0, len(reqs), step):
+                out = self.graphs(slots[i:i + step], tokens[i:i + step], positions[i:i + step])
+                # each call's logits are a view of its graph's output: copied when another call follows
+                parts.append(out if len(reqs) <= step else out.clone())
+            logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        else:
+            ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+            pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]
+            logits = self._forward(slots, ids, pos)
         for r, lg in zip(reqs, logits):
             r.last_logits = lg
 
     def _emit(self, reqs: list[_Request]) -> list[TokenEvent]:
         """Pick each request's next token from its logits; retire the ones that end."""
         events = []
+        greedy = [r for r in reqs if r.params.greedy]
+        # one argmax and one device-to-host copy for every greedy row, not one per request
+        picked = dict(zip((r.id for r in greedy), torch.stack([r.last_logits for r in greedy]).argmax(-1).tolist())) \
+            if greedy else {}
         for r in reqs:
-            token = int(sample(r.last_logits[None], r.params, r.generator)[0])
+            token = picked[r.id] if r.params.greedy else int(sample(r.last_logits[None], r.params, r.generator)[0])
             r.last_logits = None
             r.generated.append(token)
             reason: FinishReason | None = None

@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 
 _WORKSPACES: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
+# Workspaces replaced by larger ones are kept, not freed: a CUDA graph captured earlier still points at them.
+_RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
 def reserve(device: torch.device, elements: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,6 +29,8 @@ def reserve(device: torch.device, elements: int, tiles: int) -> tuple[torch.Tens
     key = (device.type, device.index)
     ws, locks = _WORKSPACES.get(key, (None, None))
     if ws is None or ws.numel() < elements or locks.numel() < tiles:
+        if ws is not None:
+            _RETIRED.append((ws, locks))
         size = max(elements, 0 if ws is None else ws.numel(), 1 << 16)
         n_locks = max(tiles, 0 if locks is None else locks.numel(), 1 << 12)
         ws = torch.zeros(size, dtype=torch.float32, device=device)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.engine.kv_cache import KVCache
+from lowbit.engine.kv_cache import KVCache, SlotKVCache, sdpa
 from lowbit.formats import KVCacheFormat
 from lowbit.model.config import ModelConfig, RopeConfig
 
@@ -81,7 +81,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,  # (B, T, hd)
         sin: torch.Tensor,
         mask: torch.Tensor,  # (B, 1, T, S) bool, True = may attend
-        cache: KVCache | None,
+        cache: KVCache | SlotKVCache | None,
         layer: int,
         start: int,
     ) -> torch.Tensor:
@@ -92,16 +92,15 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if self.kv_format is not None and self.kv_format.dtype != "fp16":
+        if self.kv_format is not None and self.kv_format.dtype != "fp16" and not getattr(cache, "quantized", False):
             from lowbit.quant.kv import fake_quantize_kv
 
             k = fake_quantize_kv(k, self.kv_format, self.k_scale)
             v = fake_quantize_kv(v, self.kv_format, self.v_scale)
-        if cache is not None:
-            k, v = cache.update(layer, start, k, v)  # (B, nkv, S, hd)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # (B, nh, T, hd)
+        if cache is None:
+            out = sdpa(q, k, v, mask)  # (B, nh, T, hd)
+        else:  # the cache stores k, v (quantizing them if it is a quantized cache) and attends
+            out = cache.attend(layer, start, q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -152,7 +151,7 @@ class Transformer(nn.Module):
         self,
         input_ids: torch.Tensor,  # (B, T) int64
         positions: torch.Tensor | None = None,  # (B, T) int64 rotary positions; default 0..T-1
-        cache: KVCache | None = None,
+        cache: KVCache | SlotKVCache | None = None,
         start: int = 0,  # first cache slot this chunk is written to
         key_valid: torch.Tensor | None = None,  # (B, >= start+T) bool: False for padding slots
         last_only: bool = False,
@@ -166,7 +165,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions, x.dtype)
         if cache is None and start != 0:
             raise ValueError("start > 0 needs a KV cache holding the earlier slots")
-        if mask is None:
+        if mask is None and getattr(cache, "needs_mask", True):
             mask = self.attention_mask(B, T, start, key_valid, device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i, start)

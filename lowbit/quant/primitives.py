@@ -160,7 +160,8 @@ def quantize_activation(
     # reciprocal of a host scalar (not IEEE), which would make the spec differ by an ulp between
     # CPU and GPU; the kernels (lowbit.kernels.act_quant) divide exactly.
     qmax = FP8_MAX if dtype == "fp8_e4m3" else 2 ** (bits - 1) - 1
-    scale = (absmax / torch.tensor(float(qmax), device=x.device)).clamp(min=1e-12)
+    # (a fill, not torch.tensor(): a host-to-device copy cannot be captured in a CUDA graph)
+    scale = (absmax / torch.full((), float(qmax), device=x.device)).clamp(min=1e-12)
     if dtype == "fp8_e4m3":
         return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
     return torch.round(x.float() / scale).clamp(-qmax, qmax).to(torch.int8), scale
