@@ -149,6 +149,31 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--plot", metavar="FILE", help="write a PNG: speed-up over fp16 vs M, one line per path (matplotlib)")
     k.add_argument("--from-json", metavar="FILE", help="no GPU: re-print the table (and --plot) from a saved --json")
     k.set_defaults(func=_cmd_bench_kernels)
+    e = bsub.add_parser(
+        "e2e",
+        help="whole-model prefill and decode tokens/s: our engine per scheme vs transformers fp16 generate",
+        description="Decode tokens/s, time per output token, achieved weight bandwidth (and its share of this GPU's "
+        "measured copy bandwidth), prefill tokens/s and peak memory, for our engine (CUDA-graph decode, "
+        "decode-attention kernel) in fp16 and each scheme, and for Hugging Face transformers fp16 generate, at "
+        "each batch size. The default model has Llama-3-8B's shape and random weights (speed does not depend on "
+        "weight values; schemes are applied by round-to-nearest in their formats); decode is timed with --context "
+        "random tokens already in every sequence's KV cache. Prints a table last; --json and --plot save it.",
+    )
+    e.add_argument("--model", default="llama3-8b-random",
+                   help="llama3-8b-random (default), or a checkpoint directory / GGUF file / known model name")
+    e.add_argument("--schemes", default="fp16,w4a16,w4a8,w8a8-fp8",
+                   help="comma-separated: fp16 and presets with GPU kernels (w4a16, w4a16-rtn, w4a8, w4a8-g128, "
+                   "w8a8-fp8, w8a8-int8) (default: fp16,w4a16,w4a8,w8a8-fp8)")
+    e.add_argument("--batch", default="1,4,16,64,256", help="batch sizes, comma-separated (default: 1,4,16,64,256)")
+    e.add_argument("--kv", default="fp16", help="KV cache formats, comma-separated: fp16, int8, int4, fp8 (default: fp16)")
+    e.add_argument("--context", type=int, default=512, help="tokens in each sequence's cache during decode (default: 512)")
+    e.add_argument("--prompt-len", type=int, default=512, help="prefill length in tokens (default: 512)")
+    e.add_argument("--steps", type=int, default=32, help="decode steps timed per configuration (default: 32)")
+    e.add_argument("--no-transformers", action="store_true", help="skip the transformers fp16 generate baseline")
+    e.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
+    e.add_argument("--plot", metavar="FILE", help="write a PNG: decode tokens/s vs batch, one line per engine/scheme")
+    e.add_argument("--from-json", metavar="FILE", help="no GPU: re-print the table (and --plot) from a saved --json")
+    e.set_defaults(func=_cmd_bench_e2e)
     return parser
 
 
@@ -176,6 +201,48 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     print(f"[serving {name} on {loaded.device} at http://{args.host}:{args.port}/v1, "
           f"{engine.cache.slots} KV slots of {engine.max_len} tokens]", file=sys.stderr)
     uvicorn.run(create_app(loaded, engine, name), host=args.host, port=args.port, log_level="warning")
+
+
+def _int_list(value: str, flag: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError as exc:
+        raise LowbitError(f"{flag} takes comma-separated integers, got {value!r}") from exc
+    if not out or min(out) < 1:
+        raise LowbitError(f"{flag} needs integers >= 1, got {value!r}")
+    return out
+
+
+def _cmd_bench_e2e(args: argparse.Namespace) -> None:
+    import json
+
+    from lowbit.bench import e2e
+
+    if args.from_json:
+        try:
+            report = e2e.E2EReport.from_json(json.loads(Path(args.from_json).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LowbitError(f"cannot read an e2e report from {args.from_json}: {exc}") from exc
+    else:
+        kv = tuple(k.strip() for k in args.kv.split(",") if k.strip())
+        unknown = [k for k in kv if k not in e2e.KV_FORMATS]
+        if unknown:
+            raise LowbitError(f"unknown --kv {', '.join(unknown)}; known: {', '.join(e2e.KV_FORMATS)}")
+        schemes = tuple(s.strip() for s in args.schemes.split(",") if s.strip())
+        from lowbit.formats import get_scheme
+
+        for s in schemes:
+            if s != "fp16":
+                get_scheme(s)  # an unknown name fails here, before any GPU work
+        cfg = e2e.E2EConfig(model=args.model, schemes=schemes, batches=_int_list(args.batch, "--batch"), kv=kv,
+                            context=args.context, prompt_len=args.prompt_len, steps=args.steps,
+                            transformers=not args.no_transformers)
+        report = e2e.run(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+        if args.json:
+            e2e.write_json(report, args.json)
+    if args.plot:
+        e2e.plot(report, args.plot)
+    print(e2e.format_table(report))
 
 
 def _cmd_bench_kernels(args: argparse.Namespace) -> None:

@@ -5,6 +5,8 @@
 #   bash scripts/gpu_check.sh [tests] [generate] [eval] [ablate] [kernels] [tune] [bench]   (default: tests generate eval)
 #   kernels: kernel tests; tune: bench/tune_kernels.py $TUNE_ARGS; bench: lowbit bench kernels $BENCH_ARGS;
 #   e2e: quantize the default model (w4a16, w4a8, w8a8-fp8) and generate with it on the kernels
+#   engine: engine tests on the GPU (decode-attention kernel, quantized KV, CUDA-graph decode, custom ops)
+#   bench-e2e: lowbit bench e2e $E2E_ARGS (Llama-3-8B shape, random weights; transformers baseline)
 #
 # The default model's GGUF (98 MB) is larger than what one call may carry (64 MiB), so it travels in
 # two parts over two calls to the same warm machine; parts are kept in /tmp/lowbit-parts in between.
@@ -73,6 +75,16 @@ if want kernels; then
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernel_ops.py 2>&1 | tee "$OUTDIR/kernels.log"
   kern=$(tail -n 1 "$OUTDIR/kernels.log")
 fi
+eng="skipped"
+if want engine; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernel.py tests/test_scheduler.py \
+    tests/test_e2e_bench.py tests/test_kernel_ops.py tests/test_dispatch.py 2>&1 | tee "$OUTDIR/engine.log"
+  eng=$(tail -n 1 "$OUTDIR/engine.log")
+fi
+if want bench-e2e; then
+  python3 -m lowbit.cli bench e2e ${E2E_ARGS:-} --json "$OUTDIR/e2e.json" --plot "$OUTDIR/e2e.png" 2>&1 \
+    | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUTDIR/bench-e2e.log"
+fi
 if want tune; then
   # TUNE_ARGS, e.g. "--ops w4a16 --ms 1,16": passed to the tuner; the table comes back under $OUT
   # the table is kept in /tmp between calls to the warm machine (--merge adds ops to it)
@@ -107,4 +119,5 @@ echo "| GPU | $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1) |
 echo "| GPU tests (tests/test_gpu.py) | $tests |"
 echo "| lowbit generate smollm2-135m --device cuda (bf16) | $gen |"
 echo "| kernel tests (tests/test_kernels.py, test_kernel_ops.py) | $kern |"
+echo "| engine tests (attention kernel, scheduler, graphs, e2e bench) | $eng |"
 echo "| quantize + generate on kernels (e2e) | $e2e |"

@@ -94,10 +94,12 @@ class Engine:
         if self.max_len > model.config.max_position_embeddings:
             raise LowbitError(f"max_len {self.max_len} exceeds the model's context {model.config.max_position_embeddings}")
         on_cuda = self.device.type == "cuda"
-        window = model.config.sliding_window
-        kernel_ok = window is None or window >= self.max_len  # the kernel has no sliding window
+        window, hd = model.config.sliding_window, model.config.head_dim
+        # the kernel has no sliding window, and takes power-of-two head sizes from 32
+        kernel_ok = (window is None or window >= self.max_len) and hd >= 32 and hd & (hd - 1) == 0
         if decode_kernel and not kernel_ok:
-            raise LowbitError(f"the decode-attention kernel has no sliding window ({window} < max_len {self.max_len})")
+            raise LowbitError(f"the decode-attention kernel cannot run this model (sliding window {window} < max_len "
+                              f"{self.max_len}, or head_dim {hd} not a power of two >= 32)")
         self.decode_kernel = kernel_ok and on_cuda if decode_kernel is None else decode_kernel
         if cuda_graphs and not (on_cuda and self.decode_kernel):
             raise LowbitError("CUDA graphs need the model on a CUDA device and the decode-attention kernel")
