@@ -1,5 +1,6 @@
-"""The OpenAI-compatible server, started on loopback with a tiny model, exercised with the `openai`
-client: models, completions and chat (streamed and not), errors as 4xx JSON, disconnect cancels."""
+"""The OpenAI-compatible server, started on loopback with a tiny model (``tiny_server`` in conftest.py),
+exercised with the `openai` client: models, completions and chat (streamed and not), errors as 4xx
+JSON, disconnect cancels."""
 
 from __future__ import annotations
 
@@ -9,62 +10,28 @@ import time
 import pytest
 
 openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
 
-from lowbit.engine.generate import decode, generate
-from lowbit.engine.sampling import SamplingParams
-from lowbit.engine.scheduler import Engine
-from lowbit.model.loader import load_model
-from lowbit.serve.app import create_app
-from tests.tiny_models import make_hf_model, save_tiny_tokenizer
+from tests.tiny_models import greedy_text
 
 PROMPT = "w5 w17 w33 w8"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = tmp_path_factory.mktemp("served")
-    make_hf_model("llama2").save_pretrained(path)
-    save_tiny_tokenizer(path)
-    loaded = load_model(path, device="cpu", dtype="fp32")
-    engine = Engine(loaded.model, max_slots=2, max_len=64, prefill_chunk=8)
-    app = create_app(loaded, engine, "tiny")
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield loaded, engine, f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
-
-
 @pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=server[2] + "/v1", api_key="unused", max_retries=0)
+def client(tiny_server):
+    return openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="unused", max_retries=0)
 
 
-def _alone(loaded, text: str, n: int) -> str:
-    ids = loaded.tokenizer(text)["input_ids"]
-    out = generate(loaded.model, [ids], SamplingParams(max_new_tokens=n, stop_token_ids=loaded.stop_token_ids))[0]
-    return decode(loaded.tokenizer, out.token_ids)
-
-
-def test_models_and_health(server, client):
+def test_models_and_health(tiny_server, client):
     import httpx
 
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    assert httpx.get(server[2] + "/health").json() == {"status": "ok"}
+    assert httpx.get(tiny_server.url + "/health").json() == {"status": "ok"}
 
 
-def test_completion_is_the_greedy_generation(server, client):
-    loaded = server[0]
+def test_completion_is_the_greedy_generation(tiny_server, client):
+    loaded = tiny_server.loaded
     r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0)
-    assert r.choices[0].text == _alone(loaded, PROMPT, 10)
+    assert r.choices[0].text == greedy_text(loaded, PROMPT, 10)
     assert r.usage.prompt_tokens == 4 and r.usage.completion_tokens <= 10
     streamed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, stream=True)
     chunks = list(streamed)
@@ -72,17 +39,17 @@ def test_completion_is_the_greedy_generation(server, client):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
-def test_chat_streamed_and_not(server, client):
+def test_chat_streamed_and_not(tiny_server, client):
     msgs = [{"role": "user", "content": PROMPT}]
     r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
     text = r.choices[0].message.content
-    assert r.choices[0].message.role == "assistant" and text == _alone(server[0], PROMPT + " ", 8)
+    assert r.choices[0].message.role == "assistant" and text == greedy_text(tiny_server.loaded, PROMPT + " ", 8)
     parts = [c.choices[0].delta.content or "" for c in
              client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True)]
     assert "".join(parts) == text
 
 
-def test_concurrent_requests_get_their_own_answers(server, client):
+def test_concurrent_requests_get_their_own_answers(tiny_server, client):
     prompts = [f"w{i} w{i + 1} w{i + 2}" for i in (3, 20, 40, 60)]
     results = {}
 
@@ -95,7 +62,7 @@ def test_concurrent_requests_get_their_own_answers(server, client):
     for t in threads:
         t.join()
     for p in prompts:  # 4 clients on 2 slots: some waited, none got another's tokens
-        assert results[p] == _alone(server[0], p, 6), p
+        assert results[p] == greedy_text(tiny_server.loaded, p, 6), p
 
 
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(client):
@@ -110,10 +77,10 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(client):
     assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
 
 
-def test_disconnect_cancels_the_request(server):
+def test_disconnect_cancels_the_request(tiny_server):
     import httpx
 
-    _, engine, url = server
+    engine, url = tiny_server.engine, tiny_server.url
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 60, "temperature": 0, "stream": True}
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
         next(r.iter_lines())  # one event, then hang up

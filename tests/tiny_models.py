@@ -69,3 +69,13 @@ def save_tiny_tokenizer(path, vocab: int = 97) -> None:  # noqa: ANN001
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     fast.save_pretrained(path)
+
+
+def greedy_text(loaded, text: str, n: int) -> str:
+    """The greedy continuation (up to ``n`` tokens) of ``text`` by ``loaded``, generated alone in-process."""
+    from lowbit.engine.generate import decode, generate
+    from lowbit.engine.sampling import SamplingParams
+
+    ids = loaded.tokenizer(text)["input_ids"]
+    out = generate(loaded.model, [ids], SamplingParams(max_new_tokens=n, stop_token_ids=loaded.stop_token_ids))[0]
+    return decode(loaded.tokenizer, out.token_ids)

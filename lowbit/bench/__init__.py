@@ -1,1 +1,1 @@
-"""Benchmarks: kernel speed (``kernels``) against cuBLAS, on the GPU."""
+"""Benchmarks: kernel speed (``kernels``) against cuBLAS, on the GPU; a load test of the server (``load``)."""

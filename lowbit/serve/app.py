@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -331,3 +332,59 @@ def create_app(loaded: Any, engine: Engine, name: str) -> FastAPI:
     app.state.served = served
     return app
 
+
+def load_app(model: str | Path, *, device: str = "auto", dtype: str = "auto", name: str | None = None,
+             max_slots: int | None = None, max_len: int | None = None, prefill_chunk: int = 256) -> FastAPI:
+    """Load ``model`` (a directory, a .gguf file or a known name) and build the app serving it.
+
+    What ``lowbit serve`` runs: quantized checkpoints use the GPU kernels on CUDA; ``max_slots`` and
+    ``max_len`` (tokens) default as in :class:`Engine`. ``app.state.served`` holds the served ``name``,
+    the ``loaded`` model and the engine (``loop.engine``).
+    """
+    from lowbit.model.loader import load_model
+
+    loaded = load_model(model, device=device, dtype=dtype)
+    if loaded.tokenizer is None:  # checked before the engine allocates its KV cache
+        raise LowbitError(f"{loaded.path} ships no tokenizer files; serving needs one beside the weights")
+    if getattr(loaded.model, "quant_scheme", None) is not None and loaded.device.type == "cuda":
+        from lowbit.model.qlinear import use_kernels
+
+        use_kernels(loaded.model)
+    engine = Engine(loaded.model, max_slots=max_slots, max_len=max_len, prefill_chunk=prefill_chunk)
+    return create_app(loaded, engine, name or loaded.path.name)
+
+
+class BackgroundServer:
+    """Serves ``app`` with uvicorn on a daemon thread of this process; ``with`` yields its base URL.
+
+    Port 0 (the default) takes a free port from the OS. For tests and ``lowbit bench serve MODEL``;
+    ``lowbit serve`` runs uvicorn on the main thread instead.
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 60.0) -> None:
+        self.app, self.host, self.port, self.start_timeout_s = app, host, port, start_timeout_s
+        self.url = ""
+
+    def __enter__(self) -> str:
+        try:
+            import uvicorn
+        except ImportError as exc:
+            raise LowbitError(f"serving needs uvicorn ({exc}); pip install uvicorn") from exc
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, name="lowbit-uvicorn", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self._server.started:
+            # uvicorn ends its thread (logging why) when it cannot bind or the app's startup fails
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self._server.should_exit = True
+                raise LowbitError(f"the server did not start on {self.host}:{self.port} within "
+                                  f"{self.start_timeout_s:.0f} s; see uvicorn's log above")
+            time.sleep(0.02)
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{self.host}:{port}"
+        return self.url
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
