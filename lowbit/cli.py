@@ -174,33 +174,45 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", metavar="FILE", help="write a PNG: decode tokens/s vs batch, one line per engine/scheme")
     e.add_argument("--from-json", metavar="FILE", help="no GPU: re-print the table (and --plot) from a saved --json")
     e.set_defaults(func=_cmd_bench_e2e)
+    from lowbit.bench.load import add_arguments as add_load_arguments
+
+    ld = bsub.add_parser(
+        "serve",
+        help="load test of an OpenAI-compatible server: concurrent streaming clients, throughput, p50/p99 latency",
+        description="Send --requests greedy streaming completions from --clients concurrent clients to a running "
+        "server (--url) or to MODEL served in this process on a free loopback port; report throughput, time to "
+        "first token, inter-token and end-to-end latency (p50/p99), and check that no request is lost or mixed "
+        "up: each response must equal the same prompt run alone. Bounded by --timeout. Exit code 1 if any "
+        "request failed, was not sent, or was mixed up.",
+    )
+    add_load_arguments(ld)
+    ld.set_defaults(func=_cmd_bench_serve)
     return parser
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    from lowbit.engine.scheduler import Engine
-    from lowbit.model.loader import load_model
-
     try:
         import uvicorn
 
-        from lowbit.serve.app import create_app
+        from lowbit.serve.app import load_app
     except ImportError as exc:
         raise LowbitError(f"lowbit serve needs fastapi and uvicorn ({exc}); pip install fastapi uvicorn") from exc
     if not 0 < args.port < 65536:
         raise LowbitError(f"--port must be in 1..65535, got {args.port}")
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    if loaded.tokenizer is None:
-        raise LowbitError(f"{loaded.path} ships no tokenizer files; serving needs one beside the weights")
-    if getattr(loaded.model, "quant_scheme", None) is not None and loaded.device.type == "cuda":
-        from lowbit.model.qlinear import use_kernels
+    app = load_app(args.model, device=args.device, dtype=args.dtype, name=args.name, max_slots=args.max_slots,
+                   max_len=args.max_len, prefill_chunk=args.prefill_chunk)
+    served = app.state.served
+    engine = served.loop.engine
+    graphs = f", decode in CUDA graphs for batch {engine.graphs.sizes}" if engine.graphs is not None else ""
+    print(f"[serving {served.name} on {served.loaded.device} at http://{args.host}:{args.port}/v1, "
+          f"{len(engine._free)} KV slots of {engine.max_len} tokens ({engine.cache.kv.dtype}){graphs}]", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
-        use_kernels(loaded.model)
-    engine = Engine(loaded.model, max_slots=args.max_slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk)
-    name = args.name or loaded.path.name
-    print(f"[serving {name} on {loaded.device} at http://{args.host}:{args.port}/v1, "
-          f"{engine.cache.slots} KV slots of {engine.max_len} tokens]", file=sys.stderr)
-    uvicorn.run(create_app(loaded, engine, name), host=args.host, port=args.port, log_level="warning")
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from lowbit.bench import load
+
+    return load.main(args)
 
 
 def _int_list(value: str, flag: str) -> tuple[int, ...]:
@@ -401,14 +413,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
     try:
-        args.func(args)
+        code = args.func(args)
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nlowbit: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
