@@ -7,6 +7,7 @@
 #   e2e: quantize the default model (w4a16, w4a8, w8a8-fp8) and generate with it on the kernels
 #   engine: engine tests on the GPU (decode-attention kernel, quantized KV, CUDA-graph decode, custom ops)
 #   bench-e2e: lowbit bench e2e $E2E_ARGS (Llama-3-8B shape, random weights; transformers baseline)
+#   load: lowbit bench serve smollm2-135m $LOAD_ARGS (the server's load test, on the default model)
 #
 # The default model's GGUF (98 MB) is larger than what one call may carry (64 MiB), so it travels in
 # two parts over two calls to the same warm machine; parts are kept in /tmp/lowbit-parts in between.
@@ -78,12 +79,18 @@ fi
 eng="skipped"
 if want engine; then
   python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernel.py tests/test_scheduler.py \
-    tests/test_e2e_bench.py tests/test_kernel_ops.py tests/test_dispatch.py 2>&1 | tee "$OUTDIR/engine.log"
+    tests/test_e2e_bench.py tests/test_fused_kernels.py tests/test_fuse.py tests/test_kernel_ops.py \
+    tests/test_dispatch.py 2>&1 | tee "$OUTDIR/engine.log"
   eng=$(tail -n 1 "$OUTDIR/engine.log")
 fi
 if want bench-e2e; then
   python3 -m lowbit.cli bench e2e ${E2E_ARGS:-} --json "$OUTDIR/e2e.json" --plot "$OUTDIR/e2e.png" 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUTDIR/bench-e2e.log"
+fi
+if [ $have_model = yes ] && want load; then
+  # the load test: lowbit serve in this process on loopback, concurrent streaming clients ($LOAD_ARGS)
+  python3 -m lowbit.cli bench serve smollm2-135m --device cuda --dtype fp16 ${LOAD_ARGS:-} \
+    --json "$OUTDIR/load.json" 2>&1 | tee "$OUTDIR/load.log"
 fi
 if want tune; then
   # TUNE_ARGS, e.g. "--ops w4a16 --ms 1,16": passed to the tuner; the table comes back under $OUT

@@ -97,6 +97,11 @@ def test_graphed_decode_gives_the_tokens_of_eager_decode(scheme, kv):
                           "intermediate_size": 512}, "cuda", torch.float16)
     if scheme != "fp16":
         quantize_rtn(model, scheme, progress=False)
+    if scheme == "w4a8":  # the fused projections on the kernels, as lowbit serve runs them
+        from lowbit.model.fuse import fuse_projections
+
+        assert fuse_projections(model) == 2 * len(model.layers)
+    if scheme != "fp16":
         from lowbit.model.qlinear import use_kernels
 
         use_kernels(model)

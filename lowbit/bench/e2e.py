@@ -259,6 +259,7 @@ def time_transformers(hf_config: dict[str, Any], cfg: E2EConfig, copy_gbps: floa
 def run(cfg: E2EConfig, log: Callable[[str], None] = print) -> E2EReport:
     """Every measurement of ``cfg`` in one process (module docstring)."""
     from lowbit.bench.synthetic import SYNTHETIC, quantize_rtn, random_model
+    from lowbit.model.fuse import fuse_projections
     from lowbit.model.qlinear import use_kernels
 
     if not torch.cuda.is_available():
@@ -294,6 +295,7 @@ def run(cfg: E2EConfig, log: Callable[[str], None] = print) -> E2EReport:
         elif scheme != "fp16":
             quantize_rtn(model, scheme)
         torch.cuda.empty_cache()
+        fuse_projections(model)  # q/k/v and gate/up as one GEMM each, as lowbit serve runs them
         on, total = use_kernels(model)
         if on < total:
             raise LowbitError(f"only {on} of {total} layers of {scheme} have GPU kernels; timing would be misleading")

@@ -115,6 +115,7 @@ class SlotKVCache:
         self._rows: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
         self._lengths: torch.Tensor | None = None  # kernel mode: (B,) int32 tokens each row attends to
+        self._rows32: torch.Tensor | None = None
         self.splits = 1  # kernel mode: the decode-attention split count (fixed per batch size for graphs)
 
     @staticmethod
@@ -149,7 +150,9 @@ class SlotKVCache:
         if kernel:
             if write_pos.shape[1] != 1:
                 raise LowbitError("the decode-attention kernel takes one new token per row")
+            # once per step, not once per layer: the kernel's int32 lengths and slot ids
             self._lengths = (write_pos[:, 0] + 1).to(torch.int32)
+            self._rows32 = slot_ids.to(torch.int32)
             return 0
         self._lengths = None
         span = int(write_pos.max()) + 1
@@ -206,7 +209,7 @@ class SlotKVCache:
             from lowbit.kernels.attention import decode_attention
 
             kq, vq = self.layer_kv(layer)
-            out = decode_attention(q[:, :, 0], kq, vq, self._lengths, self._rows, n_splits=self.splits, check=False)
+            out = decode_attention(q[:, :, 0], kq, vq, self._lengths, self._rows32, n_splits=self.splits, check=False)
             return out[:, :, None]
         keys, values = self._gather(layer, int(self._pos.max()) + 1)
         return sdpa(q, keys, values, mask)

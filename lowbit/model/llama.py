@@ -35,6 +35,18 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual stream's addition fused with the next norm.
+
+        On CUDA one Triton kernel (``lowbit.kernels.fused``); elsewhere the same arithmetic in PyTorch.
+        """
+        if x.is_cuda:
+            from lowbit.kernels.fused import add_rmsnorm
+
+            return add_rmsnorm(x, residual, self.weight, self.eps)
+        h = x if residual is None else x + residual
+        return self(h), h
+
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     """Inverse rotary frequencies, fp32, shape (head_dim // 2,)."""
@@ -68,6 +80,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, nkv * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, nkv * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(nh * hd, h, bias=config.o_bias)
+        # set by lowbit.model.fuse.fuse_projections (inference): one GEMM for q, k and v, which then are None
+        self.qkv_proj: nn.Module | None = None
         # Quantized KV cache, reference path: keys and values are quantized and dequantized as they
         # enter the cache, so attention sees exactly what a quantized cache would give back.
         # k_scale / v_scale (nkv,) fp32 are static per-head scales (fp8 caches), from calibration.
@@ -86,12 +100,22 @@ class Attention(nn.Module):
         start: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
+        if x.is_cuda:  # one kernel each instead of five elementwise ops (same roundings)
+            from lowbit.kernels.fused import rope
+
+            q, k = rope(q, cos, sin).transpose(1, 2), rope(k, cos, sin).transpose(1, 2)  # (B, heads, T, hd)
+        else:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+            q = q * c + rotate_half(q) * s
+            k = k * c + rotate_half(k) * s
+        v = v.transpose(1, 2)
         if self.kv_format is not None and self.kv_format.dtype != "fp16" and not getattr(cache, "quantized", False):
             from lowbit.quant.kv import fake_quantize_kv
 
@@ -101,7 +125,7 @@ class Attention(nn.Module):
             out = sdpa(q, k, v, mask)  # (B, nh, T, hd)
         else:  # the cache stores k, v (quantizing them if it is a quantized cache) and attends
             out = cache.attend(layer, start, q, k, v, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, nh * hd))
 
 
 class MLP(nn.Module):
@@ -111,9 +135,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=b)
         self.up_proj = nn.Linear(h, i, bias=b)
         self.down_proj = nn.Linear(i, h, bias=b)
+        self.gate_up_proj: nn.Module | None = None  # fuse_projections: gate and up in one GEMM
+        self.intermediate_size = i
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).split([self.intermediate_size] * 2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if x.is_cuda:
+            from lowbit.kernels.fused import silu_mul
+
+            return self.down_proj(silu_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -125,8 +159,16 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask, cache, layer, start):  # noqa: ANN001 - see Attention.forward
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out, residual = self.residual_forward(x, None, cos, sin, mask, cache, layer, start)
+        return residual + out
+
+    def residual_forward(self, x, residual, cos, sin, mask, cache, layer, start):  # noqa: ANN001
+        """(MLP output, residual stream before adding it): x is the previous layer's MLP output, not yet
+        added to ``residual`` (None for the first layer); each addition is fused with the norm after it."""
+        h, residual = self.input_layernorm.add_forward(x, residual)
+        h, residual = self.post_attention_layernorm.add_forward(
+            self.self_attn(h, cos, sin, mask, cache, layer, start), residual)
+        return self.mlp(h), residual
 
 
 class Transformer(nn.Module):
@@ -167,11 +209,12 @@ class Transformer(nn.Module):
             raise ValueError("start > 0 needs a KV cache holding the earlier slots")
         if mask is None and getattr(cache, "needs_mask", True):
             mask = self.attention_mask(B, T, start, key_valid, device)
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, start)
+            x, residual = layer.residual_forward(x, residual, cos, sin, mask, cache, i, start)
         if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+            x, residual = x[:, -1:], (None if residual is None else residual[:, -1:])
+        return self.lm_head(self.norm.add_forward(x, residual)[0])
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, T, hd) for rotary positions (B, T); computed in fp32 as in transformers."""

@@ -114,6 +114,31 @@ class QuantLinear(nn.Module):
             setattr(m, name, t)
         return m
 
+    @classmethod
+    def concat(cls, mods: list[QuantLinear]) -> QuantLinear | None:
+        """One layer whose output is the concatenation of ``mods``' outputs (same input), or None when
+        they differ in format, smoothing factors or act-order, or hold outlier columns / FMPQ blocks."""
+        first = mods[0]
+        same = all(m.wfmt == first.wfmt and m.afmt == first.afmt and m.in_features == first.in_features
+                   for m in mods)
+        special = any(m.outlier_idx is not None or m.act_perm is not None or m.fmpq_high is not None for m in mods)
+        if not same or special:
+            return None
+        for name in ("smooth", "g_idx"):
+            ts = [getattr(m, name) for m in mods]
+            if any(t is None for t in ts) != all(t is None for t in ts):
+                return None
+            if ts[0] is not None and not all(torch.equal(t, ts[0]) for t in ts):
+                return None
+        if any(m.bias is None for m in mods) != all(m.bias is None for m in mods):
+            return None
+        out = cls(first.in_features, sum(m.out_features for m in mods), first.wfmt, first.afmt)
+        for name in ("qweight", "scales", "zeros", "bias"):  # all indexed by output channel first
+            ts = [getattr(m, name) for m in mods]
+            setattr(out, name, None if ts[0] is None else torch.cat(ts))
+        out.smooth, out.g_idx = first.smooth, first.g_idx
+        return out
+
     def _apply(self, fn, recurse=True):
         # model.to(dtype) must move these buffers but never re-round them: scales stay fp16, codes
         # integer, smoothing factors fp32. Only bias and outlier weights follow the model's dtype.

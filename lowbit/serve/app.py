@@ -346,10 +346,13 @@ def load_app(model: str | Path, *, device: str = "auto", dtype: str = "auto", na
     loaded = load_model(model, device=device, dtype=dtype)
     if loaded.tokenizer is None:  # checked before the engine allocates its KV cache
         raise LowbitError(f"{loaded.path} ships no tokenizer files; serving needs one beside the weights")
-    if getattr(loaded.model, "quant_scheme", None) is not None and loaded.device.type == "cuda":
+    if loaded.device.type == "cuda":
+        from lowbit.model.fuse import fuse_projections
         from lowbit.model.qlinear import use_kernels
 
-        use_kernels(loaded.model)
+        fuse_projections(loaded.model)  # q/k/v and gate/up as one GEMM each
+        if getattr(loaded.model, "quant_scheme", None) is not None:
+            use_kernels(loaded.model)
     engine = Engine(loaded.model, max_slots=max_slots, max_len=max_len, prefill_chunk=prefill_chunk)
     return create_app(loaded, engine, name or loaded.path.name)
 

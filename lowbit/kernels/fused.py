@@ -1,0 +1,146 @@
+"""Fused elementwise kernels of the decoder: residual add + RMSNorm, rotary embedding, SiLU-gate.
+
+At decode a Llama layer is ~7 small GEMMs and, in eager PyTorch, ~35 elementwise kernels (RMSNorm
+alone is 6: cast, square, mean, rsqrt, scale, cast back, weight). Inside a CUDA graph each still
+costs 2-3 us of GPU time at batch 1, which for Llama-3-8B adds up to milliseconds per token, as
+much as the int4 GEMMs themselves (measured: docs/engine.md). Each kernel here replaces one such
+chain with one pass over the data.
+
+Numerics: each kernel reproduces its PyTorch reference (``*_reference``, the code of
+``lowbit.model.llama``), rounding to the activation dtype where PyTorch does, so results are
+bit-identical except for the order of the fp32 sum in RMSNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.errors import LowbitError
+
+
+def add_rmsnorm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * rmsnorm(x + residual), x + residual); x, residual (..., H) fp16/bf16/fp32, weight (H,)."""
+    h = x if residual is None else x + residual
+    hf = h.float()
+    normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(h.dtype), h
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, H, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < H
+    x = tl.load(x_ptr + row * H + cols, mask=ok, other=0.0)
+    if HAS_RES:
+        x = (x.to(tl.float32) + tl.load(r_ptr + row * H + cols, mask=ok, other=0.0).to(tl.float32)).to(
+            x_ptr.dtype.element_ty)  # the residual stream stays in the activation dtype, as in PyTorch
+        tl.store(h_ptr + row * H + cols, x, mask=ok)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * H + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``add_rmsnorm_reference``: one read of x (and residual), one write of each output."""
+    H = x.shape[-1]
+    if weight.shape != (H,) or (residual is not None and residual.shape != x.shape):
+        raise LowbitError(f"add_rmsnorm: x {tuple(x.shape)}, residual and weight ({H},) must agree")
+    if weight.dtype != x.dtype:  # PyTorch's product would promote; keep the reference's semantics there
+        return add_rmsnorm_reference(x, residual, weight, eps)
+    xc = x.contiguous()
+    out = torch.empty_like(xc)
+    h = xc if residual is None else torch.empty_like(xc)
+    rows = xc.numel() // H
+    if rows:
+        _add_rmsnorm_kernel[(rows,)](xc, residual.contiguous() if residual is not None else xc, weight, out, h, H,
+                                     eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(H),
+                                     num_warps=4 if H <= 4096 else 8)
+    return out, h
+
+
+def rope_reference(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """t (B, T, heads, hd), cos/sin (B, T, hd) -> t * cos + rotate_half(t) * sin, same shape and dtype."""
+    c, s = cos[:, :, None], sin[:, :, None]
+    t1, t2 = t.chunk(2, dim=-1)
+    return t * c + torch.cat((-t2, t1), dim=-1) * s
+
+
+@triton.jit
+def _rope_kernel(t_ptr, cos_ptr, sin_ptr, out_ptr, T, HEADS, stride_b, stride_t, stride_h,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    tok = tl.program_id(0)  # b * T + t
+    b = tok // T
+    t = tok % T
+    rh = tl.arange(0, BLOCK_H)
+    rd = tl.arange(0, HALF)
+    ok = rh[:, None] < HEADS
+    base = t_ptr + b.to(tl.int64) * stride_b + t * stride_t + rh[:, None] * stride_h
+    x1 = tl.load(base + rd[None, :], mask=ok, other=0.0)
+    x2 = tl.load(base + HALF + rd[None, :], mask=ok, other=0.0)
+    DT = x1.dtype
+    cs = cos_ptr + tok.to(tl.int64) * 2 * HALF
+    sn = sin_ptr + tok.to(tl.int64) * 2 * HALF
+    c1 = tl.load(cs + rd)[None, :].to(tl.float32)
+    c2 = tl.load(cs + HALF + rd)[None, :].to(tl.float32)
+    s1 = tl.load(sn + rd)[None, :].to(tl.float32)
+    s2 = tl.load(sn + HALF + rd)[None, :].to(tl.float32)
+    f1 = x1.to(tl.float32)
+    f2 = x2.to(tl.float32)
+    # each product and the sum rounded to the activation dtype, as PyTorch's three elementwise ops do
+    o1 = (f1 * c1).to(DT).to(tl.float32) + (-f2 * s1).to(DT).to(tl.float32)
+    o2 = (f2 * c2).to(DT).to(tl.float32) + (f1 * s2).to(DT).to(tl.float32)
+    ob = out_ptr + (tok.to(tl.int64) * HEADS + rh[:, None]) * 2 * HALF
+    tl.store(ob + rd[None, :], o1.to(DT), mask=ok)
+    tl.store(ob + HALF + rd[None, :], o2.to(DT), mask=ok)
+
+
+def rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Fused ``rope_reference``; t may be a strided view (e.g. columns of a fused QKV output) whose last
+    dim is contiguous. Returns a contiguous (B, T, heads, hd) tensor."""
+    B, T, heads, hd = t.shape
+    if cos.shape != (B, T, hd) or sin.shape != cos.shape or hd % 2 or t.stride(-1) != 1:
+        raise LowbitError(f"rope: t {tuple(t.shape)} with unit last stride and cos/sin (B, T, {hd}) expected")
+    if cos.dtype != t.dtype or hd & (hd - 1):
+        return rope_reference(t, cos, sin)
+    out = torch.empty((B, T, heads, hd), dtype=t.dtype, device=t.device)
+    if B * T:
+        _rope_kernel[(B * T,)](t, cos.contiguous(), sin.contiguous(), out, T, heads, t.stride(0), t.stride(1),
+                               t.stride(2), HALF=hd // 2, BLOCK_H=triton.next_power_of_2(heads))
+    return out
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    g = tl.load(g_ptr + row * stride_g + cols, mask=ok, other=0.0)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=ok, other=0.0)
+    gf = g.to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # silu rounded to the activation dtype, then the product
+    tl.store(out_ptr + row * N + cols, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Fused ``silu(gate) * up``; gate, up (..., N) with unit last stride (views of a fused gate-up output
+    are fine). Returns a contiguous (..., N) tensor."""
+    if gate.shape != up.shape or gate.stride(-1) != 1 or up.stride(-1) != 1 or gate.dtype != up.dtype:
+        raise LowbitError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} must match, unit last stride")
+    N = gate.shape[-1]
+    g2, u2 = gate.reshape(-1, N), up.reshape(-1, N)  # views when the rows are evenly strided
+    out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    BLOCK = 1024
+    if g2.shape[0]:
+        _silu_mul_kernel[(g2.shape[0], triton.cdiv(N, BLOCK))](g2, u2, out, N, g2.stride(0), u2.stride(0), BLOCK=BLOCK)
+    return out.view(gate.shape)

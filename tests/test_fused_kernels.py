@@ -1,0 +1,67 @@
+"""Fused decoder kernels (residual add + RMSNorm, rotary, SiLU-gate) against their PyTorch references,
+in the Triton interpreter on CPU and compiled on a GPU; odd sizes, strided views, error paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+
+pytest.importorskip("triton")
+from lowbit.kernels import fused  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # NumPy has no bf16
+
+
+def _rand(*shape, dtype=torch.float16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * 2).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (3, 1, 96), (17, 200)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rmsnorm_matches_reference(dtype, shape, with_residual):
+    x = _rand(*shape, dtype=dtype)
+    r = _rand(*shape, dtype=dtype, seed=1) if with_residual else None
+    w = _rand(shape[-1], dtype=dtype, seed=2)
+    out, h = fused.add_rmsnorm(x, r, w, 1e-5)
+    ref_out, ref_h = fused.add_rmsnorm_reference(x, r, w, 1e-5)
+    assert torch.equal(h, ref_h)  # the residual add is exact
+    # the normalized values may differ by one rounding step (the fp32 sum's order)
+    torch.testing.assert_close(out, ref_out, rtol=8e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, T, heads", [(1, 1, 4), (3, 5, 2), (2, 17, 3)])
+def test_rope_matches_reference_bit_for_bit(dtype, B, T, heads):
+    hd = 32
+    qkv = _rand(B, T, (heads + 2) * hd, dtype=dtype)  # a fused projection output: q is a strided view
+    q = qkv[..., : heads * hd].view(B, T, heads, hd)
+    ang = torch.rand(B, T, hd // 2, generator=torch.Generator().manual_seed(3)) * 6
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(DEVICE, dtype)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(DEVICE, dtype)
+    out = fused.rope(q, cos, sin)
+    assert out.is_contiguous() and out.shape == q.shape
+    assert torch.equal(out, fused.rope_reference(q, cos, sin))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, N", [(1, 96), (3, 1500), (17, 33)])
+def test_silu_mul_matches_reference(dtype, M, N):
+    gu = _rand(M, 2 * N, dtype=dtype)
+    gate, up = gu[:, :N], gu[:, N:]  # views of a fused gate-up output
+    out = fused.silu_mul(gate, up)
+    torch.testing.assert_close(out, fused.silu_mul_reference(gate, up), rtol=4e-3, atol=4e-3)
+
+
+def test_errors():
+    x = _rand(2, 8)
+    with pytest.raises(LowbitError, match="must agree"):
+        fused.add_rmsnorm(x, None, _rand(9), 1e-5)
+    with pytest.raises(LowbitError, match="unit last stride"):
+        fused.silu_mul(x, _rand(2, 9))
+    with pytest.raises(LowbitError, match="cos/sin"):
+        fused.rope(_rand(1, 2, 3, 8), _rand(1, 2, 4), _rand(1, 2, 4))
