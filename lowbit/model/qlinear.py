@@ -86,9 +86,10 @@ class QuantLinear(nn.Module):
             raise LowbitError(f"quantized columns ({Kq}) + outliers ({n_out}) != in_features ({in_features})")
         m = cls(in_features, N, qw.fmt, afmt)
         packed = qw.fmt.bits == 4 and qw.fmt.dtype == "int"
-        m.qweight = pack_int4(qw.codes) if packed else qw.codes.clone()
-        m.scales = qw.scale.to(torch.float16)
-        m.zeros = qw.zero
+        # detached: an autograd graph behind the scales would keep the float weights alive
+        m.qweight = pack_int4(qw.codes.detach()) if packed else qw.codes.detach().clone()
+        m.scales = qw.scale.detach().to(torch.float16)
+        m.zeros = None if qw.zero is None else qw.zero.detach()
         m.g_idx = None if qw.g_idx is None else qw.g_idx.to(torch.int32)
         m.bias = None if bias is None else bias.detach().to(dtype)
         m.smooth = None if smooth is None else smooth.detach().float()
