@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: fp16 and presets with GPU kernels (w4a16, w4a16-rtn, w4a8, w4a8-g128, "
                    "w8a8-fp8, w8a8-int8) (default: fp16,w4a16,w4a8,w8a8-fp8)")
     e.add_argument("--batch", default="1,4,16,64,256", help="batch sizes, comma-separated (default: 1,4,16,64,256)")
-    e.add_argument("--kv", default="fp16", help="KV cache formats, comma-separated: fp16, int8, int4, fp8 (default: fp16)")
+    e.add_argument("--kv", default="fp16", help="KV cache formats, comma-separated: fp16, int8, int4 (one scale per token and head), int4-g32, "
+                   "fp8 (default: fp16)")
     e.add_argument("--context", type=int, default=512, help="tokens in each sequence's cache during decode (default: 512)")
     e.add_argument("--prompt-len", type=int, default=512, help="prefill length in tokens (default: 512)")
     e.add_argument("--steps", type=int, default=32, help="decode steps timed per configuration (default: 32)")

@@ -34,8 +34,10 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats import KV_MODIFIERS, KVCacheFormat
 
+# int8 and int4: one scale per token and head (COMET's 4-bit cache); int4-g32: the +kv4 modifier's groups of 32
 KV_FORMATS: dict[str, KVCacheFormat | None] = {
-    "fp16": None, "int8": KV_MODIFIERS["kv8"], "int4": KV_MODIFIERS["kv4"], "fp8": KV_MODIFIERS["kvfp8"],
+    "fp16": None, "int8": KV_MODIFIERS["kv8"], "int4": KVCacheFormat("int4"), "int4-g32": KV_MODIFIERS["kv4"],
+    "fp8": KV_MODIFIERS["kvfp8"],
 }
 
 

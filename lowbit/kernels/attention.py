@@ -113,8 +113,9 @@ def decode_attention_reference(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, 
 @triton.jit
 def _load_kv_tile(codes_ptr, scales_ptr, base, sbase, rs, rd, s_ok, D_HALF: tl.constexpr,
                   GROUP: tl.constexpr, N_GROUPS: tl.constexpr, KIND: tl.constexpr, HI: tl.constexpr,
-                  STATIC: tl.constexpr, static_scale):
-    """(BLOCK_S, D_HALF) fp32 dequantized values of channels [HI * D_HALF, (HI + 1) * D_HALF).
+                  STATIC: tl.constexpr, static_scale, RAW: tl.constexpr):
+    """(BLOCK_S, D_HALF) fp32 dequantized values of channels [HI * D_HALF, (HI + 1) * D_HALF);
+    with RAW the codes without their scales (the caller applies per-token scales itself).
 
     KIND 0 int8, 1 int4 (halves layout), 2 fp8 e4m3 (passed as its bytes, uint8), 3 a plain fp16/bf16
     cache (no scale). ``base`` points at the slot/head's first token.
@@ -136,7 +137,7 @@ def _load_kv_tile(codes_ptr, scales_ptr, base, sbase, rs, rd, s_ok, D_HALF: tl.c
             vals = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         else:
             vals = raw.to(tl.float32)
-    if KIND == 3:
+    if KIND == 3 or RAW:
         pass
     elif STATIC:
         vals = vals * static_scale
@@ -153,8 +154,12 @@ def _decode_attn_kernel(
     Hq, Hkv, L, sm_scale, tokens_per_split,
     G: tl.constexpr, G_PAD: tl.constexpr, D_HALF: tl.constexpr, BLOCK_S: tl.constexpr,
     GROUP: tl.constexpr, N_GROUPS: tl.constexpr, KIND: tl.constexpr, STATIC: tl.constexpr,
-    CODE_D: tl.constexpr,
+    CODE_D: tl.constexpr, PER_TOKEN: tl.constexpr,
 ):
+    # PER_TOKEN (one scale per token and head, dynamic): the products run on the raw codes (exact in
+    # fp16/bf16) and the scales are applied to the (G, BLOCK_S) scores for K and folded into the
+    # probabilities for V, instead of scaling every (token, channel) value: the per-element scale
+    # gather made the int caches 2.5x slower than fp16 (measured, docs/engine.md).
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -185,23 +190,32 @@ def _decode_attn_kernel(
         rs = s0 + tl.arange(0, BLOCK_S)
         s_ok = rs < stop
         k_lo = _load_kv_tile(kc_ptr, ks_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, False,
-                             STATIC, k_static)
+                             STATIC, k_static, PER_TOKEN)
         k_hi = _load_kv_tile(kc_ptr, ks_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, True,
-                             STATIC, k_static)
+                             STATIC, k_static, PER_TOKEN)
         scores = (tl.dot(q_lo.to(DT), tl.trans(k_lo.to(DT)))
                   + tl.dot(q_hi.to(DT), tl.trans(k_hi.to(DT)))) * sm_scale  # (G_PAD, BLOCK_S)
+        if PER_TOKEN:
+            scores = scores * tl.load(ks_ptr + sbase + rs, mask=s_ok, other=0.0)[None, :]
         scores = tl.where(s_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_lo = _load_kv_tile(vc_ptr, vs_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, False,
-                             STATIC, v_static)
+                             STATIC, v_static, PER_TOKEN)
         v_hi = _load_kv_tile(vc_ptr, vs_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, True,
-                             STATIC, v_static)
-        pf = p.to(DT)
-        acc_lo = acc_lo * alpha[:, None] + tl.dot(pf, v_lo.to(DT))
-        acc_hi = acc_hi * alpha[:, None] + tl.dot(pf, v_hi.to(DT))
+                             STATIC, v_static, PER_TOKEN)
+        if PER_TOKEN:
+            # relative to the block's largest scale, so that p * scale keeps p's range in fp16
+            vs = tl.load(vs_ptr + sbase + rs, mask=s_ok, other=0.0)
+            vmax = tl.maximum(tl.max(vs, axis=0), 1e-30)
+            pf = (p * (vs / vmax)[None, :]).to(DT)
+        else:
+            vmax = 1.0
+            pf = p.to(DT)
+        acc_lo = acc_lo * alpha[:, None] + tl.dot(pf, v_lo.to(DT)) * vmax
+        acc_hi = acc_hi * alpha[:, None] + tl.dot(pf, v_hi.to(DT)) * vmax
         m_i = m_new
     # partial results of this split: unnormalized acc, running max and sum
     n_splits = tl.num_programs(2)
@@ -279,6 +293,7 @@ def decode_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, lengths: t
         part_o, part_ml, Hq, Hkv, L, scale if scale is not None else D ** -0.5, tokens_per_split,
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), D_HALF=D // 2, BLOCK_S=block_s,
         GROUP=k.group, N_GROUPS=D // k.group, KIND=kind, STATIC=static, CODE_D=k.codes.shape[-1],
+        PER_TOKEN=kind in (0, 1, 2) and not static and k.group == D,
     )
     _merge_splits_kernel[(B * Hq,)](part_o, part_ml, out, N_SPLITS=n_splits,
                                     SPLITS_PAD=max(2, triton.next_power_of_2(n_splits)), D=D)
