@@ -246,7 +246,8 @@ def _merge_splits_kernel(part_o_ptr, part_ml_ptr, out_ptr, N_SPLITS: tl.constexp
 
 def decode_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, lengths: torch.Tensor,
                      slot_of_row: torch.Tensor, scale: float | None = None, *, block_s: int = 64,
-                     tokens_per_split: int = 512, n_splits: int | None = None, check: bool = True) -> torch.Tensor:
+                     tokens_per_split: int = 512, n_splits: int | None = None, check: bool = True,
+                     num_warps: int = 4) -> torch.Tensor:
     """q (B, Hq, D) fp16/bf16 -> (B, Hq, D); row b attends to tokens [0, lengths[b]) of cache slot slot_of_row[b].
 
     ``lengths`` (B,) int32, each >= 1; ``slot_of_row`` (B,) int32. K and V share dtype, group and shape.
@@ -293,7 +294,7 @@ def decode_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, lengths: t
         part_o, part_ml, Hq, Hkv, L, scale if scale is not None else D ** -0.5, tokens_per_split,
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), D_HALF=D // 2, BLOCK_S=block_s,
         GROUP=k.group, N_GROUPS=D // k.group, KIND=kind, STATIC=static, CODE_D=k.codes.shape[-1],
-        PER_TOKEN=kind in (0, 1, 2) and not static and k.group == D,
+        PER_TOKEN=kind in (0, 1, 2) and not static and k.group == D, num_warps=num_warps,
     )
     _merge_splits_kernel[(B * Hq,)](part_o, part_ml, out, N_SPLITS=n_splits,
                                     SPLITS_PAD=max(2, triton.next_power_of_2(n_splits)), D=D)
