@@ -245,9 +245,9 @@ def _merge_splits_kernel(part_o_ptr, part_ml_ptr, out_ptr, N_SPLITS: tl.constexp
 
 
 def decode_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, lengths: torch.Tensor,
-                     slot_of_row: torch.Tensor, scale: float | None = None, *, block_s: int = 64,
+                     slot_of_row: torch.Tensor, scale: float | None = None, *, block_s: int | None = None,
                      tokens_per_split: int = 512, n_splits: int | None = None, check: bool = True,
-                     num_warps: int = 4) -> torch.Tensor:
+                     num_warps: int | None = None) -> torch.Tensor:
     """q (B, Hq, D) fp16/bf16 -> (B, Hq, D); row b attends to tokens [0, lengths[b]) of cache slot slot_of_row[b].
 
     ``lengths`` (B,) int32, each >= 1; ``slot_of_row`` (B,) int32. K and V share dtype, group and shape.
@@ -274,6 +274,12 @@ def decode_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, lengths: t
         raise LowbitError(f"lengths must be in [1, {L}] and slots < {S}")
     G = Hq // Hkv
     kind = {"int8": 0, "int4": 1, "fp8_e4m3": 2, "fp16": 3}[k.dtype]
+    # tiles measured fastest on the H100 at batch 64, context 4096 (bench/attention_sweep.py, docs/engine.md):
+    # 128 tokens x 4 warps for fp16 caches, 64 x 2 for the 8- and 4-bit ones
+    if block_s is None:
+        block_s = 128 if kind == 3 else 64
+    if num_warps is None:
+        num_warps = 4 if kind == 3 else 2
     static = kind == 2 and k.scales.ndim == 1
     if n_splits is None:
         n_splits = max(1, math.ceil(int(lengths.max()) / tokens_per_split)) if B else 1
