@@ -35,6 +35,13 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default: 0)")
 
 
+def _add_report_files(p: argparse.ArgumentParser, plot: str) -> None:
+    """--json, --plot and --from-json of the benchmark commands."""
+    p.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
+    p.add_argument("--plot", metavar="FILE", help=f"write a PNG (matplotlib): {plot}")
+    p.add_argument("--from-json", metavar="FILE", help="no GPU: re-print the table (and --plot) from a saved --json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowbit",
@@ -145,9 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--m", default="1,16,32,64,128,256,1024,4096", help="batch sizes M (tokens), comma-separated")
     k.add_argument("--paths", default=None, help="kernel paths to time (default: all): "
                    "fp16, fp8-cublas, int8-cublas, w4a16, w4a8, w4a8-g128, w4a8-fp8, w8a8-int8, w8a8-fp8")
-    k.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
-    k.add_argument("--plot", metavar="FILE", help="write a PNG: speed-up over fp16 vs M, one line per path (matplotlib)")
-    k.add_argument("--from-json", metavar="FILE", help="no GPU: re-print the table (and --plot) from a saved --json")
+    _add_report_files(k, "speed-up over fp16 vs M, one line per path")
     k.set_defaults(func=_cmd_bench_kernels)
     e = bsub.add_parser(
         "e2e",
@@ -171,9 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt-len", type=int, default=512, help="prefill length in tokens (default: 512)")
     e.add_argument("--steps", type=int, default=32, help="decode steps timed per configuration (default: 32)")
     e.add_argument("--no-transformers", action="store_true", help="skip the transformers fp16 generate baseline")
-    e.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
-    e.add_argument("--plot", metavar="FILE", help="write a PNG: decode tokens/s vs batch, one line per engine/scheme")
-    e.add_argument("--from-json", metavar="FILE", help="no GPU: re-print the table (and --plot) from a saved --json")
+    _add_report_files(e, "decode tokens/s vs batch, one line per engine/scheme")
     e.set_defaults(func=_cmd_bench_e2e)
     from lowbit.bench.load import add_arguments as add_load_arguments
 
