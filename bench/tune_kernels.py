@@ -22,6 +22,7 @@ import torch
 from lowbit.bench.kernels import build, parse_shapes, time_us
 from lowbit.kernels.config import TileConfig
 from lowbit.kernels.dispatch import KERNELS, OPS, TUNED_DIR, Choice
+from lowbit.report_files import write_json
 
 TUNE_SHAPES = "llama3-8b:qkv,llama3-8b:gateup,llama3-70b:gateup,llama3-70b:down"
 TUNE_MS = (1, 16, 32, 64, 128, 256, 1024, 4096)
@@ -110,9 +111,7 @@ def main() -> None:
         table["entries"][op] = entries
         table["tile_k"][op] = args.tile_k  # the int4 layout these entries were timed with
         print(f"-- {op} tuned in {time.time() - t_op:.0f} s", flush=True)
-    with open(out + ".tmp", "w") as f:
-        json.dump(table, f, indent=1)
-    os.replace(out + ".tmp", out)
+    write_json(out, table)
     print(f"wrote {out}")
 
 

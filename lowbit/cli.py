@@ -229,16 +229,23 @@ def _int_list(value: str, flag: str) -> tuple[int, ...]:
     return out
 
 
-def _cmd_bench_e2e(args: argparse.Namespace) -> None:
-    import json
+def _read_report(path: str, report_class: type, what: str):  # noqa: ANN202 - an instance of report_class
+    """A saved --json report (``--from-json``), or a LowbitError naming ``what``."""
+    from lowbit.report_files import read_json
 
+    data = read_json(path, what)
+    try:
+        return report_class.from_json(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LowbitError(f"cannot read {what} from {path}: {exc}") from exc
+
+
+def _cmd_bench_e2e(args: argparse.Namespace) -> None:
     from lowbit.bench import e2e
+    from lowbit.report_files import write_json
 
     if args.from_json:
-        try:
-            report = e2e.E2EReport.from_json(json.loads(Path(args.from_json).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise LowbitError(f"cannot read an e2e report from {args.from_json}: {exc}") from exc
+        report = _read_report(args.from_json, e2e.E2EReport, "an e2e report")
     else:
         kv = tuple(k.strip() for k in args.kv.split(",") if k.strip())
         unknown = [k for k in kv if k not in e2e.KV_FORMATS]
@@ -255,29 +262,20 @@ def _cmd_bench_e2e(args: argparse.Namespace) -> None:
                             transformers=not args.no_transformers)
         report = e2e.run(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
         if args.json:
-            e2e.write_json(report, args.json)
+            write_json(args.json, report.to_json())
     if args.plot:
         e2e.plot(report, args.plot)
     print(e2e.format_table(report))
 
 
 def _cmd_bench_kernels(args: argparse.Namespace) -> None:
-    import json
-
     from lowbit.bench import kernels as kb
+    from lowbit.report_files import write_json
 
     if args.from_json:
-        try:
-            report = kb.KernelReport.from_json(json.loads(Path(args.from_json).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise LowbitError(f"cannot read a kernel report from {args.from_json}: {exc}") from exc
+        report = _read_report(args.from_json, kb.KernelReport, "a kernel report")
     else:
-        try:
-            ms = [int(m) for m in args.m.split(",") if m.strip()]
-        except ValueError as exc:
-            raise LowbitError(f"--m takes comma-separated integers, got {args.m!r}") from exc
-        if not ms or min(ms) < 1:
-            raise LowbitError("--m needs batch sizes >= 1")
+        ms = list(_int_list(args.m, "--m"))
         shapes = kb.parse_shapes(args.shapes)
         paths = list(kb.PATHS) if args.paths is None else [p.strip() for p in args.paths.split(",") if p.strip()]
         if "fp16" not in paths:
@@ -292,7 +290,7 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> None:
         with tqdm(total=total, desc="timing", unit="run", file=sys.stderr) as bar:
             report = kb.run(shapes, ms, paths, progress=lambda r: bar.update(1))
         if args.json:
-            kb.write_json(report, args.json)
+            write_json(args.json, report.to_json())
     if args.plot:
         kb.plot(report, args.plot)
     print(kb.format_table(report))

@@ -10,6 +10,7 @@ from lowbit.bench import kernels as kb
 from lowbit.errors import LowbitError
 from lowbit.kernels import dispatch
 from lowbit.kernels.config import TileConfig
+from lowbit.report_files import write_json
 
 
 def test_shipped_tables_are_complete_and_valid():
@@ -79,7 +80,7 @@ def test_report_table_round_trips_through_json(tmp_path):
     for path, us in (("fp16", 100.0), ("fp8-cublas", 60.0), ("w4a16", 40.0)):
         rep.rows.append(kb.Measurement("llama3-8b gateup", 28672, 4096, 1, path, us, 1000))
     out = tmp_path / "k.json"
-    kb.write_json(rep, str(out))
+    write_json(out, rep.to_json())
     d = json.loads(out.read_text())
     w4 = next(r for r in d["rows"] if r["path"] == "w4a16")
     assert w4["speedup_vs_fp16"] == 2.5 and w4["speedup_vs_fp8"] == 1.5
@@ -94,7 +95,7 @@ def test_bench_cli_from_json_and_gpu_requirement(tmp_path, capsys):
 
     rep = kb.KernelReport("NVIDIA H200", "2026-11-21", "2.11", "3.6",
                           [kb.Measurement("s", 8, 8, 1, "fp16", 2.0, 128), kb.Measurement("s", 8, 8, 1, "w4a16", 1.0, 32)])
-    kb.write_json(rep, str(tmp_path / "r.json"))
+    write_json(tmp_path / "r.json", rep.to_json())
     assert main(["bench", "kernels", "--from-json", str(tmp_path / "r.json")]) == 0
     assert "| s (8x8) | 1 | 2.0 | 2.00x |" in capsys.readouterr().out
     assert main(["bench", "kernels", "--from-json", str(tmp_path / "missing.json")]) == 2

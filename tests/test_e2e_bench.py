@@ -17,6 +17,7 @@ from lowbit.engine.scheduler import Engine
 from lowbit.errors import LowbitError
 from lowbit.model.config import ModelConfig
 from lowbit.model.qlinear import QuantLinear
+from lowbit.report_files import write_json
 
 TINY = {**LLAMA3_8B, "vocab_size": 97, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 128}
@@ -71,7 +72,7 @@ def test_table_ratios_and_json_round_trip(tmp_path, capsys):
     assert "NVIDIA H100 80GB HBM3" in table
     assert "| lowbit | w4a8 | fp16 | 1 | 360.0 | 2.78 | 1800 (60%) | 8000 | 6.0 | 12.00x | 2.40x |" in table
     path = tmp_path / "e2e.json"
-    e2e.write_json(rep, str(path))
+    write_json(path, rep.to_json())
     assert e2e.E2EReport.from_json(json.loads(path.read_text())) == rep
     assert main(["bench", "e2e", "--from-json", str(path)]) == 0
     assert "12.00x" in capsys.readouterr().out

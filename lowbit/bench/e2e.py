@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -33,6 +31,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import KV_MODIFIERS, KVCacheFormat
+from lowbit.report_files import pyplot, save_figure
 
 # int8 and int4: one scale per token and head (COMET's 4-bit cache); int4-g32: the +kv4 modifier's groups of 32
 KV_FORMATS: dict[str, KVCacheFormat | None] = {
@@ -327,14 +326,7 @@ def format_table(report: E2EReport) -> str:
 
 def plot(report: E2EReport, path: str) -> None:
     """Decode tokens/s against batch size, one line per (engine, scheme, KV), log-log; written to ``path``."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise LowbitError("--plot needs matplotlib: pip install 'lowbit[bench]'") from exc
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     keys = dict.fromkeys((r.engine, r.scheme, r.kv) for r in report.rows)
     for engine, scheme, kv in keys:
         rs = sorted((r for r in report.rows if (r.engine, r.scheme, r.kv) == (engine, scheme, kv)), key=lambda r: r.batch)
@@ -350,13 +342,4 @@ def plot(report: E2EReport, path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_json(report: E2EReport, path: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(report.to_json(), f, indent=1)
-    os.replace(path + ".tmp", path)
+    save_figure(fig, path, dpi=120)

@@ -9,7 +9,6 @@ them, medians of ``triton.testing.do_bench`` after its warm-up. Speed is reporte
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.report_files import pyplot, save_figure
 
 # (layer, N out, K in) of the models users run; 70B's qkv/o are there for dispatch coverage
 SHAPES: dict[str, list[tuple[str, int, int]]] = {
@@ -237,13 +237,7 @@ def format_table(report: KernelReport) -> str:
 
 def plot(report: KernelReport, path: str) -> None:
     """PNG: speed-up over fp16 vs M (log2 x axis), one line per kernel path, one panel per layer."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise LowbitError("--plot needs matplotlib: pip install 'lowbit[bench]'") from exc
+    plt = pyplot()
     shapes = list(dict.fromkeys(r.shape for r in report.rows))
     paths = [p for p in PATHS if p != "fp16" and any(r.path == p for r in report.rows)]
     cols = min(3, len(shapes))
@@ -267,16 +261,4 @@ def plot(report: KernelReport, path: str) -> None:
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"lowbit kernels on {report.gpu} ({report.date})", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    import os
-
-    os.replace(path + ".tmp.png", path)
-
-
-def write_json(report: KernelReport, path: str) -> None:
-    import os
-
-    with open(path + ".tmp", "w") as f:
-        json.dump(report.to_json(), f, indent=1)
-    os.replace(path + ".tmp", path)
+    save_figure(fig, path, dpi=110)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.report_files import write_json
 
 MIXUP_CHARS = 8  # characters (about two tokens of English): a difference before this is a mix-up
 
@@ -421,5 +422,5 @@ def main(args: argparse.Namespace) -> int:
             report = asyncio.run(run_load(replace(cfg, url=url, model=served.name)))
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_json(), indent=1))
+        write_json(args.json, report.to_json())
     return 0 if report.passed else 1

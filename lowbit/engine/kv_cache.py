@@ -26,6 +26,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 class KVCache:
     """Keys and values of every layer for ``batch`` sequences of up to ``max_len`` tokens."""
 
+    quantized = False  # stores the model's dtype; a quantized KV format is fake-quantized by the model
+    needs_mask = True  # attention takes the caller's mask
+
     def __init__(
         self,
         config: ModelConfig,
@@ -178,7 +181,10 @@ class SlotKVCache:
 
         rows, pos = self._rows, self._pos
         r = rows[:, None].expand_as(pos)  # (B, T) index pairs -> (B, T, kv_heads, ...) values
-        for t, codes, scales, which in ((k, self.keys, self.key_scales, 0), (v, self.values, self.value_scales, 1)):
+        for t, codes, scales in ((k, self.keys, self.key_scales), (v, self.values, self.value_scales)):
+            if not self.quantized:  # stored as they are: no contiguous copy through quantize_kv
+                codes[layer][r, :, pos] = t.transpose(1, 2).to(self.dtype)
+                continue
             static = scales[layer] if self.static else None
             q = quantize_kv(t.to(self.dtype), self.kv.dtype, self.kv.group_size, static)
             codes[layer][r, :, pos] = q.codes.transpose(1, 2)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from lowbit.eval.perplexity import evaluate
 from lowbit.formats import QuantScheme
 from lowbit.model.loader import load_model
 from lowbit.quant.api import Stopwatch, linear_bits_per_weight, quantize
+from lowbit.report_files import write_json as write_json_file
 
 
 @dataclass
@@ -105,8 +105,4 @@ def format_table(rows: list[EvalRow], meta: dict[str, Any]) -> str:
 
 def write_json(path: str | os.PathLike, rows: list[EvalRow], meta: dict[str, Any]) -> None:
     """Atomic write: a temp file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
-    os.replace(tmp, path)
+    write_json_file(path, {"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2)

@@ -116,7 +116,7 @@ class Attention(nn.Module):
             q = q * c + rotate_half(q) * s
             k = k * c + rotate_half(k) * s
         v = v.transpose(1, 2)
-        if self.kv_format is not None and self.kv_format.dtype != "fp16" and not getattr(cache, "quantized", False):
+        if self.kv_format is not None and self.kv_format.dtype != "fp16" and not (cache is not None and cache.quantized):
             from lowbit.quant.kv import fake_quantize_kv
 
             k = fake_quantize_kv(k, self.kv_format, self.k_scale)
@@ -207,7 +207,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions, x.dtype)
         if cache is None and start != 0:
             raise ValueError("start > 0 needs a KV cache holding the earlier slots")
-        if mask is None and getattr(cache, "needs_mask", True):
+        if mask is None and (cache is None or cache.needs_mask):
             mask = self.attention_mask(B, T, start, key_valid, device)
         residual = None
         for i, layer in enumerate(self.layers):

@@ -34,15 +34,20 @@ from lowbit.engine.scheduler import Engine, TokenEvent
 from lowbit.errors import LowbitError
 
 
-class CompletionRequest(BaseModel):
+class _GenerationRequest(BaseModel):
+    """The fields completions and chat requests share."""
+
     model: str
-    prompt: str
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stream: bool = False
     stop: str | list[str] | None = None
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str
+    max_tokens: int = Field(16, ge=1)
 
 
 class ChatMessage(BaseModel):
@@ -50,16 +55,10 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
-    model: str
+class ChatRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stream: bool = False
-    stop: str | list[str] | None = None
 
 
 class ApiError(Exception):
