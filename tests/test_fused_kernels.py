@@ -34,6 +34,54 @@ def test_add_rmsnorm_matches_reference(dtype, shape, with_residual):
     torch.testing.assert_close(out, ref_out, rtol=8e-3, atol=1e-2)
 
 
+ACT_DTYPES = ["int"] + (["fp8_e4m3"] if DEVICE == "cuda" else [])  # NumPy has no fp8
+
+
+def _codes_equal(got, x, spec):
+    """``got`` (QuantizedActivations) equals quantize_activations on ``x`` (the unfused kernel's output)."""
+    from lowbit.kernels.act_quant import quantize_activations
+
+    q, s = quantize_activations(x.reshape(-1, x.shape[-1]), spec.dtype, spec.smooth)
+    assert got.q.shape == x.shape and got.dtype == x.dtype
+    assert torch.equal(got.q.view(torch.uint8).reshape(q.shape), q.view(torch.uint8)) and torch.equal(got.scale, s)
+
+
+@pytest.mark.parametrize("act_dtype", ACT_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (3, 1, 96), (17, 200)])
+@pytest.mark.parametrize("with_smooth", [False, True])
+def test_add_rmsnorm_quantizes_for_the_next_gemm(act_dtype, shape, with_smooth):
+    from lowbit.kernels.activations import ActQuantSpec
+
+    x, r, w = _rand(*shape), _rand(*shape, seed=1), _rand(shape[-1], seed=2)
+    smooth = (torch.rand(shape[-1], generator=torch.Generator().manual_seed(4)) + 0.5).to(DEVICE)
+    spec = ActQuantSpec(act_dtype, smooth if with_smooth else None)
+    got, h = fused.add_rmsnorm(x, r, w, 1e-5, spec)
+    out, h_ref = fused.add_rmsnorm(x, r, w, 1e-5)
+    assert torch.equal(h, h_ref)
+    _codes_equal(got, out, spec)
+
+
+@pytest.mark.parametrize("act_dtype", ACT_DTYPES)
+@pytest.mark.parametrize("M, N", [(1, 96), (3, 1500), (17, 33)])
+def test_silu_mul_quantizes_for_the_next_gemm(act_dtype, M, N):
+    from lowbit.kernels.activations import ActQuantSpec
+
+    gu = _rand(M, 2 * N)
+    gate, up = gu[:, :N], gu[:, N:]
+    spec = ActQuantSpec(act_dtype, (torch.rand(N, generator=torch.Generator().manual_seed(5)) + 0.5).to(DEVICE))
+    _codes_equal(fused.silu_mul(gate, up, spec), fused.silu_mul(gate, up), spec)
+
+
+def test_fused_quantization_errors():
+    from lowbit.kernels.activations import ActQuantSpec
+
+    x, w = _rand(2, 64), _rand(64, seed=2)
+    with pytest.raises(LowbitError, match="smooth must be fp32"):
+        fused.add_rmsnorm(x, None, w, 1e-5, ActQuantSpec("int", torch.ones(32, device=DEVICE)))
+    with pytest.raises(LowbitError, match="'int' or 'fp8_e4m3'"):
+        fused.silu_mul(x, x, ActQuantSpec("int4"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B, T, heads", [(1, 1, 4), (3, 5, 2), (2, 17, 3)])
 def test_rope_matches_reference(dtype, B, T, heads):

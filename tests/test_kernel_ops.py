@@ -41,6 +41,34 @@ def test_opcheck_all_ops():
     torch.library.opcheck(ops.w4a8, (x, p.qweight, p.scales, None, None, None, bias, 128, 256, 128, "int"))
     wq = torch.randint(-127, 128, (40, 256), dtype=torch.int8)
     torch.library.opcheck(ops.w8a8, (x, wq, torch.rand(40) + 0.1, None, None))
+    xq = torch.randint(-127, 128, (3, 256), dtype=torch.int8)
+    xs = torch.rand(3) + 0.01
+    torch.library.opcheck(ops.w4a8_quantized, (xq, xs, p.qweight, p.scales, None, bias, 128, 256, 128, "int",
+                                               torch.float16))
+    torch.library.opcheck(ops.w8a8_quantized, (xq, xs, wq, torch.rand(40) + 0.1, None, torch.float16))
+
+
+@pytest.mark.parametrize("op", ["w4a8", "w8a8"])
+def test_pre_quantized_ops_equal_the_ops_that_quantize(op):
+    """lowbit::w4a8_quantized / w8a8_quantized on quantize_activation's codes give what lowbit::w4a8 / w8a8
+    give on the unquantized input (the fused norm / SiLU kernels hand them those codes)."""
+    from lowbit.quant.primitives import quantize_activation
+
+    wfmt = WeightFormat(bits=4 if op == "w4a8" else 8, group_size=None, method="rtn")
+    layer = _layer(wfmt, ActivationFormat(bits=8), smooth=True)
+    x = torch.randn(5, 256).half()
+    q, s = quantize_activation(x.float() / layer.smooth, 8, "int")
+    q = q.to(torch.int8)
+    if op == "w4a8":
+        p = pack_for_kernels(layer.qweight, layer.scales, None, None, 256)
+        want = ops.w4a8(x, p.qweight, p.scales, None, None, layer.smooth, layer.bias, 0, 256, 128, "int")
+        got = ops.w4a8_quantized(q, s[:, 0], p.qweight, p.scales, None, layer.bias, 0, 256, 128, "int",
+                                 torch.float16)
+    else:
+        w_scale = layer.scales[:, 0].float()
+        want = ops.w8a8(x, layer.qweight, w_scale, layer.smooth, layer.bias)
+        got = ops.w8a8_quantized(q, s[:, 0], layer.qweight, w_scale, layer.bias, torch.float16)
+    assert got.dtype == torch.float16 and torch.equal(got, want)
 
 
 def test_ops_compile_fullgraph_and_match_reference_forward():

@@ -16,6 +16,18 @@ def test_greedy_is_argmax():
     assert torch.equal(sample(logits, SamplingParams(), None), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("V", [100, 128256, 50001])
+def test_greedy_tokens_equal_argmax_with_ties(V):
+    from lowbit.engine.sampling import greedy_tokens
+
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(5, V, generator=g).half()
+    logits[1] = 0.0  # all tied: index 0
+    logits[2, [7, V - 3, V // 2]] = 20.0  # a tie between chunks: the first one
+    logits[3, V - 1] = 30.0  # the last entry, in the padded chunk
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+
+
 def test_top_k_1_and_tiny_top_p_are_greedy():
     logits = torch.randn(6, 40)
     for params in (SamplingParams(temperature=1.3, top_k=1), SamplingParams(temperature=1.3, top_p=1e-6)):

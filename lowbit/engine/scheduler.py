@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from lowbit.engine.kv_cache import SlotKVCache
-from lowbit.engine.sampling import SamplingParams, sample
+from lowbit.engine.sampling import SamplingParams, greedy_tokens, sample
 from lowbit.errors import LowbitError
 from lowbit.formats import KVCacheFormat
 from lowbit.model.llama import Transformer
@@ -262,7 +262,7 @@ class Engine:
         events = []
         greedy = [r for r in reqs if r.params.greedy]
         # one argmax and one device-to-host copy for every greedy row, not one per request
-        picked = dict(zip((r.id for r in greedy), torch.stack([r.last_logits for r in greedy]).argmax(-1).tolist())) \
+        picked = dict(zip((r.id for r in greedy), greedy_tokens(torch.stack([r.last_logits for r in greedy])).tolist())) \
             if greedy else {}
         for r in reqs:
             token = picked[r.id] if r.params.greedy else int(sample(r.last_logits[None], r.params, r.generator)[0])

@@ -23,14 +23,10 @@ _ROUND = 12582912.0  # 1.5 * 2**23: (v + R) - R rounds an fp32 |v| < 2**22 to th
 
 
 @triton.jit
-def _act_quant_kernel(
-    x_ptr, smooth_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
-    HAS_SMOOTH: tl.constexpr, FP8: tl.constexpr, BLOCK_K: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr,
-):
-    row = tl.program_id(0)
-    rk = tl.arange(0, BLOCK_K)
-    ok = rk < K
-    x = tl.load(x_ptr + row * stride_xm + rk, mask=ok, other=0.0).to(tl.float32)
+def quantize_row(x, ok, rk, smooth_ptr, q_row_ptr, s_ptr,
+                 HAS_SMOOTH: tl.constexpr, FP8: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr):
+    """Quantize one token's fp32 values ``x`` (BLOCK,) at columns ``rk`` (valid where ``ok``): store the
+    codes at ``q_row_ptr + rk`` and the scale at ``s_ptr`` (module docstring: the numerics)."""
     if HAS_SMOOTH:
         x = tl.math.div_rn(x, tl.load(smooth_ptr + rk, mask=ok, other=1.0))
     absmax = tl.max(tl.abs(x), axis=0)
@@ -40,8 +36,39 @@ def _act_quant_kernel(
         q = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
     else:
         q = tl.minimum(tl.maximum((v + ROUND) - ROUND, -QMAX), QMAX).to(tl.int8)
-    tl.store(q_ptr + row * stride_qm + rk, q, mask=ok)
-    tl.store(s_ptr + row, scale)
+    tl.store(q_row_ptr + rk, q, mask=ok)
+    tl.store(s_ptr, scale)
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, smooth_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
+    HAS_SMOOTH: tl.constexpr, FP8: tl.constexpr, BLOCK_K: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr,
+):
+    row = tl.program_id(0)
+    rk = tl.arange(0, BLOCK_K)
+    ok = rk < K
+    x = tl.load(x_ptr + row * stride_xm + rk, mask=ok, other=0.0).to(tl.float32)
+    quantize_row(x, ok, rk, smooth_ptr, q_ptr + row * stride_qm, s_ptr + row, HAS_SMOOTH, FP8, QMAX, ROUND)
+
+
+def quant_constants(dtype: str) -> dict:
+    """The constexpr arguments of ``quantize_row`` for an activation dtype ("int" or "fp8_e4m3")."""
+    if dtype not in ("int", "fp8_e4m3"):
+        raise LowbitError(f"activation quantization dtype must be 'int' or 'fp8_e4m3', got {dtype!r}")
+    fp8 = dtype == "fp8_e4m3"
+    return {"FP8": fp8, "QMAX": 448.0 if fp8 else 127.0, "ROUND": _ROUND}
+
+
+def empty_codes(rows: int, K: int, dtype: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialized (codes (rows, K) int8 / float8_e4m3fn, scales (rows,) fp32) for ``quantize_row``."""
+    q = torch.empty(rows, K, dtype=torch.float8_e4m3fn if dtype == "fp8_e4m3" else torch.int8, device=device)
+    return q, torch.empty(rows, dtype=torch.float32, device=device)
+
+
+def check_smooth(smooth: torch.Tensor | None, K: int) -> None:
+    if smooth is not None and (smooth.shape != (K,) or smooth.dtype != torch.float32):
+        raise LowbitError(f"smooth must be fp32 ({K},), got {smooth.dtype} {tuple(smooth.shape)}")
 
 
 def quantize_activations(
@@ -54,21 +81,18 @@ def quantize_activations(
     """
     if x.ndim != 2 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise LowbitError(f"activation quantization takes (M, K) fp16/bf16/fp32, got {x.dtype} {tuple(x.shape)}")
-    if dtype not in ("int", "fp8_e4m3"):
-        raise LowbitError(f"activation quantization dtype must be 'int' or 'fp8_e4m3', got {dtype!r}")
+    consts = quant_constants(dtype)
     M, K = x.shape
     if K > MAX_K:
         raise LowbitError(f"activation quantization holds a row in registers: K must be <= {MAX_K}, got {K}")
-    if smooth is not None and (smooth.shape != (K,) or smooth.dtype != torch.float32):
-        raise LowbitError(f"smooth must be fp32 ({K},), got {smooth.dtype} {tuple(smooth.shape)}")
+    check_smooth(smooth, K)
     x = x.contiguous()
-    fp8 = dtype == "fp8_e4m3"
-    q = torch.empty(M, K, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
-    s = torch.empty(M, dtype=torch.float32, device=x.device)
+    q, s = empty_codes(M, K, dtype, x.device)
     block = triton.next_power_of_2(K)
     _act_quant_kernel[(M,)](
         x, smooth if smooth is not None else s, q, s, K, x.stride(0), q.stride(0),
-        HAS_SMOOTH=smooth is not None, FP8=fp8, BLOCK_K=block, QMAX=448.0 if fp8 else 127.0, ROUND=_ROUND,
-        num_warps=max(1, min(16, block // 1024)),
+        HAS_SMOOTH=smooth is not None, BLOCK_K=block, **consts,
+        # one program per row: at decode the row's divisions on one SM are the kernel's latency
+        num_warps=max(1, min(32, block // 128)),
     )
     return q, s

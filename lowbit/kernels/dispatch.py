@@ -173,33 +173,41 @@ def run_w4a8(x: torch.Tensor, w, adtype: str, choice: Choice, smooth: torch.Tens
              bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) fp16/bf16 -> per-token 8-bit activations -> int4 weights ``w`` -> (M, N) in x's dtype."""
     from lowbit.kernels.act_quant import quantize_activations
-    from lowbit.kernels.w4a8 import w4a8_matmul
-    from lowbit.kernels.w4a16 import w4a16_matmul
 
     if w.perm is not None:
         x = x.index_select(1, w.perm)
         smooth = None if smooth is None else smooth[w.perm]
     xq, xs = quantize_activations(x, adtype, smooth)
+    return run_w4a8_quantized(xq, xs, _without_perm(w), x.dtype, choice, bias)
+
+
+def run_w4a8_quantized(xq: torch.Tensor, xs: torch.Tensor, w, out_dtype: torch.dtype, choice: Choice,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Activations already quantized (xq (M, K) int8 / fp8, xs (M,) fp32; columns in ``w``'s order, no
+    ``perm``) times int4 weights ``w`` -> (M, N) ``out_dtype``."""
+    from lowbit.kernels.w4a8 import w4a8_matmul
+    from lowbit.kernels.w4a16 import w4a16_matmul
+
     if choice.kernel == "widen-w8a8":
         # large M, per-channel weights: the int4 codes widened to int8 once, then an int8 GEMM
         from lowbit.kernels.w8a8 import w8a8_cublas, w8a8_matmul
         from lowbit.kernels.widen import widen_int4
 
-        wq = widen_int4(_without_perm(w), torch.int8)
+        wq = widen_int4(w, torch.int8)
         if choice.config is None and cublas_takes(xq, wq):
-            return w8a8_cublas(xq, xs, wq, w.scales[0], x.dtype, bias)
-        return w8a8_matmul(xq, xs, wq, w.scales[0], x.dtype, bias, choice.config)
+            return w8a8_cublas(xq, xs, wq, w.scales[0], out_dtype, bias)
+        return w8a8_matmul(xq, xs, wq, w.scales[0], out_dtype, bias, choice.config)
     if choice.kernel == "dequant-cublas":
         # large M, any group: dequantized 8-bit activations times the widened weights on cuBLAS
         from lowbit.kernels.widen import widen_int4
 
-        y = (xq.float() * xs[:, None]).to(x.dtype) @ widen_int4(_without_perm(w), x.dtype).t()
+        y = (xq.float() * xs[:, None]).to(out_dtype) @ widen_int4(w, out_dtype).t()
         return y if bias is None else y + bias
     if choice.kernel == "w4a16-fakequant":
         # same int4 weights through the W4A16 kernel: the 8-bit activations, dequantized
-        xd = (xq.float() * xs[:, None]).to(x.dtype)
-        return w4a16_matmul(xd, _without_perm(w), bias, choice.config)
-    return w4a8_matmul(xq, xs, _without_perm(w), x.dtype, bias, choice.config)
+        xd = (xq.float() * xs[:, None]).to(out_dtype)
+        return w4a16_matmul(xd, w, bias, choice.config)
+    return w4a8_matmul(xq, xs, w, out_dtype, bias, choice.config)
 
 
 def cublas_takes(xq: torch.Tensor, wq: torch.Tensor) -> bool:
@@ -224,9 +232,16 @@ def run_w8a8(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, adtype: s
              smooth: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) fp16/bf16 -> per-token 8-bit activations @ wq (N, K) 8-bit -> (M, N) in x's dtype."""
     from lowbit.kernels.act_quant import quantize_activations
-    from lowbit.kernels.w8a8 import w8a8_cublas, w8a8_matmul
 
     xq, xs = quantize_activations(x, adtype, smooth)
+    return run_w8a8_quantized(xq, xs, wq, w_scale, x.dtype, choice, bias)
+
+
+def run_w8a8_quantized(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                       out_dtype: torch.dtype, choice: Choice, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Activations already quantized (xq (M, K), xs (M,) fp32) @ wq (N, K) 8-bit -> (M, N) ``out_dtype``."""
+    from lowbit.kernels.w8a8 import w8a8_cublas, w8a8_matmul
+
     if choice.kernel == "cublas" and cublas_takes(xq, wq):
-        return w8a8_cublas(xq, xs, wq, w_scale, x.dtype, bias)
-    return w8a8_matmul(xq, xs, wq, w_scale, x.dtype, bias, choice.config)
+        return w8a8_cublas(xq, xs, wq, w_scale, out_dtype, bias)
+    return w8a8_matmul(xq, xs, wq, w_scale, out_dtype, bias, choice.config)

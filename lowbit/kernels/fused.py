@@ -19,6 +19,15 @@ import triton
 import triton.language as tl
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.act_quant import (
+    MAX_K,
+    check_smooth,
+    empty_codes,
+    quant_constants,
+    quantize_activations,
+    quantize_row,
+)
+from lowbit.kernels.activations import ActQuantSpec, QuantizedActivations
 
 
 def add_rmsnorm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -31,7 +40,9 @@ def add_rmsnorm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, H, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, smooth_ptr, q_ptr, s_ptr, H, eps,
+                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                        FP8: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < H
@@ -44,26 +55,61 @@ def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, H, eps, HAS_RES: tl
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
     normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * H + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=ok)
+    out = (w * normed).to(x_ptr.dtype.element_ty)
+    if QUANT:  # the next GEMM's 8-bit input, from the rounded output: what quantize_activations would make
+        quantize_row(out.to(tl.float32), ok, cols, smooth_ptr, q_ptr + row * H, s_ptr + row,
+                     HAS_SMOOTH, FP8, QMAX, ROUND)
+    else:
+        tl.store(out_ptr + row * H + cols, out, mask=ok)
 
 
-def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused ``add_rmsnorm_reference``: one read of x (and residual), one write of each output."""
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                quant: ActQuantSpec | None = None) -> tuple[torch.Tensor | QuantizedActivations, torch.Tensor]:
+    """Fused ``add_rmsnorm_reference``: one read of x (and residual), one write of each output.
+
+    With ``quant``, the normalized output is not written: it is quantized per token for the next GEMM
+    (``QuantizedActivations``, bit-identical to ``quantize_activations`` on the unquantized output),
+    which saves that GEMM's separate activation-quantization kernel (~2.6 us each at decode, H100).
+    """
     H = x.shape[-1]
     if weight.shape != (H,) or (residual is not None and residual.shape != x.shape):
         raise LowbitError(f"add_rmsnorm: x {tuple(x.shape)}, residual and weight ({H},) must agree")
     if weight.dtype != x.dtype:  # PyTorch's product would promote; keep the reference's semantics there
-        return add_rmsnorm_reference(x, residual, weight, eps)
+        out, h = add_rmsnorm_reference(x, residual, weight, eps)
+        return (out if quant is None else _quantized(out, quant)), h
     xc = x.contiguous()
-    out = torch.empty_like(xc)
-    h = xc if residual is None else torch.empty_like(xc)
     rows = xc.numel() // H
+    h = xc if residual is None else torch.empty_like(xc)
+    if quant is None:
+        out, q, s, consts = torch.empty_like(xc), xc, xc, quant_constants("int")
+    else:
+        check_smooth(quant.smooth, H)
+        out, consts = xc, quant_constants(quant.dtype)
+        q, s = empty_codes(rows, H, quant.dtype, x.device)
     if rows:
-        _add_rmsnorm_kernel[(rows,)](xc, residual.contiguous() if residual is not None else xc, weight, out, h, H,
-                                     eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(H),
-                                     num_warps=4 if H <= 4096 else 8)
-    return out, h
+        _add_rmsnorm_kernel[(rows,)](
+            xc, residual.contiguous() if residual is not None else xc, weight, out, h,
+            quant.smooth if quant is not None and quant.smooth is not None else xc, q, s, H, eps,
+            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(H), QUANT=quant is not None,
+            HAS_SMOOTH=quant is not None and quant.smooth is not None, num_warps=_norm_warps(H, quant is not None),
+            **consts)
+    if quant is None:
+        return out, h
+    return QuantizedActivations(q.view(x.shape), s, x.dtype), h
+
+
+def _norm_warps(H: int, quant: bool) -> int:
+    """One program per row: with the quantization's IEEE divisions per element, the row's arithmetic
+    on one SM is what the kernel waits for at decode, so it gets all the warps it can use."""
+    if quant:
+        return max(4, min(32, triton.next_power_of_2(H) // 128))
+    return 4 if H <= 4096 else 8
+
+
+def _quantized(x: torch.Tensor, quant: ActQuantSpec) -> QuantizedActivations:
+    """``quant`` applied by the standalone kernel (the fused kernels' fallback for odd dtypes)."""
+    q, s = quantize_activations(x.reshape(-1, x.shape[-1]), quant.dtype, quant.smooth)
+    return QuantizedActivations(q.view(x.shape), s, x.dtype)
 
 
 def rope_reference(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -133,13 +179,42 @@ def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, N, stride_g, stride_u, BLOCK: tl.con
     tl.store(out_ptr + row * N + cols, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+@triton.jit
+def _silu_mul_quant_kernel(g_ptr, u_ptr, smooth_ptr, q_ptr, s_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr,
+                           HAS_SMOOTH: tl.constexpr, FP8: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr):
+    """One program per row (the per-token scale needs the whole row): silu-gate, then quantize_row."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    g = tl.load(g_ptr + row * stride_g + cols, mask=ok, other=0.0)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=ok, other=0.0)
+    gf = g.to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    out = (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype).to(tl.float32)
+    quantize_row(out, ok, cols, smooth_ptr, q_ptr + row * N, s_ptr + row, HAS_SMOOTH, FP8, QMAX, ROUND)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor,
+             quant: ActQuantSpec | None = None) -> torch.Tensor | QuantizedActivations:
     """Fused ``silu(gate) * up``; gate, up (..., N) with unit last stride (views of a fused gate-up output
-    are fine). Returns a contiguous (..., N) tensor."""
+    are fine). Returns a contiguous (..., N) tensor, or with ``quant`` the product quantized per token for
+    the next GEMM (as ``add_rmsnorm``)."""
     if gate.shape != up.shape or gate.stride(-1) != 1 or up.stride(-1) != 1 or gate.dtype != up.dtype:
         raise LowbitError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} must match, unit last stride")
     N = gate.shape[-1]
     g2, u2 = gate.reshape(-1, N), up.reshape(-1, N)  # views when the rows are evenly strided
+    if quant is not None:
+        check_smooth(quant.smooth, N)
+        if N > MAX_K:
+            return _quantized(silu_mul(gate, up), quant)
+        q, s = empty_codes(g2.shape[0], N, quant.dtype, gate.device)
+        block = triton.next_power_of_2(N)
+        if g2.shape[0]:
+            _silu_mul_quant_kernel[(g2.shape[0],)](
+                g2, u2, quant.smooth if quant.smooth is not None else s, q, s, N, g2.stride(0), u2.stride(0),
+                BLOCK=block, HAS_SMOOTH=quant.smooth is not None, num_warps=max(4, min(32, block // 128)),
+                **quant_constants(quant.dtype))
+        return QuantizedActivations(q.view(gate.shape), s, gate.dtype)
     out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
     BLOCK = 1024
     if g2.shape[0]:

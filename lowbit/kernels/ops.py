@@ -8,6 +8,9 @@ a CPU tensor the op runs the PyTorch reference instead: same numerics, no Triton
 - ``lowbit::w4a16``  (x, qweight, scales, zeros?, perm?, bias?, group_size, K, tile_k)
 - ``lowbit::w4a8``   (x, qweight, scales, zeros?, perm?, smooth?, bias?, group_size, K, tile_k, act_dtype)
 - ``lowbit::w8a8``   (x, wq, w_scale, smooth?, bias?)   activations quantized like ``wq``'s dtype
+- ``lowbit::w4a8_quantized`` / ``lowbit::w8a8_quantized``: the same GEMMs on activations a fused kernel
+  already quantized (xq int8 / fp8 (..., K), xs (rows,) fp32; ``lowbit.kernels.act_quant``), with the
+  output dtype given.
 
 ``group_size`` 0 means per channel. ``x`` is (..., K) fp16 or bf16; outputs are (..., N) in x's dtype.
 """
@@ -110,3 +113,46 @@ def w8a8(x: Tensor, wq: Tensor, w_scale: Tensor, smooth: Tensor | None, bias: Te
 @w8a8.register_fake
 def _(x, wq, w_scale, smooth, bias):
     return x.new_empty(*x.shape[:-1], wq.shape[0])
+
+
+def _dequant_act(xq: Tensor, xs: Tensor) -> Tensor:
+    return xq.reshape(-1, xq.shape[-1]).float() * xs[:, None]
+
+
+@torch.library.custom_op("lowbit::w4a8_quantized", mutates_args=())
+def w4a8_quantized(xq: Tensor, xs: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
+                   bias: Tensor | None, group_size: int, K: int, tile_k: int, act_dtype: str,
+                   out_dtype: torch.dtype) -> Tensor:
+    w = _packed(qweight, scales, zeros, None, group_size, K, tile_k)
+    x2 = xq.reshape(-1, K)
+    if xq.device.type != "cuda":
+        like = torch.empty(0, dtype=out_dtype)
+        return _finish(_dequant_act(x2, xs) @ _dequant_reference(w).t(), bias, like).reshape(*xq.shape[:-1], w.N)
+    choice = dispatch.choose(w4a8_op_name(group_size, act_dtype), x2.shape[0], w.N, K, xq.device)
+    if group_size and group_size % w.half:
+        choice = dispatch.Choice("w4a16-fakequant", choice.config)
+    return dispatch.run_w4a8_quantized(x2, xs, w, out_dtype, choice, bias).reshape(*xq.shape[:-1], w.N)
+
+
+@w4a8_quantized.register_fake
+def _(xq, xs, qweight, scales, zeros, bias, group_size, K, tile_k, act_dtype, out_dtype):
+    return xq.new_empty(*xq.shape[:-1], qweight.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("lowbit::w8a8_quantized", mutates_args=())
+def w8a8_quantized(xq: Tensor, xs: Tensor, wq: Tensor, w_scale: Tensor, bias: Tensor | None,
+                   out_dtype: torch.dtype) -> Tensor:
+    N, K = wq.shape
+    x2 = xq.reshape(-1, K)
+    if xq.device.type != "cuda":
+        like = torch.empty(0, dtype=out_dtype)
+        y = _dequant_act(x2, xs) @ (wq.float() * w_scale.float()[:, None]).t()
+        return _finish(y, bias, like).reshape(*xq.shape[:-1], N)
+    op = "w8a8-fp8" if wq.dtype == torch.float8_e4m3fn else "w8a8-int8"
+    choice = dispatch.choose(op, x2.shape[0], N, K, xq.device)
+    return dispatch.run_w8a8_quantized(x2, xs, wq, w_scale, out_dtype, choice, bias).reshape(*xq.shape[:-1], N)
+
+
+@w8a8_quantized.register_fake
+def _(xq, xs, wq, w_scale, bias, out_dtype):
+    return xq.new_empty(*xq.shape[:-1], wq.shape[0], dtype=out_dtype)

@@ -20,7 +20,9 @@ from torch import nn
 
 from lowbit.engine.kv_cache import KVCache, SlotKVCache, sdpa
 from lowbit.formats import KVCacheFormat
+from lowbit.kernels.activations import ActQuantSpec, QuantizedActivations
 from lowbit.model.config import ModelConfig, RopeConfig
+from lowbit.model.qlinear import input_quant
 
 
 class RMSNorm(nn.Module):
@@ -35,15 +37,18 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                    quant: ActQuantSpec | None = None) -> tuple[torch.Tensor | QuantizedActivations, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual stream's addition fused with the next norm.
 
-        On CUDA one Triton kernel (``lowbit.kernels.fused``); elsewhere the same arithmetic in PyTorch.
+        On CUDA one Triton kernel (``lowbit.kernels.fused``), which with ``quant`` (the next layer's
+        ``input_quant``) also quantizes the output for that layer's 8-bit GEMM; elsewhere the same
+        arithmetic in PyTorch, unquantized (the next layer then quantizes it itself).
         """
         if x.is_cuda:
             from lowbit.kernels.fused import add_rmsnorm
 
-            return add_rmsnorm(x, residual, self.weight, self.eps)
+            return add_rmsnorm(x, residual, self.weight, self.eps, quant)
         h = x if residual is None else x + residual
         return self(h), h
 
@@ -91,7 +96,7 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # (B, T, H)
+        x: torch.Tensor | QuantizedActivations,  # (B, T, H), or quantized for qkv_proj (add_forward)
         cos: torch.Tensor,  # (B, T, hd)
         sin: torch.Tensor,
         mask: torch.Tensor,  # (B, 1, T, S) bool, True = may attend
@@ -146,7 +151,7 @@ class MLP(nn.Module):
         if x.is_cuda:
             from lowbit.kernels.fused import silu_mul
 
-            return self.down_proj(silu_mul(gate, up))
+            return self.down_proj(silu_mul(gate, up, input_quant(self.down_proj)))
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -165,9 +170,10 @@ class DecoderLayer(nn.Module):
     def residual_forward(self, x, residual, cos, sin, mask, cache, layer, start):  # noqa: ANN001
         """(MLP output, residual stream before adding it): x is the previous layer's MLP output, not yet
         added to ``residual`` (None for the first layer); each addition is fused with the norm after it."""
-        h, residual = self.input_layernorm.add_forward(x, residual)
+        # the norms quantize for the fused q/k/v and gate/up GEMMs when those take 8-bit activations
+        h, residual = self.input_layernorm.add_forward(x, residual, input_quant(self.self_attn.qkv_proj))
         h, residual = self.post_attention_layernorm.add_forward(
-            self.self_attn(h, cos, sin, mask, cache, layer, start), residual)
+            self.self_attn(h, cos, sin, mask, cache, layer, start), residual, input_quant(self.mlp.gate_up_proj))
         return self.mlp(h), residual
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats import ActivationFormat, WeightFormat
+from lowbit.kernels.activations import ActQuantSpec, QuantizedActivations
 from lowbit.kernels.layout import PackedInt4
 from lowbit.quant.primitives import (
     dequantize_weight,
@@ -211,6 +212,25 @@ class QuantLinear(nn.Module):
             tile_k=layout_tile(self.qweight.device, table_op)))
         return True
 
+    def input_quant(self) -> ActQuantSpec | None:
+        """How this layer's GPU kernel quantizes its input, when a fused kernel before it may do that
+        instead (``lowbit.kernels.fused``): 8-bit per-token formats on kernels, without act-order."""
+        k = self._kernel
+        if k is None or k.op not in ("w4a8", "w8a8") or (k.packed is not None and k.packed.perm is not None):
+            return None
+        return ActQuantSpec(self.afmt.dtype, self.smooth)
+
+    def _quantized_forward(self, x: QuantizedActivations) -> torch.Tensor:
+        from lowbit.kernels import ops
+
+        k, p = self._kernel, self._kernel.packed
+        if k is None or k.op not in ("w4a8", "w8a8"):
+            raise LowbitError("pre-quantized activations reached a layer without an 8-bit-activation kernel")
+        if k.op == "w4a8":
+            return ops.w4a8_quantized(x.q, x.scale, p.qweight, p.scales, p.zeros, self.bias, p.group_size or 0,
+                                      p.K, p.tile_k, self.afmt.dtype, x.dtype)
+        return ops.w8a8_quantized(x.q, x.scale, self.qweight, k.w_scale, self.bias, x.dtype)
+
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from lowbit.kernels import ops
 
@@ -227,7 +247,10 @@ class QuantLinear(nn.Module):
 
         With kernels prepared and x fp16/bf16 on the GPU: the dispatched kernel. Otherwise the
         reference, with the math in fp32 (the numerical spec every kernel is tested against).
+        ``x`` may also be ``QuantizedActivations`` made by a fused kernel as ``input_quant`` asked.
         """
+        if isinstance(x, QuantizedActivations):
+            return self._quantized_forward(x)
         if self._kernel is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             return self._kernel_forward(x)
         xf = x.float()
@@ -259,6 +282,11 @@ class QuantLinear(nn.Module):
         a = f"a{self.afmt.bits}" if self.afmt.bits else "a16"
         n_out = 0 if self.outlier_idx is None else self.outlier_idx.numel()
         return f"{self.in_features}->{self.out_features}, {w} {g} {a}" + (f", {n_out} outliers" if n_out else "")
+
+
+def input_quant(module: nn.Module | None) -> ActQuantSpec | None:
+    """``module.input_quant()`` for a QuantLinear, None for anything else (fp16 Linear, None)."""
+    return module.input_quant() if isinstance(module, QuantLinear) else None
 
 
 def use_kernels(model: nn.Module, enabled: bool = True) -> tuple[int, int]:
