@@ -3,7 +3,7 @@
 Writes ``lowbit/kernels/tuned/<gpu>.json`` (the data ``lowbit.kernels.dispatch`` reads) and prints
 the winner of every cell. Candidates come from a fixed list per M range (below); each is timed as
 ``lowbit bench kernels`` times it (activation quantization included, weights rotated past L2,
-medians of do_bench).
+medians of CUDA-graph replays: kernel time without Python launch overhead, as the engine runs it).
 
     python bench/tune_kernels.py [--ops w4a16,w4a8] [--shapes llama3-8b,llama3-70b:gateup] [--ms 1,16] [--out FILE]
 """
@@ -33,6 +33,9 @@ def candidates(op: str, M: int) -> list[Choice]:
     out: list[Choice] = []
     if M <= 16:
         out += [Choice("triton", TileConfig(16, bn, 128, sk, 4, 4, swap=True)) for bn in (64, 128) for sk in (1, 2, 4, 8)]
+        # small layers (8B qkv, o) have few 64-row tiles: narrower tiles and deeper splits fill the SMs
+        out += [Choice("triton", TileConfig(16, 32, 128, sk, 4, 4, swap=True)) for sk in (2, 4, 8)]
+        out += [Choice("triton", TileConfig(16, 64, 128, 16, 4, 4, swap=True))]
         # x as the MMA's A side: 16-row tiles go to mma.sync (wgmma needs 64 rows), which takes the
         # dequantized weights straight from registers
         out += [Choice("triton", TileConfig(16, 128, 128, sk, 4, 4)) for sk in (1, 2, 4)]
@@ -81,7 +84,9 @@ def main() -> None:
     print(f"tuning on {gpu}: ops {args.ops}, {len(shapes)} shapes, M {ms}", flush=True)
     for op in args.ops.split(","):
         t_op = time.time()
-        entries = [e for e in table["entries"].get(op, []) if (e["N"], e["K"]) not in {(N, K) for _, N, K in shapes}]
+        # the cells tuned now replace their old entries; other shapes and other M keep theirs
+        cells = {(N, K, M) for _, N, K in shapes for M in ms}
+        entries = [e for e in table["entries"].get(op, []) if (e["N"], e["K"], e["M"]) not in cells]
         for name, N, K in shapes:
             for M in ms:
                 make, nbytes = build(op, N, K, M, dev, tile_k=args.tile_k)

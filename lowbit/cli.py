@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantized GEMMs vs cuBLAS fp16 (torch.matmul) and fp8 (torch._scaled_mm), per layer shape and M",
         description="Time each kernel path as dispatch runs it (activation quantization included for 8-bit "
         "activations), against torch.matmul fp16, torch._scaled_mm fp8 (row-wise) and torch._int_mm in the same "
-        "process: medians of triton.testing.do_bench, random data, weights rotated past L2. Prints a table of "
+        "process: each the median of 5 replays of a CUDA graph of 50 calls (kernel time without Python launch "
+        "overhead, as in graphed decode), random data, weights rotated past L2. Prints a table of "
         "speed-ups over fp16 (last), and optionally writes JSON (with GB/s and TFLOP/s) and a PNG plot.",
     )
     k.add_argument("--shapes", default="llama3-8b,llama3-70b",

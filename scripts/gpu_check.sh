@@ -7,6 +7,7 @@
 #   e2e: quantize the default model (w4a16, w4a8, w8a8-fp8) and generate with it on the kernels
 #   engine: engine tests on the GPU (decode-attention kernel, quantized KV, CUDA-graph decode, custom ops)
 #   bench-e2e: lowbit bench e2e $E2E_ARGS (Llama-3-8B shape, random weights; transformers baseline)
+#   profile: bench/profile_decode.py $PROFILE_ARGS (kernel time per decode step; GEMMs timed in CUDA graphs)
 #   load: lowbit bench serve smollm2-135m $LOAD_ARGS (the server's load test, on the default model)
 #
 # The default model's GGUF (98 MB) is larger than what one call may carry (64 MiB), so it travels in
@@ -86,6 +87,10 @@ fi
 if want bench-e2e; then
   python3 -m lowbit.cli bench e2e ${E2E_ARGS:-} --json "$OUTDIR/e2e.json" --plot "$OUTDIR/e2e.png" 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUTDIR/bench-e2e.log"
+fi
+if want profile; then
+  # where a graphed decode step's time goes, and each 8B GEMM timed inside a CUDA graph ($PROFILE_ARGS)
+  python3 bench/profile_decode.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUTDIR/profile.log"
 fi
 if [ $have_model = yes ] && want load; then
   # the load test: lowbit serve in this process on loopback, concurrent streaming clients ($LOAD_ARGS)

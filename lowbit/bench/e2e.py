@@ -171,6 +171,7 @@ def _timed(fn: Callable[[], Any], repeat: int = 3) -> float:
 
 def time_lowbit(model: Any, scheme: str, cfg: E2EConfig, copy_gbps: float, log: Callable[[str], None]) -> list[E2ERow]:
     """Rows for one (already quantized, kernels prepared) model over cfg.kv x cfg.batches."""
+    from lowbit.engine.sampling import greedy_tokens
     from lowbit.engine.scheduler import Engine
 
     device = model.embed_tokens.weight.device
@@ -199,7 +200,7 @@ def time_lowbit(model: Any, scheme: str, cfg: E2EConfig, copy_gbps: float, log: 
             def decode(n: int, tokens: list[int] = tokens) -> None:
                 for i in range(n):
                     logits = engine.graphs(slots, tokens, [cfg.context + i] * B)
-                    tokens = logits.argmax(-1).tolist()  # the engine's per-step sync for greedy rows
+                    tokens = greedy_tokens(logits).tolist()  # the engine's per-step sync for greedy rows
 
             decode(3)
             torch.cuda.synchronize()
