@@ -91,19 +91,18 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
             xc, residual.contiguous() if residual is not None else xc, weight, out, h,
             quant.smooth if quant is not None and quant.smooth is not None else xc, q, s, H, eps,
             HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(H), QUANT=quant is not None,
-            HAS_SMOOTH=quant is not None and quant.smooth is not None, num_warps=_norm_warps(H, quant is not None),
+            HAS_SMOOTH=quant is not None and quant.smooth is not None, num_warps=(4 if H <= 4096 else 8) if quant is None else _quant_row_warps(triton.next_power_of_2(H)),
             **consts)
     if quant is None:
         return out, h
     return QuantizedActivations(q.view(x.shape), s, x.dtype), h
 
 
-def _norm_warps(H: int, quant: bool) -> int:
-    """One program per row: with the quantization's IEEE divisions per element, the row's arithmetic
-    on one SM is what the kernel waits for at decode, so it gets all the warps it can use."""
-    if quant:
-        return max(4, min(32, triton.next_power_of_2(H) // 128))
-    return 4 if H <= 4096 else 8
+def _quant_row_warps(block: int) -> int:
+    """Warps of a one-program-per-row kernel that quantizes: with the quantization's IEEE divisions per
+    element, the row's arithmetic on one SM is what the kernel waits for at decode, so it gets all the
+    warps it can use."""
+    return max(4, min(32, block // 128))
 
 
 def _quantized(x: torch.Tensor, quant: ActQuantSpec) -> QuantizedActivations:
@@ -212,7 +211,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor,
         if g2.shape[0]:
             _silu_mul_quant_kernel[(g2.shape[0],)](
                 g2, u2, quant.smooth if quant.smooth is not None else s, q, s, N, g2.stride(0), u2.stride(0),
-                BLOCK=block, HAS_SMOOTH=quant.smooth is not None, num_warps=max(4, min(32, block // 128)),
+                BLOCK=block, HAS_SMOOTH=quant.smooth is not None, num_warps=_quant_row_warps(block),
                 **quant_constants(quant.dtype))
         return QuantizedActivations(q.view(gate.shape), s, gate.dtype)
     out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)

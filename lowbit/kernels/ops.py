@@ -76,6 +76,17 @@ def w4a8_op_name(group_size: int, act_dtype: str) -> str:
     return "w4a8" if not group_size else "w4a8-g128"
 
 
+def _w4a8_choice(w: PackedInt4, group_size: int, act_dtype: str, M: int, device: torch.device) -> dispatch.Choice:
+    choice = dispatch.choose(w4a8_op_name(group_size, act_dtype), M, w.N, w.K, device)
+    if group_size and group_size % w.half:  # groups smaller than a tile half: only the W4A16 kernel
+        choice = dispatch.Choice("w4a16-fakequant", choice.config)
+    return choice
+
+
+def _w8a8_op_name(wq: Tensor) -> str:
+    return "w8a8-fp8" if wq.dtype == torch.float8_e4m3fn else "w8a8-int8"
+
+
 @torch.library.custom_op("lowbit::w4a8", mutates_args=())
 def w4a8(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, perm: Tensor | None,
          smooth: Tensor | None, bias: Tensor | None, group_size: int, K: int, tile_k: int,
@@ -86,9 +97,7 @@ def w4a8(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, perm:
         xa = _reference_act(x2, act_dtype, smooth)
         xa = xa if perm is None else xa.index_select(1, perm)
         return _finish(xa @ _dequant_reference(w).t(), bias, x).reshape(*x.shape[:-1], w.N)
-    choice = dispatch.choose(w4a8_op_name(group_size, act_dtype), x2.shape[0], w.N, K, x.device)
-    if group_size and group_size % w.half:  # groups smaller than a tile half: only the W4A16 kernel
-        choice = dispatch.Choice("w4a16-fakequant", choice.config)
+    choice = _w4a8_choice(w, group_size, act_dtype, x2.shape[0], x.device)
     return dispatch.run_w4a8(x2, w, act_dtype, choice, smooth, bias).reshape(*x.shape[:-1], w.N)
 
 
@@ -105,8 +114,7 @@ def w8a8(x: Tensor, wq: Tensor, w_scale: Tensor, smooth: Tensor | None, bias: Te
     if x.device.type != "cuda":
         xa = _reference_act(x2, act_dtype, smooth)
         return _finish(xa @ (wq.float() * w_scale.float()[:, None]).t(), bias, x).reshape(*x.shape[:-1], N)
-    op = "w8a8-fp8" if act_dtype == "fp8_e4m3" else "w8a8-int8"
-    choice = dispatch.choose(op, x2.shape[0], N, K, x.device)
+    choice = dispatch.choose(_w8a8_op_name(wq), x2.shape[0], N, K, x.device)
     return dispatch.run_w8a8(x2, wq, w_scale, act_dtype, choice, smooth, bias).reshape(*x.shape[:-1], N)
 
 
@@ -128,9 +136,7 @@ def w4a8_quantized(xq: Tensor, xs: Tensor, qweight: Tensor, scales: Tensor, zero
     if xq.device.type != "cuda":
         like = torch.empty(0, dtype=out_dtype)
         return _finish(_dequant_act(x2, xs) @ _dequant_reference(w).t(), bias, like).reshape(*xq.shape[:-1], w.N)
-    choice = dispatch.choose(w4a8_op_name(group_size, act_dtype), x2.shape[0], w.N, K, xq.device)
-    if group_size and group_size % w.half:
-        choice = dispatch.Choice("w4a16-fakequant", choice.config)
+    choice = _w4a8_choice(w, group_size, act_dtype, x2.shape[0], xq.device)
     return dispatch.run_w4a8_quantized(x2, xs, w, out_dtype, choice, bias).reshape(*xq.shape[:-1], w.N)
 
 
@@ -148,8 +154,7 @@ def w8a8_quantized(xq: Tensor, xs: Tensor, wq: Tensor, w_scale: Tensor, bias: Te
         like = torch.empty(0, dtype=out_dtype)
         y = _dequant_act(x2, xs) @ (wq.float() * w_scale.float()[:, None]).t()
         return _finish(y, bias, like).reshape(*xq.shape[:-1], N)
-    op = "w8a8-fp8" if wq.dtype == torch.float8_e4m3fn else "w8a8-int8"
-    choice = dispatch.choose(op, x2.shape[0], N, K, xq.device)
+    choice = dispatch.choose(_w8a8_op_name(wq), x2.shape[0], N, K, xq.device)
     return dispatch.run_w8a8_quantized(x2, xs, wq, w_scale, out_dtype, choice, bias).reshape(*xq.shape[:-1], N)
 
 
