@@ -66,6 +66,9 @@ class KVCache:
         keys, values = self.update(layer, start, k, v)
         return sdpa(q, keys, values, mask)
 
+    def attend_rotary(self, layer, start, q, k, v, cos, sin):  # see SlotKVCache.attend_rotary
+        return None  # no fused path: the caller applies the rotary embedding and calls attend
+
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
@@ -219,6 +222,24 @@ class SlotKVCache:
             return out[:, :, None]
         keys, values = self._gather(layer, int(self._pos.max()) + 1)
         return sdpa(q, keys, values, mask)
+
+    def attend_rotary(self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+        """Decode (kernel mode) on a plain cache: the rotary embedding of q, k (B, 1, heads, hd),
+        not yet applied, and the cache write of k and v done by one kernel
+        (``lowbit.kernels.fused.rope_store``), then decode attention -> (B, heads, 1, hd).
+
+        None where that path does not apply (prefill, quantized caches, other dtypes): the caller
+        then applies the rotary embedding itself and calls ``attend``.
+        """
+        if self._lengths is None or self.quantized or q.dtype != self.dtype or cos.dtype != q.dtype:
+            return None
+        from lowbit.kernels.attention import decode_attention
+        from lowbit.kernels.fused import rope_store
+
+        qr = rope_store(q, k, v, cos, sin, self.keys[layer], self.values[layer], self._rows32, self._pos[:, 0])
+        kq, vq = self.layer_kv(layer)
+        return decode_attention(qr, kq, vq, self._lengths, self._rows32, n_splits=self.splits, check=False)[:, :, None]
 
     @property
     def quantized(self) -> bool:

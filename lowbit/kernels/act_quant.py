@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.pdl import launch_options, start_small
 
 MAX_K = 65536
 _ROUND = 12582912.0  # 1.5 * 2**23: (v + R) - R rounds an fp32 |v| < 2**22 to the nearest even integer
@@ -29,22 +30,35 @@ def quantize_row(x, ok, rk, smooth_ptr, q_row_ptr, s_ptr,
     codes at ``q_row_ptr + rk`` and the scale at ``s_ptr`` (module docstring: the numerics)."""
     if HAS_SMOOTH:
         x = tl.math.div_rn(x, tl.load(smooth_ptr + rk, mask=ok, other=1.0))
-    absmax = tl.max(tl.abs(x), axis=0)
-    scale = tl.maximum(tl.math.div_rn(absmax, QMAX), 1e-12)
+    scale = scale_of(tl.max(tl.abs(x), axis=0), QMAX)
+    tl.store(q_row_ptr + rk, codes_of(x, scale, FP8, QMAX, ROUND), mask=ok)
+    tl.store(s_ptr, scale)
+
+
+@triton.jit
+def scale_of(absmax, QMAX: tl.constexpr):
+    """A token's fp32 scale from the absmax of its (smoothed) values."""
+    return tl.maximum(tl.math.div_rn(absmax, QMAX), 1e-12)
+
+
+@triton.jit
+def codes_of(x, scale, FP8: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr):
+    """fp32 values -> int8 codes (round half to even, clamped) or fp8 e4m3, at ``scale``."""
     v = tl.math.div_rn(x, scale)
     if FP8:
         q = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
     else:
         q = tl.minimum(tl.maximum((v + ROUND) - ROUND, -QMAX), QMAX).to(tl.int8)
-    tl.store(q_row_ptr + rk, q, mask=ok)
-    tl.store(s_ptr, scale)
+    return q
 
 
 @triton.jit
 def _act_quant_kernel(
     x_ptr, smooth_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
     HAS_SMOOTH: tl.constexpr, FP8: tl.constexpr, BLOCK_K: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    start_small(PDL)
     row = tl.program_id(0)
     rk = tl.arange(0, BLOCK_K)
     ok = rk < K
@@ -93,6 +107,6 @@ def quantize_activations(
         x, smooth if smooth is not None else s, q, s, K, x.stride(0), q.stride(0),
         HAS_SMOOTH=smooth is not None, BLOCK_K=block, **consts,
         # one program per row: at decode the row's divisions on one SM are the kernel's latency
-        num_warps=max(1, min(32, block // 128)),
+        num_warps=max(1, min(32, block // 128)), **launch_options(x.device),
     )
     return q, s

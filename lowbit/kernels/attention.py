@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.pdl import launch_options, start_small
 
 
 @dataclass
@@ -154,12 +155,13 @@ def _decode_attn_kernel(
     Hq, Hkv, L, sm_scale, tokens_per_split,
     G: tl.constexpr, G_PAD: tl.constexpr, D_HALF: tl.constexpr, BLOCK_S: tl.constexpr,
     GROUP: tl.constexpr, N_GROUPS: tl.constexpr, KIND: tl.constexpr, STATIC: tl.constexpr,
-    CODE_D: tl.constexpr, PER_TOKEN: tl.constexpr,
+    CODE_D: tl.constexpr, PER_TOKEN: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # PER_TOKEN (one scale per token and head, dynamic): the products run on the raw codes (exact in
     # fp16/bf16) and the scales are applied to the (G, BLOCK_S) scores for K and folded into the
     # probabilities for V, instead of scaling every (token, channel) value: the per-element scale
     # gather made the int caches 2.5x slower than fp16 (measured, docs/engine.md).
+    start_small(PDL)
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -229,7 +231,8 @@ def _decode_attn_kernel(
 
 @triton.jit
 def _merge_splits_kernel(part_o_ptr, part_ml_ptr, out_ptr, N_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                         D: tl.constexpr):
+                         D: tl.constexpr, PDL: tl.constexpr = False):
+    start_small(PDL)
     rh = tl.program_id(0)  # row * Hq + head
     rsp = tl.arange(0, SPLITS_PAD)
     ok = rsp < N_SPLITS
@@ -295,15 +298,16 @@ def decode_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, lengths: t
         lengths = lengths.to(torch.int32)
     if slot_of_row.dtype != torch.int32:
         slot_of_row = slot_of_row.to(torch.int32)
+    pdl = launch_options(q.device)
     _decode_attn_kernel[(B, Hkv, n_splits)](
         q.contiguous(), kc, k.scales, vc, v.scales, lengths, slot_of_row,
         part_o, part_ml, Hq, Hkv, L, scale if scale is not None else D ** -0.5, tokens_per_split,
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), D_HALF=D // 2, BLOCK_S=block_s,
         GROUP=k.group, N_GROUPS=D // k.group, KIND=kind, STATIC=static, CODE_D=k.codes.shape[-1],
-        PER_TOKEN=kind in (0, 1, 2) and not static and k.group == D, num_warps=num_warps,
+        PER_TOKEN=kind in (0, 1, 2) and not static and k.group == D, num_warps=num_warps, **pdl,
     )
     _merge_splits_kernel[(B * Hq,)](part_o, part_ml, out, N_SPLITS=n_splits,
-                                    SPLITS_PAD=max(2, triton.next_power_of_2(n_splits)), D=D)
+                                    SPLITS_PAD=max(2, triton.next_power_of_2(n_splits)), D=D, **pdl)
     return out
 
 

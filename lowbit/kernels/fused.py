@@ -22,12 +22,15 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.act_quant import (
     MAX_K,
     check_smooth,
+    codes_of,
     empty_codes,
     quant_constants,
     quantize_activations,
     quantize_row,
+    scale_of,
 )
 from lowbit.kernels.activations import ActQuantSpec, QuantizedActivations
+from lowbit.kernels.pdl import launch_options, start_small
 
 
 def add_rmsnorm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -42,7 +45,8 @@ def add_rmsnorm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, smooth_ptr, q_ptr, s_ptr, H, eps,
                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                        FP8: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr):
+                        FP8: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr = False):
+    start_small(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < H
@@ -91,8 +95,9 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
             xc, residual.contiguous() if residual is not None else xc, weight, out, h,
             quant.smooth if quant is not None and quant.smooth is not None else xc, q, s, H, eps,
             HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(H), QUANT=quant is not None,
-            HAS_SMOOTH=quant is not None and quant.smooth is not None, num_warps=(4 if H <= 4096 else 8) if quant is None else _quant_row_warps(triton.next_power_of_2(H)),
-            **consts)
+            HAS_SMOOTH=quant is not None and quant.smooth is not None,
+            num_warps=(4 if H <= 4096 else 8) if quant is None else _quant_row_warps(triton.next_power_of_2(H)),
+            **consts, **launch_options(x.device))
     if quant is None:
         return out, h
     return QuantizedActivations(q.view(x.shape), s, x.dtype), h
@@ -119,8 +124,27 @@ def rope_reference(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 
 @triton.jit
+def _rotate(base, rd, ok, cs, sn, HALF: tl.constexpr):
+    """Rotary embedding of the heads at ``base + rh * stride`` (pointers (BLOCK_H, 1)): the two halves,
+    each product and the sum rounded to the activation dtype, as PyTorch's three elementwise ops do."""
+    x1 = tl.load(base + rd[None, :], mask=ok, other=0.0)
+    x2 = tl.load(base + HALF + rd[None, :], mask=ok, other=0.0)
+    DT = x1.dtype
+    c1 = tl.load(cs + rd)[None, :].to(tl.float32)
+    c2 = tl.load(cs + HALF + rd)[None, :].to(tl.float32)
+    s1 = tl.load(sn + rd)[None, :].to(tl.float32)
+    s2 = tl.load(sn + HALF + rd)[None, :].to(tl.float32)
+    f1 = x1.to(tl.float32)
+    f2 = x2.to(tl.float32)
+    o1 = (f1 * c1).to(DT).to(tl.float32) + (-f2 * s1).to(DT).to(tl.float32)
+    o2 = (f2 * c2).to(DT).to(tl.float32) + (f1 * s2).to(DT).to(tl.float32)
+    return o1.to(DT), o2.to(DT)
+
+
+@triton.jit
 def _rope_kernel(t_ptr, cos_ptr, sin_ptr, out_ptr, T, HEADS, stride_b, stride_t, stride_h,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    start_small(PDL)
     tok = tl.program_id(0)  # b * T + t
     b = tok // T
     t = tok % T
@@ -128,23 +152,11 @@ def _rope_kernel(t_ptr, cos_ptr, sin_ptr, out_ptr, T, HEADS, stride_b, stride_t,
     rd = tl.arange(0, HALF)
     ok = rh[:, None] < HEADS
     base = t_ptr + b.to(tl.int64) * stride_b + t * stride_t + rh[:, None] * stride_h
-    x1 = tl.load(base + rd[None, :], mask=ok, other=0.0)
-    x2 = tl.load(base + HALF + rd[None, :], mask=ok, other=0.0)
-    DT = x1.dtype
-    cs = cos_ptr + tok.to(tl.int64) * 2 * HALF
-    sn = sin_ptr + tok.to(tl.int64) * 2 * HALF
-    c1 = tl.load(cs + rd)[None, :].to(tl.float32)
-    c2 = tl.load(cs + HALF + rd)[None, :].to(tl.float32)
-    s1 = tl.load(sn + rd)[None, :].to(tl.float32)
-    s2 = tl.load(sn + HALF + rd)[None, :].to(tl.float32)
-    f1 = x1.to(tl.float32)
-    f2 = x2.to(tl.float32)
-    # each product and the sum rounded to the activation dtype, as PyTorch's three elementwise ops do
-    o1 = (f1 * c1).to(DT).to(tl.float32) + (-f2 * s1).to(DT).to(tl.float32)
-    o2 = (f2 * c2).to(DT).to(tl.float32) + (f1 * s2).to(DT).to(tl.float32)
+    o1, o2 = _rotate(base, rd, ok, cos_ptr + tok.to(tl.int64) * 2 * HALF, sin_ptr + tok.to(tl.int64) * 2 * HALF,
+                     HALF)
     ob = out_ptr + (tok.to(tl.int64) * HEADS + rh[:, None]) * 2 * HALF
-    tl.store(ob + rd[None, :], o1.to(DT), mask=ok)
-    tl.store(ob + HALF + rd[None, :], o2.to(DT), mask=ok)
+    tl.store(ob + rd[None, :], o1, mask=ok)
+    tl.store(ob + HALF + rd[None, :], o2, mask=ok)
 
 
 def rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -158,7 +170,83 @@ def rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     out = torch.empty((B, T, heads, hd), dtype=t.dtype, device=t.device)
     if B * T:
         _rope_kernel[(B * T,)](t, cos.contiguous(), sin.contiguous(), out, T, heads, t.stride(0), t.stride(1),
-                               t.stride(2), HALF=hd // 2, BLOCK_H=triton.next_power_of_2(heads))
+                               t.stride(2), HALF=hd // 2, BLOCK_H=triton.next_power_of_2(heads),
+                               **launch_options(t.device))
+    return out
+
+
+@triton.jit
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr,
+                       HQ, HKV, L, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                       HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    """One token per program: rotate its query and key heads, write the query out and the rotated key
+    and the value into the cache at (slot, head, pos)."""
+    start_small(PDL)
+    b = tl.program_id(0).to(tl.int64)
+    rd = tl.arange(0, HALF)
+    cs = cos_ptr + b * 2 * HALF
+    sn = sin_ptr + b * 2 * HALF
+    rq = tl.arange(0, BLOCK_HQ)
+    q_ok = rq[:, None] < HQ
+    o1, o2 = _rotate(q_ptr + b * stride_qb + rq[:, None] * stride_qh, rd, q_ok, cs, sn, HALF)
+    qo = q_out_ptr + (b * HQ + rq[:, None]) * 2 * HALF
+    tl.store(qo + rd[None, :], o1, mask=q_ok)
+    tl.store(qo + HALF + rd[None, :], o2, mask=q_ok)
+    rk = tl.arange(0, BLOCK_HKV)
+    k_ok = rk[:, None] < HKV
+    k1, k2 = _rotate(k_ptr + b * stride_kb + rk[:, None] * stride_kh, rd, k_ok, cs, sn, HALF)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    pos = tl.load(pos_ptr + b)
+    dst = ((slot * HKV + rk[:, None]) * L + pos) * 2 * HALF  # cache (slots, HKV, L, 2 * HALF)
+    tl.store(kc_ptr + dst + rd[None, :], k1, mask=k_ok)
+    tl.store(kc_ptr + dst + HALF + rd[None, :], k2, mask=k_ok)
+    rv = tl.arange(0, 2 * HALF)
+    v = tl.load(v_ptr + b * stride_vb + rk[:, None] * stride_vh + rv[None, :], mask=k_ok, other=0.0)
+    tl.store(vc_ptr + dst + rv[None, :], v, mask=k_ok)
+
+
+def rope_store_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """What ``rope_store`` does, in PyTorch: returns the rotated q (B, HQ, hd) and writes the rotated k and v
+    into ``keys`` / ``values`` (slots, HKV, L, hd) at [slots[b], :, pos[b]]."""
+    qr = rope_reference(q, cos, sin)[:, 0]
+    kr = rope_reference(k, cos, sin)[:, 0]
+    rows, p = slots.long(), pos.long()
+    keys[rows, :, p] = kr
+    values[rows, :, p] = v[:, 0]
+    return qr.contiguous()
+
+
+def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Decode step's rotary embedding fused with the KV-cache write (one launch instead of two rotary
+    kernels and two index writes per layer).
+
+    q (B, 1, HQ, hd), k and v (B, 1, HKV, hd): views of the fused QKV output (unit last stride);
+    cos, sin (B, 1, hd); keys, values (slots, HKV, L, hd) contiguous, the layer's plain (unquantized)
+    cache in q's dtype; slots (B,) int32 the cache slot of each row; pos (B,) int32/int64 the position
+    each row writes. Returns the rotated queries, (B, HQ, hd) contiguous. Positions must be < L (the
+    caller's invariant: no check here, so that CUDA graphs can capture it without a host sync).
+    """
+    B, T, HQ, hd = q.shape
+    HKV = k.shape[2]
+    if T != 1 or k.shape != (B, 1, HKV, hd) or v.shape != k.shape or cos.shape != (B, 1, hd) or sin.shape != cos.shape:
+        raise LowbitError(f"rope_store takes one token per row: q (B, 1, HQ, hd), k/v (B, 1, HKV, hd), cos/sin "
+                          f"(B, 1, hd); got q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}")
+    if keys.shape[1] != HKV or keys.shape[3] != hd or values.shape != keys.shape or not keys.is_contiguous() \
+            or not values.is_contiguous() or keys.dtype != q.dtype:
+        raise LowbitError(f"rope_store: the cache must be contiguous (slots, {HKV}, L, {hd}) {q.dtype}, got "
+                          f"{keys.dtype} {tuple(keys.shape)}")
+    if min(q.stride(-1), k.stride(-1), v.stride(-1)) != 1 or hd & (hd - 1) or cos.dtype != q.dtype:
+        raise LowbitError("rope_store: q, k, v need a unit last stride, a power-of-two head_dim and cos/sin in q's dtype")
+    out = torch.empty((B, HQ, hd), dtype=q.dtype, device=q.device)
+    if B:
+        _rope_store_kernel[(B,)](
+            q, k, v, cos.contiguous(), sin.contiguous(), out, keys, values, slots, pos, HQ, HKV, keys.shape[2],
+            q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
+            HALF=hd // 2, BLOCK_HQ=triton.next_power_of_2(HQ), BLOCK_HKV=triton.next_power_of_2(HKV),
+            **launch_options(q.device))
     return out
 
 
@@ -167,30 +255,100 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr):
+def _silu_gate(g, u):
+    """silu(g) * u as PyTorch computes it: silu rounded to the activation dtype, then the product."""
+    gf = g.to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    return (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    start_small(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
     g = tl.load(g_ptr + row * stride_g + cols, mask=ok, other=0.0)
     u = tl.load(u_ptr + row * stride_u + cols, mask=ok, other=0.0)
-    gf = g.to(tl.float32)
-    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # silu rounded to the activation dtype, then the product
-    tl.store(out_ptr + row * N + cols, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
+    tl.store(out_ptr + row * N + cols, _silu_gate(g, u), mask=ok)
 
 
 @triton.jit
 def _silu_mul_quant_kernel(g_ptr, u_ptr, smooth_ptr, q_ptr, s_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr,
-                           HAS_SMOOTH: tl.constexpr, FP8: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr):
+                           HAS_SMOOTH: tl.constexpr, FP8: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr,
+                           PDL: tl.constexpr = False):
     """One program per row (the per-token scale needs the whole row): silu-gate, then quantize_row."""
+    start_small(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
     g = tl.load(g_ptr + row * stride_g + cols, mask=ok, other=0.0)
     u = tl.load(u_ptr + row * stride_u + cols, mask=ok, other=0.0)
-    gf = g.to(tl.float32)
-    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
-    out = (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype).to(tl.float32)
+    out = _silu_gate(g, u).to(tl.float32)
     quantize_row(out, ok, cols, smooth_ptr, q_ptr + row * N, s_ptr + row, HAS_SMOOTH, FP8, QMAX, ROUND)
+
+
+@triton.jit
+def _silu_mul_absmax_kernel(g_ptr, u_ptr, smooth_ptr, h_ptr, part_ptr, N, stride_g, stride_u, P,
+                            BLOCK: tl.constexpr, HAS_SMOOTH: tl.constexpr, PDL: tl.constexpr = False):
+    """Row ``row``, chunk ``p`` of BLOCK columns: the rounded silu-gate product stored, and the chunk's
+    absmax (of the smoothed values) stored for ``_quant_chunks_kernel``."""
+    start_small(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    cols = p * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    g = tl.load(g_ptr + row * stride_g + cols, mask=ok, other=0.0)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=ok, other=0.0)
+    out = _silu_gate(g, u)
+    tl.store(h_ptr + row * N + cols, out, mask=ok)
+    x = out.to(tl.float32)
+    if HAS_SMOOTH:
+        x = tl.math.div_rn(x, tl.load(smooth_ptr + cols, mask=ok, other=1.0))
+    tl.store(part_ptr + row * P + p, tl.max(tl.abs(x), axis=0))
+
+
+@triton.jit
+def _quant_chunks_kernel(h_ptr, smooth_ptr, part_ptr, q_ptr, s_ptr, N, P, BLOCK: tl.constexpr, P_PAD: tl.constexpr,
+                         HAS_SMOOTH: tl.constexpr, FP8: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    """Row ``row``, chunk ``p``: the row's scale from the chunks' absmax, then this chunk's codes."""
+    start_small(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    rp = tl.arange(0, P_PAD)
+    scale = scale_of(tl.max(tl.load(part_ptr + row * P + rp, mask=rp < P, other=0.0), axis=0), QMAX)
+    cols = p * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(h_ptr + row * N + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        x = tl.math.div_rn(x, tl.load(smooth_ptr + cols, mask=ok, other=1.0))
+    tl.store(q_ptr + row * N + cols, codes_of(x, scale, FP8, QMAX, ROUND), mask=ok)
+    if p == 0:
+        tl.store(s_ptr + row, scale)
+
+
+# Rows up to which the SiLU-gate quantization is spread over chunks of _CHUNK columns (two launches)
+# instead of one program per row: at decode one SM doing a 14336-wide row's exp and IEEE divisions
+# took 7.6 us (H100, docs/engine.md); with more rows, rows alone fill the GPU.
+_WIDE_ROWS = 64
+_CHUNK = 1024
+
+
+def _silu_mul_quant_wide(g2: torch.Tensor, u2: torch.Tensor, quant: ActQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``silu_mul`` + per-token quantization for a few long rows: (codes (rows, N), scales (rows,))."""
+    rows, N = g2.shape
+    P = triton.cdiv(N, _CHUNK)
+    h = torch.empty(rows, N, dtype=g2.dtype, device=g2.device)
+    part = torch.empty(rows, P, dtype=torch.float32, device=g2.device)
+    q, s = empty_codes(rows, N, quant.dtype, g2.device)
+    smooth = quant.smooth if quant.smooth is not None else s
+    pdl = launch_options(g2.device)
+    _silu_mul_absmax_kernel[(rows, P)](g2, u2, smooth, h, part, N, g2.stride(0), u2.stride(0), P, BLOCK=_CHUNK,
+                                       HAS_SMOOTH=quant.smooth is not None, **pdl)
+    _quant_chunks_kernel[(rows, P)](h, smooth, part, q, s, N, P, BLOCK=_CHUNK, P_PAD=triton.next_power_of_2(P),
+                                    HAS_SMOOTH=quant.smooth is not None, **quant_constants(quant.dtype), **pdl)
+    return q, s
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor,
@@ -206,16 +364,20 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor,
         check_smooth(quant.smooth, N)
         if N > MAX_K:
             return _quantized(silu_mul(gate, up), quant)
+        if 0 < g2.shape[0] <= _WIDE_ROWS and N > _CHUNK:
+            q, s = _silu_mul_quant_wide(g2, u2, quant)
+            return QuantizedActivations(q.view(gate.shape), s, gate.dtype)
         q, s = empty_codes(g2.shape[0], N, quant.dtype, gate.device)
         block = triton.next_power_of_2(N)
         if g2.shape[0]:
             _silu_mul_quant_kernel[(g2.shape[0],)](
                 g2, u2, quant.smooth if quant.smooth is not None else s, q, s, N, g2.stride(0), u2.stride(0),
                 BLOCK=block, HAS_SMOOTH=quant.smooth is not None, num_warps=_quant_row_warps(block),
-                **quant_constants(quant.dtype))
+                **quant_constants(quant.dtype), **launch_options(gate.device))
         return QuantizedActivations(q.view(gate.shape), s, gate.dtype)
     out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
     BLOCK = 1024
     if g2.shape[0]:
-        _silu_mul_kernel[(g2.shape[0], triton.cdiv(N, BLOCK))](g2, u2, out, N, g2.stride(0), u2.stride(0), BLOCK=BLOCK)
+        _silu_mul_kernel[(g2.shape[0], triton.cdiv(N, BLOCK))](g2, u2, out, N, g2.stride(0), u2.stride(0), BLOCK=BLOCK,
+                                                                 **launch_options(gate.device))
     return out.view(gate.shape)

@@ -30,6 +30,7 @@ import triton.language as tl
 from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
 from lowbit.kernels.layout import PackedInt4
+from lowbit.kernels.pdl import launch_options, wait
 from lowbit.kernels.splitk import finish, reserve
 from lowbit.kernels.unpack import USE_ASM, nibbles_float
 
@@ -58,6 +59,7 @@ def _w4a16_kernel(
     SCALE_MODE: tl.constexpr,  # 0 per channel, 1 one group per tile half, 2 per column (scale_mode)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
     HALF_K: tl.constexpr, IS_FP16: tl.constexpr, BASE: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -72,6 +74,7 @@ def _w4a16_kernel(
     rn_ld = tl.minimum(rn, N - 1)
     w_row = w_ptr + rn_ld[:, None] * stride_wn + rj[None, :]
     x_row = x_ptr + tl.minimum(rm, M - 1)[:, None] * stride_xm + rj[None, :]
+    wait(PDL)  # PDL (lowbit.kernels.pdl): the kernel before this one has completed
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -166,6 +169,7 @@ def w4a16_matmul(
     x = x.contiguous()
     M, N = x.shape[0], w.N
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    pdl = launch_options(x.device)
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
     ws, locks = reserve(x.device, M * N if cfg.split_k > 1 else 0, grid[0] * grid[1] if cfg.split_k > 1 else 0)
     _w4a16_kernel[grid](
@@ -177,5 +181,6 @@ def w4a16_matmul(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, SWAP=cfg.swap, HALF_K=w.half,
         **_MAGIC[x.dtype], ASM=USE_ASM, EVEN_K=w.K % w.tile_k == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl,
     )
     return y

@@ -28,10 +28,10 @@ import triton.language as tl
 from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
 from lowbit.kernels.layout import PackedInt4
+from lowbit.kernels.pdl import launch_options, wait
 from lowbit.kernels.splitk import finish, reserve
 from lowbit.kernels.unpack import USE_ASM, nibbles_float, nibbles_int8
 from lowbit.kernels.w4a16 import check_activation, load_x_halves
-
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def _w4a8_kernel(
     stride_xm, stride_wn, stride_ym,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_TILE: tl.constexpr, FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
-    HALF_K: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr,
+    HALF_K: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -85,6 +85,7 @@ def _w4a8_kernel(
     rn_ld = tl.minimum(rn, N - 1)
     w_row = w_ptr + rn_ld[:, None] * stride_wn + rj[None, :]
     x_row = x_ptr + tl.minimum(rm, M - 1)[:, None] * stride_xm + rj[None, :]
+    wait(PDL)  # PDL (lowbit.kernels.pdl): the kernel before this one has completed
     PART_T: tl.constexpr = tl.float32 if FP8 else tl.int32  # what one MMA accumulates in
     ACC_T: tl.constexpr = tl.float32 if (FP8 or PER_TILE) else tl.int32
     if SWAP:
@@ -174,6 +175,7 @@ def w4a8_matmul(
     xq = xq.contiguous()
     M, N = xq.shape[0], w.N
     y = torch.empty(M, N, dtype=out_dtype, device=xq.device)
+    pdl = launch_options(xq.device)
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
     ws, locks = reserve(xq.device, M * N if cfg.split_k > 1 else 0, grid[0] * grid[1] if cfg.split_k > 1 else 0)
     _w4a8_kernel[grid](
@@ -185,5 +187,6 @@ def w4a8_matmul(
         FP8=xq.dtype == torch.float8_e4m3fn,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, SWAP=cfg.swap, HALF_K=w.half,
         ASM=USE_ASM, EVEN_K=w.K % w.tile_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl,
     )
     return y

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
+from lowbit.kernels.pdl import launch_options, wait
 from lowbit.kernels.splitk import finish, reserve
 from lowbit.kernels.w4a16 import check_activation
 
@@ -28,7 +29,7 @@ def _w8a8_kernel(
     M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    SWAP: tl.constexpr,
+    SWAP: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -39,6 +40,7 @@ def _w8a8_kernel(
     m_ok = rm[:, None] < M
     n_ok = rn < N
     ACC_T: tl.constexpr = tl.float32 if FP8 else tl.int32
+    wait(PDL)  # PDL (lowbit.kernels.pdl): the kernel before this one has completed
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC_T)
     else:
@@ -86,6 +88,7 @@ def w8a8_matmul(
     xq, wq = xq.contiguous(), wq.contiguous()
     M = xq.shape[0]
     y = torch.empty(M, N, dtype=out_dtype, device=xq.device)
+    pdl = launch_options(xq.device)
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
     ws, locks = reserve(xq.device, M * N if cfg.split_k > 1 else 0, grid[0] * grid[1] if cfg.split_k > 1 else 0)
     _w8a8_kernel[grid](
@@ -94,6 +97,7 @@ def w8a8_matmul(
         HAS_BIAS=bias is not None, FP8=xq.dtype == torch.float8_e4m3fn,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, SWAP=cfg.swap,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl,
     )
     return y
 

@@ -111,6 +111,13 @@ class Attention(nn.Module):
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
+        fake_kv = self.kv_format is not None and self.kv_format.dtype != "fp16" and not (
+            cache is not None and cache.quantized)
+        if cache is not None and not fake_kv:
+            # decode on the GPU: rotary embedding and cache write in one kernel, where the cache has one
+            out = cache.attend_rotary(layer, start, q, k, v, cos, sin)
+            if out is not None:
+                return self.o_proj(out.transpose(1, 2).reshape(B, T, nh * hd))
         if x.is_cuda:  # one kernel each instead of five elementwise ops (same roundings)
             from lowbit.kernels.fused import rope
 
@@ -121,7 +128,7 @@ class Attention(nn.Module):
             q = q * c + rotate_half(q) * s
             k = k * c + rotate_half(k) * s
         v = v.transpose(1, 2)
-        if self.kv_format is not None and self.kv_format.dtype != "fp16" and not (cache is not None and cache.quantized):
+        if fake_kv:
             from lowbit.quant.kv import fake_quantize_kv
 
             k = fake_quantize_kv(k, self.kv_format, self.k_scale)
