@@ -6,6 +6,10 @@ the winner of every cell. Candidates come from a fixed list per M range (below);
 medians of CUDA-graph replays: kernel time without Python launch overhead, as the engine runs it).
 
     python bench/tune_kernels.py [--ops w4a16,w4a8] [--shapes llama3-8b,llama3-70b:gateup] [--ms 1,16] [--out FILE]
+
+The QUIK, COMET and 2:4 ops (``NEW_OPS``: "w4a4", "w4ax", "sparse24") are timed through their
+``lowbit bench kernels`` paths (``OP_PATH``; "w4a4" with QUIK's 256 outlier columns, the preset that
+uses it) on Triton tiles each kernel accepts (``accepts``), and written as the same table entries.
 """
 
 from __future__ import annotations
@@ -19,33 +23,73 @@ import time
 
 import torch
 
-from lowbit.bench.kernels import build, parse_shapes, time_us
+from lowbit.bench.kernels import build, default_tile, parse_shapes, time_us
 from lowbit.kernels.config import TileConfig
 from lowbit.kernels.dispatch import KERNELS, OPS, TUNED_DIR, Choice
 from lowbit.report_files import write_json
 
 TUNE_SHAPES = "llama3-8b:qkv,llama3-8b:gateup,llama3-70b:gateup,llama3-70b:down"
 TUNE_MS = (1, 16, 32, 64, 128, 256, 1024, 4096)
+# the QUIK / COMET / 2:4 ops and the `lowbit bench kernels` path that times each
+OP_PATH = {"w4a4": "w4a4-quik", "w4ax": "w4ax", "sparse24": "w4a16-2:4"}
+NEW_OPS = tuple(OP_PATH)
+ALL_OPS = OPS + tuple(op for op in NEW_OPS if op not in OPS)
 
 
-def candidates(op: str, M: int) -> list[Choice]:
-    """Kernels and tile configs worth timing for this op at this M (pruned by earlier sweeps, docs/kernels.md)."""
-    out: list[Choice] = []
+def layout_tile(op: str, tile_k: int | None) -> int:
+    """The layout tile ``op`` is tuned (and its table entries recorded) with: w4ax's is its 128-channel
+    block, whatever is asked; the others take ``--tile-k``, default 128 (256 for the 2:4 kernel)."""
+    if op not in OP_PATH:
+        return tile_k or 128
+    path = OP_PATH[op]
+    return default_tile(path) if path == "w4ax" or tile_k is None else tile_k
+
+
+def accepts(op: str, config: TileConfig, K: int | None = None, tile_k: int = 128) -> bool:
+    """Whether ``op``'s kernel takes ``config`` for K input columns packed in tiles of ``tile_k``.
+
+    Every kernel steps over K one packed tile at a time (w4ax: one 128-channel block), so a split-K
+    deeper than the number of tiles only adds empty programs; the 2:4 kernel also needs 4 groups of
+    4 columns per thread to expand (``lowbit.kernels.sparse24.sparse24_matmul``):
+    block_n * tile_k / 8 >= 128 * num_warps.
+    """
+    if op == "sparse24" and config.block_n * (tile_k // 8) < 128 * config.num_warps:
+        return False
+    step = 128 if op == "w4ax" else tile_k
+    return K is None or config.split_k <= -(-K // step)
+
+
+def _triton_tiles(M: int) -> list[TileConfig]:
+    """Triton tile configs worth timing at this M, for every int4 kernel (pruned by earlier sweeps, docs/kernels.md)."""
+    out: list[TileConfig] = []
     if M <= 16:
-        out += [Choice("triton", TileConfig(16, bn, 128, sk, 4, 4, swap=True)) for bn in (64, 128) for sk in (1, 2, 4, 8)]
+        out += [TileConfig(16, bn, 128, sk, 4, 4, swap=True) for bn in (64, 128) for sk in (1, 2, 4, 8)]
         # small layers (8B qkv, o) have few 64-row tiles: narrower tiles and deeper splits fill the SMs
-        out += [Choice("triton", TileConfig(16, 32, 128, sk, 4, 4, swap=True)) for sk in (2, 4, 8)]
-        out += [Choice("triton", TileConfig(16, 64, 128, 16, 4, 4, swap=True))]
+        out += [TileConfig(16, 32, 128, sk, 4, 4, swap=True) for sk in (2, 4, 8)]
+        out += [TileConfig(16, 64, 128, 16, 4, 4, swap=True)]
         # x as the MMA's A side: 16-row tiles go to mma.sync (wgmma needs 64 rows), which takes the
         # dequantized weights straight from registers
-        out += [Choice("triton", TileConfig(16, 128, 128, sk, 4, 4)) for sk in (1, 2, 4)]
-        out += [Choice("triton", TileConfig(16, 256, 128, sk, 8, 4)) for sk in (2, 4)]
+        out += [TileConfig(16, 128, 128, sk, 4, 4) for sk in (1, 2, 4)]
+        out += [TileConfig(16, 256, 128, sk, 8, 4) for sk in (2, 4)]
     elif M <= 64:
-        out += [Choice("triton", TileConfig(M, bn, 128, sk, 4, 4, swap=True)) for bn in (64, 128) for sk in (1, 2, 4)]
-        out += [Choice("triton", TileConfig(M, 128, 128, sk, 4, 4)) for sk in (1, 2)]
+        out += [TileConfig(M, bn, 128, sk, 4, 4, swap=True) for bn in (64, 128) for sk in (1, 2, 4)]
+        out += [TileConfig(M, 128, 128, sk, 4, 4) for sk in (1, 2)]
     else:
-        out += [Choice("triton", TileConfig(bm, bn, 128, 1, nw, ns)) for bm, bn, nw, ns in (
+        out += [TileConfig(bm, bn, 128, 1, nw, ns) for bm, bn, nw, ns in (
             (64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 4, 3), (128, 256, 8, 3), (64, 256, 4, 3), (128, 128, 8, 4))]
+    return out
+
+
+def candidates(op: str, M: int, K: int | None = None, tile_k: int | None = None) -> list[Choice]:
+    """Kernels and tile configs worth timing for this op at this M.
+
+    The QUIK / COMET / 2:4 ops (``NEW_OPS``) have only their Triton kernel: the tiles of the int4
+    kernels that it ``accepts`` for K columns (when given) in its layout tile (``layout_tile``).
+    """
+    if op in NEW_OPS:
+        tk = layout_tile(op, tile_k)
+        return [Choice("triton", c) for c in _triton_tiles(M) if accepts(op, c, K, tk)]
+    out = [Choice("triton", c) for c in _triton_tiles(M)]
     if "w4a16-fakequant" in KERNELS[op]:  # the W4A16 kernel on dequantized 8-bit activations
         out += [Choice("w4a16-fakequant", c.config) for c in out if c.kernel == "triton"][:2]
     if "cublas" in KERNELS[op]:
@@ -60,14 +104,17 @@ def candidates(op: str, M: int) -> list[Choice]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ops", default=",".join(OPS))
+    ap.add_argument("--ops", default=",".join(ALL_OPS), help=f"comma-separated, of {', '.join(ALL_OPS)}")
     ap.add_argument("--shapes", default=TUNE_SHAPES)
     ap.add_argument("--ms", default=",".join(map(str, TUNE_MS)))
     ap.add_argument("--out", default=None, help="table to write (default: lowbit/kernels/tuned/<gpu>.json)")
-    ap.add_argument("--tile-k", type=int, default=128, choices=(128, 256),
-                    help="int4 layout tile (PackedInt4.tile_k) to tune the int4 ops for; recorded per op in the table")
+    ap.add_argument("--tile-k", type=int, default=None, choices=(128, 256),
+                    help="int4 layout tile (PackedInt4.tile_k) to tune the int4 ops for, default 128 (sparse24: 256; "
+                    "w4ax always 128); recorded per op in the table")
     ap.add_argument("--top", type=int, default=1, help="print the N fastest candidates of each cell")
-    ap.add_argument("--merge", action="store_true", help="keep the existing table's entries for ops not tuned now")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the existing table's entries for the cells not tuned now: those of --out if it "
+                    "exists, else of this GPU's shipped table")
     args = ap.parse_args()
     dev = torch.device("cuda")
     gpu = torch.cuda.get_device_name(dev)
@@ -75,27 +122,35 @@ def main() -> None:
     out = args.out or str(TUNED_DIR / f"{key}.json")
     table = {"gpu": gpu, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
              "source": "bench/tune_kernels.py", "tile_k": {}, "entries": {}}
-    if args.merge and os.path.exists(out):
-        with open(out) as f:
+    # merging into a new file starts from the shipped table: a table missing the other ops' entries
+    # would send them to the heuristic default
+    base = out if os.path.exists(out) else str(TUNED_DIR / f"{key}.json")
+    if args.merge and os.path.exists(base):
+        with open(base) as f:
             old = json.load(f)
         table["entries"], table["tile_k"] = old["entries"], old.get("tile_k", {})
     shapes = parse_shapes(args.shapes)
     ms = [int(m) for m in args.ms.split(",")]
+    ops = args.ops.split(",")
+    unknown = [op for op in ops if op not in ALL_OPS]
+    if unknown:
+        ap.error(f"unknown op(s) {', '.join(unknown)}; ops: {', '.join(ALL_OPS)}")
     print(f"tuning on {gpu}: ops {args.ops}, {len(shapes)} shapes, M {ms}", flush=True)
-    for op in args.ops.split(","):
+    for op in ops:
         t_op = time.time()
+        tile_k = layout_tile(op, args.tile_k)
         # the cells tuned now replace their old entries; other shapes and other M keep theirs
         cells = {(N, K, M) for _, N, K in shapes for M in ms}
         entries = [e for e in table["entries"].get(op, []) if (e["N"], e["K"], e["M"]) not in cells]
         for name, N, K in shapes:
             for M in ms:
-                make, nbytes = build(op, N, K, M, dev, tile_k=args.tile_k)
+                make, nbytes = build(OP_PATH.get(op, op), N, K, M, dev, tile_k=tile_k)
                 results = []
-                for c in candidates(op, M):
+                for c in candidates(op, M, K, tile_k):
                     try:
                         fn, _ = make(c)
                         results.append((time_us(fn), c))
-                    except Exception as exc:  # a config the compiler rejects (e.g. out of shared memory)
+                    except Exception as exc:  # noqa: BLE001 - configs the compiler rejects raise many types
                         print(f"  skip {op} {name} M={M} {c.kernel} {c.config_str()}: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:120]}", file=sys.stderr)
                 if not results:
@@ -114,7 +169,7 @@ def main() -> None:
                 del make
             torch.cuda.empty_cache()
         table["entries"][op] = entries
-        table["tile_k"][op] = args.tile_k  # the int4 layout these entries were timed with
+        table["tile_k"][op] = tile_k  # the int4 layout these entries were timed with
         print(f"-- {op} tuned in {time.time() - t_op:.0f} s", flush=True)
     write_json(out, table)
     print(f"wrote {out}")

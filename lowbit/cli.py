@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = bsub.add_parser(
         "kernels",
         help="quantized GEMMs vs cuBLAS fp16 (torch.matmul) and fp8 (torch._scaled_mm), per layer shape and M",
-        description="Time each kernel path as dispatch runs it (activation quantization included for 8-bit "
+        description="Time each kernel path as dispatch runs it (activation quantization included for 8- and 4-bit "
         "activations), against torch.matmul fp16, torch._scaled_mm fp8 (row-wise) and torch._int_mm in the same "
         "process: each the median of 5 replays of a CUDA graph of 50 calls (kernel time without Python launch "
         "overhead, as in graphed decode), random data, weights rotated past L2. Prints a table of "
@@ -151,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: llama3-8b, llama3-70b, MODEL:LAYER (e.g. llama3-70b:gateup) or NxK "
                    "(default: llama3-8b,llama3-70b)")
     k.add_argument("--m", default="1,16,32,64,128,256,1024,4096", help="batch sizes M (tokens), comma-separated")
-    k.add_argument("--paths", default=None, help="kernel paths to time (default: all): "
-                   "fp16, fp8-cublas, int8-cublas, w4a16, w4a8, w4a8-g128, w4a8-fp8, w8a8-int8, w8a8-fp8")
+    k.add_argument("--paths", default=None, help="kernel paths to time, comma-separated (default: all): "
+                   "fp16, fp8-cublas, int8-cublas, w4a16, w4a8, w4a8-g128, w4a8-fp8, w8a8-int8, w8a8-fp8, "
+                   "w4a4-quik (QUIK, 256 fp16 outlier columns), w4a4 (the same kernel without outliers), "
+                   "w4ax (COMET, 25%% of activation blocks at 8 bits), w4a16-2:4 (2:4-sparse int4)")
     _add_report_files(k, "speed-up over fp16 vs M, one line per path")
     k.set_defaults(func=_cmd_bench_kernels)
     e = bsub.add_parser(
@@ -162,14 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
         "measured copy bandwidth), prefill tokens/s and peak memory, for our engine (CUDA-graph decode, "
         "decode-attention kernel) in fp16 and each scheme, and for Hugging Face transformers fp16 generate, at "
         "each batch size. The default model has Llama-3-8B's shape and random weights (speed does not depend on "
-        "weight values; schemes are applied by round-to-nearest in their formats); decode is timed with --context "
+        "weight values; schemes are applied by round-to-nearest in their formats, with QUIK outlier columns, COMET "
+        "FMPQ blocks and 2:4 masks drawn at random with a fixed seed); decode is timed with --context "
         "random tokens already in every sequence's KV cache. Prints a table last; --json and --plot save it.",
     )
     e.add_argument("--model", default="llama3-8b-random",
                    help="llama3-8b-random (default), or a checkpoint directory / GGUF file / known model name")
     e.add_argument("--schemes", default="fp16,w4a16,w4a8,w8a8-fp8",
-                   help="comma-separated: fp16 and presets with GPU kernels (w4a16, w4a16-rtn, w4a8, w4a8-g128, "
-                   "w8a8-fp8, w8a8-int8) (default: fp16,w4a16,w4a8,w8a8-fp8)")
+                   help="comma-separated: fp16 and presets (w4a16, w4a16-rtn, w4a8, w4a8-g128, w8a8-fp8, w8a8-int8, "
+                   "w4a4-quik, w4a4, w4a4kv4-comet, w4a16-2:4), each optionally +kv8, +kv4 or +kvfp8; a scheme with "
+                   "a layer that has no GPU kernel is refused (default: fp16,w4a16,w4a8,w8a8-fp8)")
     e.add_argument("--batch", default="1,4,16,64,256", help="batch sizes, comma-separated (default: 1,4,16,64,256)")
     e.add_argument("--kv", default="fp16", help="KV cache formats, comma-separated: fp16, int8, int4 (one scale per token and head), int4-g32, "
                    "fp8 (default: fp16)")
@@ -278,9 +282,7 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> None:
     else:
         ms = list(_int_list(args.m, "--m"))
         shapes = kb.parse_shapes(args.shapes)
-        paths = list(kb.PATHS) if args.paths is None else [p.strip() for p in args.paths.split(",") if p.strip()]
-        if "fp16" not in paths:
-            paths.insert(0, "fp16")  # every ratio is over fp16
+        paths = kb.parse_paths(args.paths)  # fp16 first: every ratio is over it
         total = len(shapes) * len(ms) * len(paths)
         import torch
         from tqdm import tqdm

@@ -3,7 +3,7 @@
 # default model from the parts carried so far, run the GPU tests, generate with the default model on
 # the GPU, evaluate every quantization preset (the accuracy table), and print a short summary last.
 #   bash scripts/gpu_check.sh [tests] [generate] [eval] [ablate] [kernels] [tune] [bench]   (default: tests generate eval)
-#   kernels: kernel tests; tune: bench/tune_kernels.py $TUNE_ARGS; bench: lowbit bench kernels $BENCH_ARGS;
+#   kernels: kernel tests (W4A16/W4A8/W8A8, QUIK W4A4, COMET W4Ax, 2:4, the ops and dispatch); tune: bench/tune_kernels.py $TUNE_ARGS; bench: lowbit bench kernels $BENCH_ARGS;
 #   e2e: quantize the default model (w4a16, w4a8, w8a8-fp8) and generate with it on the kernels
 #   engine: engine tests on the GPU (decode-attention kernel, quantized KV, CUDA-graph decode, custom ops)
 #   bench-e2e: lowbit bench e2e $E2E_ARGS (Llama-3-8B shape, random weights; transformers baseline)
@@ -74,7 +74,9 @@ fi
 
 kern="skipped"
 if want kernels; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernel_ops.py 2>&1 | tee "$OUTDIR/kernels.log"
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernel_ops.py tests/test_w4a4_kernels.py \
+    tests/test_w4ax_kernels.py tests/test_sparse24_kernels.py tests/test_new_format_ops.py \
+    tests/test_bench_new_formats.py 2>&1 | tee "$OUTDIR/kernels.log"
   kern=$(tail -n 1 "$OUTDIR/kernels.log")
 fi
 eng="skipped"

@@ -18,9 +18,12 @@ def test_shipped_tables_are_complete_and_valid():
     assert {"h100", "h200"} <= set(keys)
     for key in keys:
         table = dispatch.load_table(key)
-        assert set(table["entries"]) == set(dispatch.OPS), key
+        # every op but the not-yet-tuned ones (which always get default_choice), and no unknown op
+        assert set(dispatch.OPS) - set(dispatch.UNTUNED_OPS) <= set(table["entries"]) <= set(dispatch.OPS), key
         for op, entries in table["entries"].items():
-            assert {e["M"] for e in entries} >= {1, 16, 256, 4096}, (key, op)
+            # the partly tuned ops: small M at least; beyond 4x the largest tuned M, default_choice
+            assert {e["M"] for e in entries} >= ({1, 16} if op in dispatch.UNTUNED_OPS else {1, 16, 256, 4096}), \
+                (key, op)
             for e in entries:
                 assert e["kernel"] in dispatch.KERNELS[op], (op, e)
                 if e["config"] is not None:
@@ -44,7 +47,8 @@ def test_lookup_takes_nearest_shape_then_smallest_tuned_m_at_or_above():
     assert dispatch._lookup(entries, 1, 4096, 4096)["kernel"] == "small-1"
     assert dispatch._lookup(entries, 9, 6144, 4096)["kernel"] == "small-16"
     assert dispatch._lookup(entries, 17, 28672, 8192)["kernel"] == "big-256"
-    assert dispatch._lookup(entries, 5000, 57344, 8192)["kernel"] == "big-256"  # past the largest M
+    assert dispatch._lookup(entries, 1000, 57344, 8192)["kernel"] == "big-256"  # past the largest M
+    assert dispatch._lookup(entries, 1025, 57344, 8192) is None  # far past it: default_choice
     assert dispatch._lookup([], 1, 1, 1) is None
 
 
@@ -138,5 +142,41 @@ def test_choose_reads_the_gpus_table_and_refuses_fp8_before_sm89(monkeypatch):
         want = dispatch._lookup(h100["entries"]["w4a8"], 16, 57344, 8192)
         got = dispatch.choose("w4a8", 16, 57344, 8192, torch.device("cuda", 2))
         assert got.kernel == want["kernel"] and h100["gpu"].startswith("NVIDIA H100")
+    finally:
+        dispatch._choose_cached.cache_clear()
+
+
+def test_new_ops_get_default_choices_and_layout_tiles(monkeypatch):
+    """w4a4 / w4ax / sparse24: in OPS and KERNELS, no shipped table entries yet, so choose() gives
+    default_choice (W4Ax and 2:4 from their kernel module's default_config) on any GPU; their layout
+    tiles default to the kernels' own (tests/test_new_format_ops.py runs these configs)."""
+    import torch
+
+    pytest.importorskip("triton")  # the kernel modules, for their default_config
+    from lowbit.kernels import sparse24, w4a4, w4ax
+    from lowbit.kernels.layout import TILE_K
+
+    assert set(dispatch.UNTUNED_OPS) <= set(dispatch.OPS)
+    for op in dispatch.UNTUNED_OPS:
+        assert dispatch.KERNELS[op] == ("triton",)
+    for M in (1, 16, 65, 4096):
+        assert dispatch.default_choice("w4ax", M, 4096, 4000, 132).config == w4ax.default_config(M, 4096, 32, 132)
+        assert dispatch.default_choice("sparse24", M, 4096, 4000, 132).config == sparse24.default_config(
+            M, 4096, 4000, 132)
+        # the W4A4 kernel's own default is dispatch's heuristic (off the GPU it assumes 8 SMs)
+        assert dispatch.default_choice("w4a4", M, 4096, 4000, 8).config == w4a4.default_config(
+            M, 4096, 4000, torch.device("cpu"))
+    assert dispatch.default_choice("w4ax", 1, 64, 300, 132).config.split_k <= 3  # never more splits than blocks
+    cpu = torch.device("cpu")
+    assert dispatch.layout_tile(cpu, "w4a4") == TILE_K and dispatch.layout_tile(cpu, "sparse24") == sparse24.TILE_K
+    monkeypatch.setattr(dispatch, "_device_info", lambda index: ("NVIDIA H200", 132, (9, 0)))
+    monkeypatch.delenv("LOWBIT_KERNEL_TABLE", raising=False)
+    dispatch._choose_cached.cache_clear()
+    try:
+        h200 = torch.device("cuda", 0)
+        for op in dispatch.UNTUNED_OPS:
+            assert dispatch.choose(op, 3, 4096, 4096, h200) == dispatch.default_choice(op, 3, 4096, 4096, 132)
+        assert dispatch.layout_tile(h200, "sparse24") == sparse24.TILE_K
+        assert dispatch.layout_tile(h200, "w4a4") == TILE_K
     finally:
         dispatch._choose_cached.cache_clear()

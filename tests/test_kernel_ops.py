@@ -1,6 +1,6 @@
 """The custom ops (lowbit::w4a16, w4a8, w8a8): schema and fake implementations (opcheck), torch.compile
 with fullgraph, CPU reference parity, QuantLinear routing, and on the GPU the kernel path against the
-reference forward of real quantized layers."""
+reference forward of real quantized layers. lowbit::w4a4, w4ax and sparse24: tests/test_new_format_ops.py."""
 
 from __future__ import annotations
 
@@ -89,8 +89,8 @@ def test_ops_compile_fullgraph_and_match_reference_forward():
             if op != "w8a8":
                 p = pack_for_kernels(t.qweight, t.scales, t.zeros, wfmt.group_size, 256, tile_k=tile)
 
-            def f(x):
-                g = wfmt.group_size or 0
+            # defaults bind this iteration's values (the function is called within the iteration anyway)
+            def f(x, op=op, p=p, t=t, tile=tile, g=wfmt.group_size or 0):
                 if op == "w4a16":
                     return ops.w4a16(x, p.qweight, p.scales, p.zeros, None, t.bias, g, 256, tile)
                 if op == "w4a8":
@@ -104,12 +104,47 @@ def test_ops_compile_fullgraph_and_match_reference_forward():
             assert torch.equal(compiled, eager)
 
 
-def test_formats_without_kernels_stay_on_reference():
-    quik = _layer(WeightFormat(bits=4, group_size=None, method="rtn"), ActivationFormat(bits=4))
-    assert quik.kernel_op() is None  # 4-bit activations: issue 6
-    grouped8 = _layer(WeightFormat(bits=8, group_size=128, method="rtn"), ActivationFormat(bits=8))
-    assert grouped8.kernel_op() is None
-    assert not quik.prepare_kernels()
+def test_formats_with_and_without_kernels():
+    """QUIK W4A4, COMET W4Ax and 2:4 W4A16 now have kernels (tests/test_new_format_ops.py runs them);
+    formats no kernel takes keep kernel_op() None, and prepare_kernels leaves them on the reference."""
+    from lowbit.quant.fmpq import assign_fmpq_blocks
+
+    w4a4 = _layer(WeightFormat(bits=4, group_size=None, method="rtn"), ActivationFormat(bits=4))
+    assert w4a4.kernel_op() == "w4a4"
+    absmax = torch.rand(256, generator=torch.Generator().manual_seed(0)) + 0.5
+    absmax[3] = 50.0  # one outlier channel: its block (the first after sorting) is 8-bit
+    perm, high = assign_fmpq_blocks(absmax, 128, 0.25)
+    assert high.tolist() == [True, False]
+
+    def fmpq(wfmt, afmt):
+        qw = rtn_quantize(torch.randn(48, 256, generator=torch.Generator().manual_seed(1))[:, perm], wfmt)
+        return QuantLinear.from_quantized(qw, afmt, in_features=256, dtype=torch.float16, act_perm=perm,
+                                          fmpq_high=high)
+
+    comet = ActivationFormat(bits=4, fmpq_block=128, fmpq_high_fraction=0.25)
+    assert fmpq(WeightFormat(bits=4, group_size=128, method="rtn"), comet).kernel_op() == "w4ax"
+    no_kernel = {
+        # W4A4 with group-wise weights: the W4A4 kernel takes per-channel scales only, and without
+        # FMPQ the activations are quantized over the whole row, which the W4Ax kernel does not do
+        "w4a4-g128": _layer(WeightFormat(bits=4, group_size=128, method="rtn"), ActivationFormat(bits=4)),
+        "w4a4-asym": _layer(WeightFormat(bits=4, group_size=None, symmetric=False, method="rtn"),
+                            ActivationFormat(bits=4)),
+        "w8a4": _layer(WeightFormat(bits=8, group_size=None, method="rtn"), ActivationFormat(bits=4)),
+        "w8a8-g128": _layer(WeightFormat(bits=8, group_size=128, method="rtn"), ActivationFormat(bits=8)),
+        # FMPQ with 8-bit weights, or with weight groups / blocks other than the kernel's 128
+        "w8-fmpq": fmpq(WeightFormat(bits=8, group_size=128, method="rtn"), comet),
+        "w4g64-fmpq": fmpq(WeightFormat(bits=4, group_size=64, method="rtn"), comet),
+        "fmpq-block64": fmpq(WeightFormat(bits=4, group_size=128, method="rtn"),
+                             ActivationFormat(bits=4, fmpq_block=64, fmpq_high_fraction=0.25)),
+    }
+    for name, layer in no_kernel.items():
+        assert layer.kernel_op() is None, name
+        assert not layer.prepare_kernels() and layer._kernel is None, name
+    # 8-bit blocks that are not a prefix of the blocks: the W4Ax kernel's two-phase loop cannot run them
+    scattered = fmpq(WeightFormat(bits=4, group_size=128, method="rtn"), comet)
+    scattered.fmpq_high = torch.tensor([False, True])
+    assert scattered.kernel_op() is None
+    assert not w4a4.prepare_kernels()  # CPU tensors: the reference path, kernel or not
 
 
 @pytest.mark.gpu

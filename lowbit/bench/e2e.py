@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -111,18 +112,35 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
     from lowbit.model.qlinear import QuantLinear
 
     total = 0
-    for name, m in model.named_modules():
+    for m in model.modules():
         if isinstance(m, QuantLinear):
-            k = m._kernel
-            if k is not None and k.packed is not None:
-                p = k.packed
-                parts = [p.qweight, p.scales, p.zeros]
-            else:
-                parts = [m.qweight, m.scales, m.zeros]
-            total += sum(t.nbytes for t in parts if t is not None)
+            # the kernel layout, whichever field holds it (PackedInt4, or the QUIK / COMET / 2:4 layouts):
+            # each counts the bytes its GEMM reads (a tensor's nbytes is a number, a layout's a method)
+            layouts = [] if m._kernel is None else [v for v in vars(m._kernel).values()
+                                                    if v is not None and callable(getattr(v, "nbytes", None))]
+            if layouts:
+                total += layouts[0].nbytes()
+            else:  # the checkpoint buffers (w8a8 reads its codes as stored; QUIK's fp16 outlier columns too)
+                parts = [m.qweight, m.scales, m.zeros, m.outlier_weight]
+                total += sum(t.nbytes for t in parts if t is not None)
         elif isinstance(m, torch.nn.Linear):
             total += m.weight.nbytes
     return total
+
+
+def require_kernels(model: torch.nn.Module, scheme: str) -> None:
+    """Put every QuantLinear of ``model`` on its GPU kernel (``use_kernels``), or raise a LowbitError
+    naming the first layer that has none: it would run the emulated reference path (dequantize, fp32
+    matmul), and its timing would say nothing about the format. The one check for ``run``."""
+    from lowbit.model.qlinear import QuantLinear, use_kernels
+
+    on, total = use_kernels(model)
+    if on < total:
+        name, m = next((n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m._kernel is None)
+        raise LowbitError(
+            f"{total - on} of {total} quantized layers of {scheme} have no GPU kernel (first: {name}, "
+            f"{m.extra_repr()}); timing them would measure the reference path. Pick schemes whose formats "
+            "have kernels (lowbit.model.qlinear.QuantLinear.kernel_op), on a CUDA device")
 
 
 def _fill_random(cache: Any) -> None:
@@ -169,9 +187,23 @@ def _timed(fn: Callable[[], Any], repeat: int = 3) -> float:
     return statistics.median(times)
 
 
+def _decode(engine: Any, slots: list[int], tokens: list[int], context: int, n: int) -> None:
+    """``n`` greedy decode steps of every slot from graph replays, positions from ``context`` on."""
+    from lowbit.engine.sampling import greedy_tokens
+
+    for i in range(n):
+        logits = engine.graphs(slots, tokens, [context + i] * len(slots))
+        tokens = greedy_tokens(logits).tolist()  # the engine's per-step sync for greedy rows
+
+
+def _hf_generate(model: Any, ids: torch.Tensor, n: int) -> None:
+    """transformers greedy ``generate`` of exactly ``n`` new tokens after ``ids`` (B, L)."""
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                   do_sample=False, pad_token_id=0)
+
+
 def time_lowbit(model: Any, scheme: str, cfg: E2EConfig, copy_gbps: float, log: Callable[[str], None]) -> list[E2ERow]:
     """Rows for one (already quantized, kernels prepared) model over cfg.kv x cfg.batches."""
-    from lowbit.engine.sampling import greedy_tokens
     from lowbit.engine.scheduler import Engine
 
     device = model.embed_tokens.weight.device
@@ -192,27 +224,21 @@ def time_lowbit(model: Any, scheme: str, cfg: E2EConfig, copy_gbps: float, log: 
             if prefill is None:
                 ids = torch.randint(0, vocab, (1, cfg.prompt_len), device=device)
                 pos = torch.arange(cfg.prompt_len, device=device)[None]
-                prefill = cfg.prompt_len / _timed(lambda: engine._forward([0], ids, pos))
+                prefill = cfg.prompt_len / _timed(partial(engine._forward, [0], ids, pos))
             _fill_random(engine.cache)
             slots = list(range(B))
             tokens = torch.randint(0, vocab, (B,)).tolist()
-
-            def decode(n: int, tokens: list[int] = tokens) -> None:
-                for i in range(n):
-                    logits = engine.graphs(slots, tokens, [cfg.context + i] * B)
-                    tokens = greedy_tokens(logits).tolist()  # the engine's per-step sync for greedy rows
-
-            decode(3)
+            _decode(engine, slots, tokens, cfg.context, 3)
             torch.cuda.synchronize()
             t = time.perf_counter()
-            decode(cfg.steps)
+            _decode(engine, slots, tokens, cfg.context, cfg.steps)
             torch.cuda.synchronize()
             step_s = (time.perf_counter() - t) / cfg.steps
             peak = torch.cuda.max_memory_allocated(device) / 2**30
             row = E2ERow("lowbit", scheme, kv, B, cfg.context, B / step_s, step_s * 1e3, prefill, wbytes,
                          wbytes / step_s / 1e9, wbytes / step_s / 1e9 / copy_gbps, peak)
             rows.append(row)
-            log(f"lowbit {scheme:<9} kv={kv:<5} B={B:<4} {row.decode_tok_s:9.1f} tok/s  {row.tpot_ms:7.2f} ms/step  "
+            log(f"lowbit {scheme:<13} kv={kv:<5} B={B:<4} {row.decode_tok_s:9.1f} tok/s  {row.tpot_ms:7.2f} ms/step  "
                 f"{row.weight_gbps:6.0f} GB/s ({row.bw_fraction:4.0%})  prefill {prefill:8.0f} tok/s  "
                 f"peak {peak:5.1f} GiB  (graph capture {capture_s:.1f} s)")
             del engine
@@ -235,14 +261,10 @@ def time_transformers(hf_config: dict[str, Any], cfg: E2EConfig, copy_gbps: floa
         torch.cuda.reset_peak_memory_stats(device)
         ids = torch.randint(0, conf.vocab_size, (B, cfg.context), device=device)
 
-        def gen(n: int) -> None:
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
-
         try:
-            t_short = _timed(lambda: gen(8), repeat=1)
-            t_long = _timed(lambda: gen(8 + cfg.steps), repeat=1)
-            t_one = _timed(lambda: gen(1), repeat=1)
+            t_short = _timed(partial(_hf_generate, model, ids, 8), repeat=1)
+            t_long = _timed(partial(_hf_generate, model, ids, 8 + cfg.steps), repeat=1)
+            t_one = _timed(partial(_hf_generate, model, ids, 1), repeat=1)
         except torch.OutOfMemoryError:
             log(f"transformers B={B}: out of memory, skipped")
             continue
@@ -262,7 +284,6 @@ def run(cfg: E2EConfig, log: Callable[[str], None] = print) -> E2EReport:
     """Every measurement of ``cfg`` in one process (module docstring)."""
     from lowbit.bench.synthetic import SYNTHETIC, quantize_rtn, random_model
     from lowbit.model.fuse import fuse_projections
-    from lowbit.model.qlinear import use_kernels
 
     if not torch.cuda.is_available():
         raise LowbitError("lowbit bench e2e needs a CUDA GPU")
@@ -298,9 +319,7 @@ def run(cfg: E2EConfig, log: Callable[[str], None] = print) -> E2EReport:
             quantize_rtn(model, scheme)
         torch.cuda.empty_cache()
         fuse_projections(model)  # q/k/v and gate/up as one GEMM each, as lowbit serve runs them
-        on, total = use_kernels(model)
-        if on < total:
-            raise LowbitError(f"only {on} of {total} layers of {scheme} have GPU kernels; timing would be misleading")
+        require_kernels(model, scheme)
         report.rows += time_lowbit(model, scheme, cfg, report.copy_gbps, log)
         del model
         _release_memory()
@@ -309,10 +328,10 @@ def run(cfg: E2EConfig, log: Callable[[str], None] = print) -> E2EReport:
 
 def format_table(report: E2EReport) -> str:
     """A markdown table; the speed-up columns are over transformers and over our fp16 at the same batch."""
-    lines = [f"{report.gpu}, {report.date}, torch {report.torch}, model {report.model}, "
-             f"copy bandwidth {report.copy_gbps:.0f} GB/s", "",
-             "| engine | scheme | KV | batch | decode tok/s | ms/token | weight GB/s (of copy bw) | prefill tok/s "
-             "| peak GiB | vs transformers | vs our fp16 |",
+    lines = [(f"{report.gpu}, {report.date}, torch {report.torch}, model {report.model}, "
+              f"copy bandwidth {report.copy_gbps:.0f} GB/s"), "",
+             ("| engine | scheme | KV | batch | decode tok/s | ms/token | weight GB/s (of copy bw) | prefill tok/s "
+              "| peak GiB | vs transformers | vs our fp16 |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.rows:
         hf = report.find("transformers", "fp16", r.batch)

@@ -9,13 +9,22 @@ each call from Python; a kernel of a few microseconds then measures the launch, 
 the 8B o_proj W4A8 path read 14.8 us that way on the H100 and 10.1 us in a graph, against cuBLAS fp16
 at 15.6 us in a graph, bench/profile_decode.py.) Speed is reported as a ratio over ``torch.matmul``
 fp16 measured in the same process, plus achieved weight bandwidth and TFLOP/s.
+
+The QUIK, COMET and 2:4 paths (``PRESET_PATHS``) time one layer in their preset's formats: QUIK's
+int4 per-channel weights with 256 fp16 outlier columns (``w4a4-quik``) or none (``w4a4``), split and
+4-bit quantization of x included; COMET's group-128 int4 weights with a quarter of the 128-channel
+activation blocks at 8 bits (``w4ax``), the mixed 4/8-bit quantization of x included; 2:4-sparse
+int4 group-128 weights on fp16 activations (``w4a16-2:4``). Their configuration is dispatch's where its
+table has the op, else the kernel module's own ``default_config`` (the ``how`` column says which).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,7 +39,15 @@ SHAPES: dict[str, list[tuple[str, int, int]]] = {
 DEFAULT_MS = (1, 16, 32, 64, 128, 256, 1024, 4096)
 L2_FLUSH_BYTES = 200 << 20  # rotate copies until they span 4x the 50 MB L2
 # paths measured by `lowbit bench kernels`; the first three are the baselines
-PATHS = ("fp16", "fp8-cublas", "int8-cublas", "w4a16", "w4a8", "w4a8-g128", "w4a8-fp8", "w8a8-int8", "w8a8-fp8")
+PATHS = ("fp16", "fp8-cublas", "int8-cublas", "w4a16", "w4a8", "w4a8-g128", "w4a8-fp8", "w8a8-int8", "w8a8-fp8",
+         "w4a4-quik", "w4a4", "w4ax", "w4a16-2:4")
+# paths of the QUIK / COMET / 2:4 kernels: path -> (dispatch op, preset whose formats the path times)
+PRESET_PATHS: dict[str, tuple[str, str]] = {
+    "w4a4-quik": ("w4a4", "w4a4-quik"),
+    "w4a4": ("w4a4", "w4a4"),
+    "w4ax": ("w4ax", "w4a4kv4-comet"),
+    "w4a16-2:4": ("sparse24", "w4a16-2:4"),
+}
 
 
 @dataclass
@@ -98,6 +115,18 @@ def parse_shapes(spec: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def parse_paths(spec: str | None) -> list[str]:
+    """'w4a8,w4ax' -> ["fp16", "w4a8", "w4ax"]: known paths in the given order, fp16 first (every
+    ratio is over it); None = all of ``PATHS``."""
+    paths = list(PATHS) if spec is None else list(dict.fromkeys(p.strip() for p in spec.split(",") if p.strip()))
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        raise LowbitError(f"unknown kernel path(s) {', '.join(unknown)}; paths: {', '.join(PATHS)}")
+    if "fp16" not in paths:
+        paths.insert(0, "fp16")
+    return paths
+
+
 # ---- building one path's inputs and callable ----------------------------------------------------
 
 def _copies(nbytes: int) -> int:
@@ -118,8 +147,11 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None) 
     """Inputs for one path at one shape: ``(make, weight bytes)``.
 
     ``make(choice)`` returns ``(fn, description)``; ``fn()`` runs the GEMM once, rotating weight
-    copies. ``choice`` None = what dispatch picks; the tuner passes its candidates (and ``tile_k``,
-    the int4 layout tile it tunes for; default: the one this GPU's table was tuned with).
+    copies. ``choice`` None = what dispatch picks (``PRESET_PATHS``: the kernel's default config while
+    dispatch has no such op, ``pick_choice``); the tuner passes its candidates (and ``tile_k``, the
+    int4 layout tile it tunes for; default: the one this GPU's table was tuned with, else the kernel's).
+    The weight bytes are what one call reads of the weight side (codes, scales, zero points, and for
+    ``PRESET_PATHS`` fp16 outlier columns, weight sums, 2:4 patterns).
     """
     from lowbit.kernels import dispatch
 
@@ -138,6 +170,8 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None) 
             return (lambda choice=None: (_rotating(fn, wq), "torch._scaled_mm row-wise")), N * K
         how = "torch._int_mm" + (" (M padded to 17)" if M < 17 else "")
         return (lambda choice=None: (_rotating(lambda w: torch._int_mm(xq, w.t()), wq), how)), N * K
+    if path in PRESET_PATHS:
+        return _build_preset(path, x16, N, K, device, tile_k)
 
     def pick(choice):
         return dispatch.choose(path, M, N, K, device) if choice is None else choice
@@ -168,6 +202,169 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None) 
         return _rotating(fn, packs), f"{c.kernel} {c.config_str()}"
 
     return make, packs[0].nbytes()
+
+
+# ---- the QUIK / COMET / 2:4 paths ---------------------------------------------------------------
+
+def _random_codes(N: int, K: int, device) -> torch.Tensor:
+    """(N, ceil(K/2)) uint8: random int4 codes in the checkpoint layout (``pack_int4``), any nibble valid."""
+    return torch.randint(0, 256, (N, (K + 1) // 2), dtype=torch.uint8, device=device)
+
+
+def _random_scales(N: int, G: int, device) -> torch.Tensor:
+    """(N, G) fp16 scales of N(0, 0.02)-sized weights' magnitude, never 0."""
+    return (torch.rand(N, G, device=device) * 0.02 + 1e-3).half()
+
+
+def _random_2of4_codes(N: int, K: int, device) -> torch.Tensor:
+    """(N, ceil(K/2)) uint8 packed signed codes, 2 non-zero (|q| in 1..7) in every 4 columns at random positions."""
+    from lowbit.kernels.sparse24 import PATTERNS
+    from lowbit.quant.primitives import pack_int4
+
+    if K % 4:
+        raise LowbitError(f"the 2:4 path needs K a multiple of 4 (groups of 4 input columns), got {K}")
+    masks = torch.zeros(len(PATTERNS), 4, dtype=torch.bool, device=device)
+    for i, kept in enumerate(PATTERNS):
+        masks[i, list(kept)] = True
+    keep = masks[torch.randint(0, len(PATTERNS), (N, K // 4), device=device)].view(N, K)
+    mag = torch.randint(1, 8, (N, K), dtype=torch.int8, device=device)
+    sign = torch.randint(0, 2, (N, K), dtype=torch.int8, device=device) * 2 - 1
+    return pack_int4(mag * sign * keep)
+
+
+def default_tile(path: str) -> int:
+    """The layout tile a preset path's kernel packs with when the dispatch table names none."""
+    from lowbit.kernels import layout, sparse24, w4ax
+
+    return {"w4ax": w4ax.BLOCK, "w4a16-2:4": sparse24.TILE_K}.get(path, layout.TILE_K)
+
+
+def _table_tile(device: torch.device, op: str, default: int) -> int:
+    """The tile this GPU's dispatch table tuned ``op`` with, else ``default`` (the kernel's own)."""
+    from lowbit.kernels import dispatch
+
+    if device.type != "cuda":
+        return default
+    key = dispatch.table_key(torch.cuda.get_device_name(device))
+    tiles = dispatch.load_table(key).get("tile_k", {}) if key is not None else {}
+    return int(tiles.get(op, default))
+
+
+def preset_weights(path: str, N: int, K: int, device, tile_k: int | None = None) -> Any:
+    """One (N out x K in) layer in ``path``'s preset formats (``PRESET_PATHS``), random codes and scales,
+    in its kernel's layout: ``PackedQuik`` (w4a4-quik, w4a4), ``PackedW4Ax`` (w4ax) or ``PackedSparse24``.
+
+    QUIK: ``outlier_columns`` of the preset (at most K - 1) random outlier columns, fp16 N(0, 0.02)
+    weights; COMET: a random ``act_perm``, the preset's share of 8-bit blocks as a prefix (the kernel
+    needs them first, as ``lowbit.quant.fmpq.assign_fmpq_blocks`` orders them); 2:4: random patterns.
+    """
+    from lowbit.formats import get_scheme
+
+    if path not in PRESET_PATHS:
+        raise LowbitError(f"{path!r} is not a preset path; those are {', '.join(PRESET_PATHS)}")
+    device = torch.device(device)
+    tile_k = tile_k or default_tile(path)
+    scheme = get_scheme(PRESET_PATHS[path][1])
+    wfmt, afmt = scheme.weights, scheme.activations
+    if PRESET_PATHS[path][0] == "w4a4":
+        from lowbit.kernels.w4a4 import pack_quik
+
+        n_out = min(afmt.outlier_columns, K - 1)
+        out_idx = torch.randperm(K, device=device)[:n_out].sort().values if n_out else None
+        ow = (torch.randn(N, n_out, device=device) * 0.02).half() if n_out else None
+        return pack_quik(_random_codes(N, K - n_out, device), _random_scales(N, 1, device), K, out_idx, ow,
+                         tile_k=tile_k)
+    if path == "w4ax":
+        from lowbit.kernels.w4ax import BLOCK, pack_w4ax
+
+        if tile_k != BLOCK:
+            raise LowbitError(f"w4ax packs in its {BLOCK}-channel blocks; a layout tile of {tile_k} does not apply")
+        G = -(-K // afmt.fmpq_block)
+        # the preset's ceiling, counted as assign_fmpq_blocks counts it (8 of 32 blocks at K = 4096)
+        n_hi = min(G, math.ceil(afmt.fmpq_high_fraction * G - 1e-9))
+        high = torch.arange(G) < n_hi
+        return pack_w4ax(_random_codes(N, K, device), _random_scales(N, G, device), torch.randperm(K, device=device),
+                         high, in_features=K, group_size=wfmt.group_size, block=afmt.fmpq_block)
+    from lowbit.kernels.sparse24 import pack_sparse24
+    from lowbit.quant.primitives import num_groups
+
+    return pack_sparse24(_random_2of4_codes(N, K, device), _random_scales(N, num_groups(K, wfmt.group_size), device),
+                         K, wfmt.group_size, tile_k)
+
+
+def run_preset(path: str, x: torch.Tensor, w: Any, config=None) -> torch.Tensor:
+    """x (M, K) fp16 -> (M, N) fp16 through ``path``'s kernel, activation quantization included."""
+    if PRESET_PATHS[path][0] == "w4a4":
+        from lowbit.kernels.w4a4 import quik_matmul
+
+        return quik_matmul(x, w, None, config)
+    if path == "w4ax":
+        from lowbit.kernels.w4ax import w4ax_matmul
+
+        return w4ax_matmul(x, w, config)
+    from lowbit.kernels.sparse24 import sparse24_matmul
+
+    return sparse24_matmul(x, w, None, config)
+
+
+def _sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; an H100's 132 elsewhere (the interpreter), as the kernels assume."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def kernel_default(path: str, M: int, N: int, K: int, w: Any, device) -> Any:
+    """The ``TileConfig`` ``path``'s kernel module picks by itself (its ``default_config``)."""
+    from lowbit.kernels import sparse24, w4a4, w4ax
+
+    device = torch.device(device)
+    if PRESET_PATHS[path][0] == "w4a4":
+        return w4a4.default_config(M, N, w.Kq, device)
+    if path == "w4ax":
+        return w4ax.default_config(M, N, w.n_blocks, _sm_count(device))
+    return sparse24.default_config(M, N, K, _sm_count(device), w.tile_k)
+
+
+def pick_choice(op: str, M: int, N: int, K: int, device, fallback: Callable[[], Any]) -> tuple[Any, bool]:
+    """``(Choice, from dispatch?)``: dispatch's choice where its table knows ``op`` on a CUDA device, else
+    the kernel's own ``fallback()`` config (an op not wired into dispatch yet, or the interpreter)."""
+    from lowbit.kernels import dispatch
+
+    device = torch.device(device)
+    if op in dispatch.OPS and device.type == "cuda":
+        return dispatch.choose(op, M, N, K, device), True
+    return dispatch.Choice("triton", fallback()), False
+
+
+def _fresh_copy(obj: Any) -> Any:
+    """A packed-weight dataclass with every tensor (nested ones too) cloned: same values, new memory."""
+    changes = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, torch.Tensor):
+            changes[f.name] = v.clone()
+        elif dataclasses.is_dataclass(v):
+            changes[f.name] = _fresh_copy(v)
+    return dataclasses.replace(obj, **changes)
+
+
+def _build_preset(path: str, x16: torch.Tensor, N: int, K: int, device, tile_k: int | None) -> tuple[Callable, int]:
+    """``build`` for ``PRESET_PATHS``: one random layer, cloned to rotate past L2 (values need not differ)."""
+    op = PRESET_PATHS[path][0]
+    device = torch.device(device)
+    tile_k = tile_k or _table_tile(device, op, default_tile(path))
+    first = preset_weights(path, N, K, device, tile_k)
+    packs = [first] + [_fresh_copy(first) for _ in range(_copies(first.nbytes()) - 1)]
+    M = x16.shape[0]
+
+    def make(choice=None):
+        c, dispatched = (choice, True) if choice is not None else pick_choice(
+            op, M, N, K, device, lambda: kernel_default(path, M, N, K, first, device))
+        if c.kernel != "triton":
+            raise LowbitError(f"lowbit bench kernels runs {op} on its Triton kernel only; dispatch chose {c.kernel!r}")
+        how = f"{c.kernel} {c.config_str()}" + ("" if dispatched else " (kernel default: no dispatch entry)")
+        return _rotating(lambda w: run_preset(path, x16, w, c.config), packs), how
+
+    return make, first.nbytes()
 
 
 def _quant_ref(x: torch.Tensor, adtype: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,9 +422,7 @@ def run(shapes: list[tuple[str, int, int]], ms: list[int], paths: list[str], pro
 
     if not torch.cuda.is_available():
         raise LowbitError("lowbit bench kernels needs a CUDA GPU; this machine has none")
-    unknown = [p for p in paths if p not in PATHS]
-    if unknown:
-        raise LowbitError(f"unknown kernel path(s) {unknown}; paths: {', '.join(PATHS)}")
+    parse_paths(",".join(paths))  # unknown names fail before any timing
     dev = torch.device("cuda")
     report = KernelReport(torch.cuda.get_device_name(dev), datetime.date.today().isoformat(),
                           torch.__version__, triton.__version__)
@@ -248,7 +443,7 @@ def format_table(report: KernelReport) -> str:
     paths = [p for p in PATHS if any(r.path == p for r in report.rows)]
     head = "| layer (N x K) | M | fp16 us | " + " | ".join(p for p in paths if p != "fp16") + " |"
     lines = [(f"{report.gpu}, {report.date}, torch {report.torch}, triton {report.triton}. "
-             "Speed-up over cuBLAS fp16 (torch.matmul); activation quantization included for A8 paths."),
+             "Speed-up over cuBLAS fp16 (torch.matmul); activation quantization included for A8 and A4 paths."),
              "", head, "|" + "---|" * (2 + len(paths))]
     keys = dict.fromkeys((r.shape, r.N, r.K, r.M) for r in report.rows)
     for shape, N, K, M in keys:
@@ -276,8 +471,11 @@ def plot(report: KernelReport, path: str) -> None:
         for p in paths:
             ys = [report.speedup(shape, m, p) for m in ms]
             if any(y is not None for y in ys):
+                # one colour per path in every panel (the default cycle repeats after 10): tab20's 10 dark
+                # hues first, then its light ones
+                i = 2 * PATHS.index(p)
                 ax.plot(ms, [float("nan") if y is None else y for y in ys], marker="o", ms=3, label=p,
-                        ls="--" if p.endswith("cublas") else "-")
+                        color=plt.cm.tab20(i % 20 + i // 20), ls="--" if p.endswith("cublas") else "-")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_title(shape, fontsize=10)

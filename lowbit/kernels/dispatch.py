@@ -2,8 +2,9 @@
 
 Hardware facts this file acts on (measured: ../shared/PERF.md, docs/kernels.md):
 - Hopper (sm_90) has no int4 tensor cores: ``mma.sync`` s4 runs at 52 TOPS (emulated, two IMMA.S8
-  per s4 MMA in SASS) against 1194 TOPS for s8. So no path here multiplies 4-bit activations: 4-bit
-  weights are widened in registers and the MMA is 16-bit (W4A16) or 8-bit (W4A8, W8A8).
+  per s4 MMA in SASS) against 1194 TOPS for s8. So no path here runs a 4-bit MMA: 4-bit weights (and
+  the 4-bit activations of W4A4 and W4Ax) are widened in registers and the MMA is 16-bit (W4A16,
+  2:4-sparse W4A16) or 8-bit (W4A8, W8A8, W4A4, W4Ax).
 - FP8 tensor cores exist from sm_89 (Ada, Hopper); fp8 paths refuse older GPUs.
 - At small M every GEMM is bound by the bytes of its weights, so W4 paths win ~3-4x there; at large
   M it is bound by MMA throughput, where 8-bit MMAs run at twice the 16-bit rate. The same int4
@@ -11,8 +12,12 @@ Hardware facts this file acts on (measured: ../shared/PERF.md, docs/kernels.md):
 
 The table (``lowbit/kernels/tuned/<gpu>.json``, written by ``bench/tune_kernels.py`` on that GPU)
 lists, per op and tuned (N, K, M), the fastest kernel and its ``TileConfig``. A lookup takes the
-tuned shape nearest in log N and log K, then the smallest tuned M >= M (the largest if none). GPUs
+tuned shape nearest in log N and log K, then the smallest tuned M >= M (the largest if none; none
+at all past 4x the largest). GPUs
 without a table get ``default_choice``, a heuristic that is correct everywhere and fast on Hopper.
+The QUIK W4A4, COMET W4Ax and 2:4-sparse ops (``UNTUNED_OPS``) are tuned in the H100 table at M = 1
+and 16 only, and not in the H200 one: elsewhere they get ``default_choice`` (for W4Ax and 2:4 the
+kernel module's own ``default_config``), as does any M more than 4x the largest M a table tuned.
 On the CPU, ``lowbit.model.qlinear`` keeps its PyTorch reference path and never comes here.
 """
 
@@ -31,7 +36,9 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
 
 TUNED_DIR = Path(__file__).with_name("tuned")
-OPS = ("w4a16", "w4a8", "w4a8-g128", "w4a8-fp8", "w8a8-int8", "w8a8-fp8")
+OPS = ("w4a16", "w4a8", "w4a8-g128", "w4a8-fp8", "w8a8-int8", "w8a8-fp8", "w4a4", "w4ax", "sparse24")
+# ops the shipped tables cover partly (small M, H100) or not at all: default_choice for the rest
+UNTUNED_OPS = ("w4a4", "w4ax", "sparse24")
 # kernels each op may be run by
 KERNELS = {
     "w4a16": ("triton", "dequant-cublas"),
@@ -40,7 +47,14 @@ KERNELS = {
     "w4a8-fp8": ("triton",),
     "w8a8-int8": ("triton", "cublas"),
     "w8a8-fp8": ("triton", "cublas"),
+    "w4a4": ("triton",),  # lowbit.kernels.w4a4: split_quantize + the W4A4 GEMM (QUIK)
+    "w4ax": ("triton",),  # lowbit.kernels.w4ax: quantize_mixed + the W4Ax GEMM (COMET)
+    "sparse24": ("triton",),  # lowbit.kernels.sparse24
 }
+# the packed tile of ops whose layout default is not lowbit.kernels.layout.TILE_K: the 2:4 kernel's
+# TILE_K (a half tile of 128 columns is one group-128 scale group); kept here so that asking for a
+# layout never imports a Triton module
+_DEFAULT_TILE = {"sparse24": 256}
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,10 @@ def _lookup(entries: list[dict], M: int, N: int, K: int) -> dict | None:
     dist = lambda e: abs(math.log2(e["N"] / N)) + abs(math.log2(e["K"] / K))
     best = min(dist(e) for e in entries)
     near = sorted((e for e in entries if dist(e) == best), key=lambda e: e["M"])
+    if M > 4 * near[-1]["M"]:
+        # far beyond the tuned range (a table tuned at small M only): a small-M tile (split-K, 16 rows)
+        # would be the worst choice there; default_choice's large tiles are what the tuner picks
+        return None
     return next((e for e in near if e["M"] >= M), near[-1])
 
 
@@ -108,16 +126,35 @@ def layout_tile(device: torch.device, op: str) -> int:
 
     The layout is fixed when a layer is loaded, so it is chosen per op: W4A8 with per-channel scales
     measured ~12% faster at small M with 256-wide tiles on the H200, W4A16 slower (docs/kernels.md).
+    Ops the table does not list get their layout's default (256 for ``sparse24``).
     """
     from lowbit.kernels.layout import TILE_K
 
+    default = _DEFAULT_TILE.get(op, TILE_K)
     if device.type != "cuda":
-        return TILE_K
-    return int(_device_table(device)[3].get("tile_k", {}).get(op, TILE_K))
+        return default
+    return int(_device_table(device)[3].get("tile_k", {}).get(op, default))
 
 
 def default_choice(op: str, M: int, N: int, K: int, sms: int) -> Choice:
-    """Heuristic for GPUs without a tuned table: swapped split-K tiles at small M, big tiles above."""
+    """Heuristic for GPUs without a tuned table: swapped split-K tiles at small M, big tiles above.
+
+    W4Ax and 2:4 take their kernel module's ``default_config`` (pure functions of the shape and the SM
+    count): W4Ax caps split-K at its number of 128-blocks and uses 64 x 128 tiles at large M (what the
+    H100 table picks for W4A8 g128, whose per-group int32 partial is the same), 2:4 caps split-K at
+    its number of 256-column tiles. W4A4's own default (``lowbit.kernels.w4a4.default_config``) is
+    this heuristic.
+    """
+    if op == "w4ax":
+        from lowbit.kernels.w4ax import BLOCK
+        from lowbit.kernels.w4ax import default_config as w4ax_config
+
+        return Choice("triton", w4ax_config(M, N, -(-K // BLOCK), sms))
+    if op == "sparse24":
+        from lowbit.kernels.sparse24 import default_config as sparse24_config
+
+        # its split cap uses the default tile (256): with 128-wide tiles it only leaves splits unused
+        return Choice("triton", sparse24_config(M, N, K, sms))
     if M <= 64:
         block_n = 64 if M <= 16 else 128
         tiles = math.ceil(N / block_n)
@@ -245,3 +282,34 @@ def run_w8a8_quantized(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, w_s
     if choice.kernel == "cublas" and cublas_takes(xq, wq):
         return w8a8_cublas(xq, xs, wq, w_scale, out_dtype, bias)
     return w8a8_matmul(xq, xs, wq, w_scale, out_dtype, bias, choice.config)
+
+
+def run_w4a4(x: torch.Tensor, p, choice: Choice, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) fp16/bf16, p ``lowbit.kernels.w4a4.PackedQuik`` -> (M, N) in x's dtype (QUIK: the fused
+    outlier split + int4 quantization, then the W4A4 GEMM with the fp16/bf16 outlier columns)."""
+    from lowbit.kernels.w4a4 import quik_matmul
+
+    if p.n_out and p.dtype != x.dtype:
+        # packed for the model's dtype and called in another: the outlier MMA needs both operands in
+        # x's dtype (a per-call cast; QuantLinear packs in the dtype its model runs in)
+        from dataclasses import replace
+
+        p = replace(p, outlier_weight=p.outlier_weight.to(x.dtype))
+    return quik_matmul(x, p, bias, choice.config)
+
+
+def run_w4ax(x: torch.Tensor, w, choice: Choice) -> torch.Tensor:
+    """x (M, K) fp16/bf16 in the layer's input channel order, w ``lowbit.kernels.w4ax.PackedW4Ax`` (its
+    ``bias`` included) -> (M, N) in x's dtype (COMET: mixed 8/4-bit block quantization, then the GEMM).
+    ``choice.config`` None: the kernel's ``default_config``."""
+    from lowbit.kernels.w4ax import w4ax_matmul
+
+    return w4ax_matmul(x, w, choice.config)
+
+
+def run_sparse24(x: torch.Tensor, w, choice: Choice, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) fp16/bf16, w ``lowbit.kernels.sparse24.PackedSparse24`` -> (M, N) in x's dtype.
+    ``choice.config`` None: the kernel's ``default_config``."""
+    from lowbit.kernels.sparse24 import sparse24_matmul
+
+    return sparse24_matmul(x, w, bias, choice.config)

@@ -11,17 +11,35 @@ a CPU tensor the op runs the PyTorch reference instead: same numerics, no Triton
 - ``lowbit::w4a8_quantized`` / ``lowbit::w8a8_quantized``: the same GEMMs on activations a fused kernel
   already quantized (xq int8 / fp8 (..., K), xs (rows,) fp32; ``lowbit.kernels.act_quant``), with the
   output dtype given.
+- ``lowbit::w4a4``   (x, qweight, scales, w_sum, kept_idx, gather_idx, gather_smooth?, outlier_idx,
+  outlier_src, outlier_smooth?, outlier_weight?, smooth?, bias?, K, tile_k, out_k): QUIK, the tensors
+  of a ``lowbit.kernels.w4a4.PackedQuik`` (int4 activations per token, fp16/bf16 outlier columns)
+- ``lowbit::w4ax``   (x, qweight, scales, zeros?, wsum, perm, smooth?, bias?, K, n_hi): COMET, the tensors
+  of a ``lowbit.kernels.w4ax.PackedW4Ax`` (blocks of 128 channels, the first ``n_hi`` at 8 bits)
+- ``lowbit::sparse24`` (x, data, scales, bias?, group_size, K, tile_k): 2:4-sparse W4A16, the tensors of
+  a ``lowbit.kernels.sparse24.PackedSparse24``
+  Custom ops take tensors and numbers, not dataclasses: ``apply_w4a4`` / ``apply_w4ax`` /
+  ``apply_sparse24`` call them with a packed layer's fields, and each op rebuilds the dataclass.
+  Their CPU path is the kernel module's own reference (Triton imported, never run).
 
 ``group_size`` 0 means per channel. ``x`` is (..., K) fp16 or bf16; outputs are (..., N) in x's dtype.
+``K`` is the layer's in_features (for w4a4 the outlier columns included).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lowbit.kernels import dispatch
 from lowbit.kernels.layout import PackedInt4, unpack_kernel_codes
+
+if TYPE_CHECKING:
+    from lowbit.kernels.sparse24 import PackedSparse24
+    from lowbit.kernels.w4a4 import PackedQuik
+    from lowbit.kernels.w4ax import PackedW4Ax
 
 
 def _packed(qweight, scales, zeros, perm, group_size, K, tile_k) -> PackedInt4:
@@ -161,3 +179,99 @@ def w8a8_quantized(xq: Tensor, xs: Tensor, wq: Tensor, w_scale: Tensor, bias: Te
 @w8a8_quantized.register_fake
 def _(xq, xs, wq, w_scale, bias, out_dtype):
     return xq.new_empty(*xq.shape[:-1], wq.shape[0], dtype=out_dtype)
+
+
+# ---- QUIK W4A4, COMET W4Ax, 2:4-sparse W4A16 (kernel modules import Triton: imported on first call) ----
+
+def _quik(qweight, scales, w_sum, kept_idx, gather_idx, gather_smooth, outlier_idx, outlier_src, outlier_smooth,
+          outlier_weight, smooth, K, tile_k, out_k) -> PackedQuik:
+    from lowbit.kernels.w4a4 import PackedQuik
+
+    weight = PackedInt4(qweight, scales, None, None, kept_idx.numel(), None, tile_k)
+    return PackedQuik(weight, w_sum, kept_idx, gather_idx, gather_smooth, outlier_idx, outlier_src, outlier_smooth,
+                      outlier_weight, smooth, K, out_k)
+
+
+@torch.library.custom_op("lowbit::w4a4", mutates_args=())
+def w4a4(x: Tensor, qweight: Tensor, scales: Tensor, w_sum: Tensor, kept_idx: Tensor, gather_idx: Tensor,
+         gather_smooth: Tensor | None, outlier_idx: Tensor, outlier_src: Tensor, outlier_smooth: Tensor | None,
+         outlier_weight: Tensor | None, smooth: Tensor | None, bias: Tensor | None, K: int, tile_k: int,
+         out_k: int) -> Tensor:
+    p = _quik(qweight, scales, w_sum, kept_idx, gather_idx, gather_smooth, outlier_idx, outlier_src, outlier_smooth,
+              outlier_weight, smooth, K, tile_k, out_k)
+    x2 = x.reshape(-1, K)
+    if x.device.type != "cuda":
+        from lowbit.kernels.w4a4 import split_quantize_reference, w4a4_reference
+
+        return w4a4_reference(split_quantize_reference(x2, p), p, x.dtype, bias).reshape(*x.shape[:-1], p.N)
+    choice = dispatch.choose("w4a4", x2.shape[0], p.N, K, x.device)
+    return dispatch.run_w4a4(x2, p, choice, bias).reshape(*x.shape[:-1], p.N)
+
+
+@w4a4.register_fake
+def _(x, qweight, scales, w_sum, kept_idx, gather_idx, gather_smooth, outlier_idx, outlier_src, outlier_smooth,
+      outlier_weight, smooth, bias, K, tile_k, out_k):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def apply_w4a4(x: Tensor, p: PackedQuik, bias: Tensor | None = None) -> Tensor:
+    """``lowbit::w4a4`` on a layer packed by ``lowbit.kernels.w4a4.pack_quik``: x (..., K) -> (..., N)."""
+    w = p.weight
+    return w4a4(x, w.qweight, w.scales, p.w_sum, p.kept_idx, p.gather_idx, p.gather_smooth, p.outlier_idx,
+                p.outlier_src, p.outlier_smooth, p.outlier_weight, p.smooth, bias, p.in_features, w.tile_k, p.out_k)
+
+
+def _w4ax(qweight, scales, zeros, wsum, perm, smooth, bias, K, n_hi) -> PackedW4Ax:
+    from lowbit.kernels.w4ax import BLOCK, PackedW4Ax
+
+    # group = FMPQ block = packed tile = 128: one K-loop step per activation block
+    return PackedW4Ax(PackedInt4(qweight, scales, zeros, BLOCK, K, None, BLOCK), wsum, perm, smooth, bias, n_hi)
+
+
+@torch.library.custom_op("lowbit::w4ax", mutates_args=())
+def w4ax(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, wsum: Tensor, perm: Tensor,
+         smooth: Tensor | None, bias: Tensor | None, K: int, n_hi: int) -> Tensor:
+    w = _w4ax(qweight, scales, zeros, wsum, perm, smooth, bias, K, n_hi)
+    x2 = x.reshape(-1, K)
+    if x.device.type != "cuda":
+        from lowbit.kernels.w4ax import quantize_mixed_reference, w4ax_gemm_reference
+
+        acts = quantize_mixed_reference(x2, perm, n_hi, smooth)
+        return w4ax_gemm_reference(acts, w, x.dtype).reshape(*x.shape[:-1], w.N)
+    choice = dispatch.choose("w4ax", x2.shape[0], w.N, K, x.device)
+    return dispatch.run_w4ax(x2, w, choice).reshape(*x.shape[:-1], w.N)
+
+
+@w4ax.register_fake
+def _(x, qweight, scales, zeros, wsum, perm, smooth, bias, K, n_hi):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def apply_w4ax(x: Tensor, p: PackedW4Ax, bias: Tensor | None = None) -> Tensor:
+    """``lowbit::w4ax`` on a layer packed by ``lowbit.kernels.w4ax.pack_w4ax``: x (..., K) -> (..., N).
+    ``bias`` replaces ``p.bias`` (QuantLinear packs without it and passes its own)."""
+    w = p.weight
+    return w4ax(x, w.qweight, w.scales, w.zeros, p.wsum, p.perm, p.smooth, bias, p.K, p.n_hi)
+
+
+@torch.library.custom_op("lowbit::sparse24", mutates_args=())
+def sparse24(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None, group_size: int, K: int,
+             tile_k: int) -> Tensor:
+    from lowbit.kernels.sparse24 import PackedSparse24, sparse24_reference
+
+    w = PackedSparse24(data, scales, group_size or None, K, tile_k)
+    x2 = x.reshape(-1, K)
+    if x.device.type != "cuda":
+        return sparse24_reference(x2, w, bias).reshape(*x.shape[:-1], w.N)
+    choice = dispatch.choose("sparse24", x2.shape[0], w.N, K, x.device)
+    return dispatch.run_sparse24(x2, w, choice, bias).reshape(*x.shape[:-1], w.N)
+
+
+@sparse24.register_fake
+def _(x, data, scales, bias, group_size, K, tile_k):
+    return x.new_empty(*x.shape[:-1], data.shape[0])
+
+
+def apply_sparse24(x: Tensor, p: PackedSparse24, bias: Tensor | None = None) -> Tensor:
+    """``lowbit::sparse24`` on a layer packed by ``lowbit.kernels.sparse24.pack_sparse24``: x (..., K) -> (..., N)."""
+    return sparse24(x, p.data, p.scales, bias, p.group_size or 0, p.K, p.tile_k)

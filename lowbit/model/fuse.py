@@ -21,7 +21,7 @@ from lowbit.model.qlinear import QuantLinear
 
 def concat_linears(mods: list[nn.Module]) -> nn.Module | None:
     """One module computing ``torch.cat([m(x) for m in mods], -1)``, or None if they cannot be merged
-    (mixed types or formats, different smoothing factors, act-order, outlier columns)."""
+    (mixed types or formats, different smoothing factors, act-order, outlier columns or FMPQ blocks)."""
     if all(type(m) is nn.Linear for m in mods):
         biases = [m.bias for m in mods]
         if any(b is None for b in biases) and not all(b is None for b in biases):

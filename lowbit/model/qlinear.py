@@ -1,8 +1,10 @@
 """QuantLinear: a Linear layer whose weight is stored quantized, with the reference (emulated) forward.
 
-This is where ``lowbit.quant`` (the algorithms) and, later, ``lowbit.kernels`` meet. The forward
+This is where ``lowbit.quant`` (the algorithms) and ``lowbit.kernels`` meet. The reference forward
 here defines the numerics every kernel must reproduce: it dequantizes the weight, quantizes the
-activations exactly as the scheme says, and multiplies in fp32, on any device.
+activations exactly as the scheme says, and multiplies in fp32, on any device. On the GPU,
+``prepare_kernels`` repacks the buffers for the op that runs the format (``kernel_op``; the table is
+in ``lowbit.model.kernel_weights``) and the forward calls it (``lowbit.kernels.ops``).
 
 Buffers (all persistent, saved in the checkpoint under ``<layer>.<buffer>``):
   qweight        (N, ceil(Kq/2)) uint8, int4 codes packed two per byte (see primitives.pack_int4)
@@ -22,15 +24,14 @@ columns that are not outliers, then permuted by ``act_perm``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats import ActivationFormat, WeightFormat
 from lowbit.kernels.activations import ActQuantSpec, QuantizedActivations
-from lowbit.kernels.layout import PackedInt4
+from lowbit.model import kernel_weights
+from lowbit.model.kernel_weights import KernelWeights
 from lowbit.quant.primitives import (
     dequantize_weight,
     fake_quantize_activation,
@@ -40,15 +41,6 @@ from lowbit.quant.primitives import (
 from lowbit.quant.quantized import QuantizedWeight
 
 _OPTIONAL = ("zeros", "g_idx", "bias", "smooth", "outlier_idx", "outlier_weight", "act_perm", "fmpq_high")
-
-
-@dataclass
-class KernelWeights:
-    """What a QuantLinear hands its GPU kernel (``lowbit.kernels.ops``), derived once from its buffers."""
-
-    op: str  # "w4a16", "w4a8" or "w8a8"
-    packed: PackedInt4 | None = None  # int4 formats: the kernel layout (lowbit.kernels.layout)
-    w_scale: torch.Tensor | None = None  # w8a8: (N,) fp32 per-channel scales (codes are qweight as stored)
 
 
 class QuantLinear(nn.Module):
@@ -119,14 +111,19 @@ class QuantLinear(nn.Module):
     @classmethod
     def concat(cls, mods: list[QuantLinear]) -> QuantLinear | None:
         """One layer whose output is the concatenation of ``mods``' outputs (same input), or None when
-        they differ in format, smoothing factors or act-order, or hold outlier columns / FMPQ blocks."""
+        they differ in format, smoothing factors, act-order, outlier columns or FMPQ order and blocks.
+
+        Layers that share their input (q/k/v, gate/up) get the same smoothing factors, outlier columns
+        and FMPQ blocks from calibration (statistics are taken per input), so they merge; their
+        outlier weights stack along the output channels like every other per-output buffer.
+        """
         first = mods[0]
         same = all(m.wfmt == first.wfmt and m.afmt == first.afmt and m.in_features == first.in_features
                    for m in mods)
-        special = any(m.outlier_idx is not None or m.act_perm is not None or m.fmpq_high is not None for m in mods)
-        if not same or special:
+        if not same:
             return None
-        for name in ("smooth", "g_idx"):
+        # buffers that act on the shared input must be equal (or absent) in every layer
+        for name in ("smooth", "g_idx", "outlier_idx", "act_perm", "fmpq_high"):
             ts = [getattr(m, name) for m in mods]
             if any(t is None for t in ts) != all(t is None for t in ts):
                 return None
@@ -135,10 +132,11 @@ class QuantLinear(nn.Module):
         if any(m.bias is None for m in mods) != all(m.bias is None for m in mods):
             return None
         out = cls(first.in_features, sum(m.out_features for m in mods), first.wfmt, first.afmt)
-        for name in ("qweight", "scales", "zeros", "bias"):  # all indexed by output channel first
+        for name in ("qweight", "scales", "zeros", "bias", "outlier_weight"):  # all indexed by output channel first
             ts = [getattr(m, name) for m in mods]
             setattr(out, name, None if ts[0] is None else torch.cat(ts))
-        out.smooth, out.g_idx = first.smooth, first.g_idx
+        for name in ("smooth", "g_idx", "outlier_idx", "act_perm", "fmpq_high"):
+            setattr(out, name, getattr(first, name))
         return out
 
     def _apply(self, fn, recurse=True):
@@ -180,36 +178,32 @@ class QuantLinear(nn.Module):
     def kernel_op(self) -> str | None:
         """Which ``lowbit.kernels.ops`` op runs this layer's format on the GPU, or None (reference only).
 
-        Formats with outlier columns (QUIK), FMPQ blocks (COMET), 4-bit activations or 2:4 sparsity
-        have no kernel yet and stay on the reference path.
+        "w4a16" / "w4a8" / "w8a8" for plain int4 and 8-bit formats, "w4a4" for QUIK (per-channel
+        symmetric int4, per-token int4 activations, with or without outlier columns), "w4ax" for
+        COMET (int4 group 128, FMPQ blocks of 128 in act_perm order), "sparse24" for 2:4-sparse int4
+        W4A16. Other formats (group-wise W4A4 without FMPQ, 8-bit weights with 4-bit activations,
+        outlier columns beside 8-bit activations, ...) stay on the reference path
+        (``lowbit.model.kernel_weights`` has the table).
         """
-        w, a = self.wfmt, self.afmt
-        if self.outlier_idx is not None or self.act_perm is not None or w.sparsity or a.fmpq_block:
-            return None
-        if w.bits == 4 and w.dtype == "int" and a.bits in (None, 8):
-            return "w4a16" if a.bits is None else "w4a8"
-        if w.bits == 8 and w.group_size is None and a.bits == 8 and w.symmetric and w.dtype == a.dtype:
-            return "w8a8"
-        return None
+        return kernel_weights.kernel_op(self)
+
+    def _pack_kernel_weights(self, tile_k: int | None = None) -> KernelWeights | None:
+        """This layer's weights in its kernel's layout, on the buffers' device (CPU too: the tests run
+        the kernels on it in Triton's interpreter); None when no kernel takes the format.
+        ``tile_k``: the packed tile where the layout has a choice (None: its default)."""
+        op = self.kernel_op()
+        return None if op is None else kernel_weights.pack_kernel_weights(self, op, tile_k)
 
     def prepare_kernels(self) -> bool:
         """Repack the weights into the kernel layout on their current device; False if no kernel applies."""
-        from lowbit.kernels.layout import pack_for_kernels
-
-        op = self.kernel_op()
-        if op is None or self.qweight.device.type != "cuda":
+        if self.qweight.device.type != "cuda" or (op := self.kernel_op()) is None:
             self._kernel = None
             return False
-        if op == "w8a8":
-            self._kernel = KernelWeights(op, w_scale=self.scales[:, 0].float().contiguous())
-            return True
         from lowbit.kernels.dispatch import layout_tile
-        from lowbit.kernels.ops import w4a8_op_name
 
-        table_op = op if op == "w4a16" else w4a8_op_name(self.wfmt.group_size or 0, self.afmt.dtype)
-        self._kernel = KernelWeights(op, packed=pack_for_kernels(
-            self.qweight, self.scales, self.zeros, self.wfmt.group_size, self.quantized_in_features, self.g_idx,
-            tile_k=layout_tile(self.qweight.device, table_op)))
+        table_op = kernel_weights.table_op(self, op)
+        tile_k = None if table_op is None else layout_tile(self.qweight.device, table_op)
+        self._kernel = kernel_weights.pack_kernel_weights(self, op, tile_k)
         return True
 
     def input_quant(self) -> ActQuantSpec | None:
@@ -235,6 +229,12 @@ class QuantLinear(nn.Module):
         from lowbit.kernels import ops
 
         k, p = self._kernel, self._kernel.packed
+        if k.op == "w4a4":
+            return ops.apply_w4a4(x, k.quik, self.bias)
+        if k.op == "w4ax":
+            return ops.apply_w4ax(x, k.w4ax, self.bias)
+        if k.op == "sparse24":
+            return ops.apply_sparse24(x, k.sparse, self.bias)
         if k.op == "w4a16":
             return ops.w4a16(x, p.qweight, p.scales, p.zeros, p.perm, self.bias, p.group_size or 0, p.K, p.tile_k)
         if k.op == "w4a8":
