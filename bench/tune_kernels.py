@@ -83,12 +83,16 @@ def _triton_tiles(M: int) -> list[TileConfig]:
 def candidates(op: str, M: int, K: int | None = None, tile_k: int | None = None) -> list[Choice]:
     """Kernels and tile configs worth timing for this op at this M.
 
-    The QUIK / COMET / 2:4 ops (``NEW_OPS``) have only their Triton kernel: the tiles of the int4
-    kernels that it ``accepts`` for K columns (when given) in its layout tile (``layout_tile``).
+    The QUIK / COMET / 2:4 ops (``NEW_OPS``) have their Triton kernel (the tiles of the int4 kernels
+    that it ``accepts`` for K columns, when given, in its layout tile: ``layout_tile``) and, for 2:4
+    at M >= 64, the widen-then-cuBLAS path.
     """
     if op in NEW_OPS:
         tk = layout_tile(op, tile_k)
-        return [Choice("triton", c) for c in _triton_tiles(M) if accepts(op, c, K, tk)]
+        out = [Choice("triton", c) for c in _triton_tiles(M) if accepts(op, c, K, tk)]
+        if M >= 64 and "dequant-cublas" in KERNELS[op]:  # 2:4: widened once, then cuBLAS fp16
+            out.append(Choice("dequant-cublas"))
+        return out
     out = [Choice("triton", c) for c in _triton_tiles(M)]
     if "w4a16-fakequant" in KERNELS[op]:  # the W4A16 kernel on dequantized 8-bit activations
         out += [Choice("w4a16-fakequant", c.config) for c in out if c.kernel == "triton"][:2]

@@ -147,8 +147,8 @@ def test_choose_reads_the_gpus_table_and_refuses_fp8_before_sm89(monkeypatch):
 
 
 def test_new_ops_get_default_choices_and_layout_tiles(monkeypatch):
-    """w4a4 / w4ax / sparse24: in OPS and KERNELS, no shipped table entries yet, so choose() gives
-    default_choice (W4Ax and 2:4 from their kernel module's default_config) on any GPU; their layout
+    """w4a4 / w4ax / sparse24: in OPS and KERNELS, no H200 table entries, so choose() gives there
+    default_choice (W4Ax and 2:4 from their kernel module's default_config); their layout
     tiles default to the kernels' own (tests/test_new_format_ops.py runs these configs)."""
     import torch
 
@@ -158,11 +158,15 @@ def test_new_ops_get_default_choices_and_layout_tiles(monkeypatch):
 
     assert set(dispatch.UNTUNED_OPS) <= set(dispatch.OPS)
     for op in dispatch.UNTUNED_OPS:
-        assert dispatch.KERNELS[op] == ("triton",)
+        assert dispatch.KERNELS[op][0] == "triton"
+    assert dispatch.KERNELS["sparse24"] == ("triton", "dequant-cublas")
     for M in (1, 16, 65, 4096):
         assert dispatch.default_choice("w4ax", M, 4096, 4000, 132).config == w4ax.default_config(M, 4096, 32, 132)
+    for M in (1, 16, 65):  # from M = 128 the 2:4 weights are widened for cuBLAS instead
         assert dispatch.default_choice("sparse24", M, 4096, 4000, 132).config == sparse24.default_config(
             M, 4096, 4000, 132)
+    assert dispatch.default_choice("sparse24", 128, 4096, 4000, 132) == dispatch.Choice("dequant-cublas")
+    for M in (1, 16, 65, 4096):
         # the W4A4 kernel's own default is dispatch's heuristic (off the GPU it assumes 8 SMs)
         assert dispatch.default_choice("w4a4", M, 4096, 4000, 8).config == w4a4.default_config(
             M, 4096, 4000, torch.device("cpu"))

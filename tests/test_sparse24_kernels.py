@@ -33,6 +33,7 @@ from lowbit.kernels.sparse24 import (
     sparse24_matmul,
     sparse24_reference,
     unpack_sparse24,
+    widen_sparse24,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -230,6 +231,41 @@ def test_sparse24_large_m_and_default_config():
     small, big = default_config(1, 28672, 4096), default_config(256, 28672, 4096)
     assert small.swap and small.block_m == 16 and small.split_k >= 1 and not big.swap
     assert default_config(1, 64, 256).split_k == 1  # never more splits than tiles
+
+
+@pytest.mark.parametrize("K, group, tile_k", [(200, 128, 256), (264, 32, 128), (96, None, 256)])
+@pytest.mark.parametrize("dtype", [torch.float16, BF16])
+def test_widen_sparse24_matches_dequantized_reference(K, group, tile_k, dtype):
+    """The large-M path's widening: every dense weight, zeros included, equals dequantize_sparse24's
+    fp32 value rounded to the dtype; K ends mid-tile, N mid-block."""
+    from lowbit.kernels.sparse24 import dequantize_sparse24
+
+    _, _, _, p = _layer(72, K, group, seed=K, tile_k=tile_k)
+    w = widen_sparse24(p, dtype)
+    assert w.shape == (72, K) and w.dtype == dtype
+    assert torch.equal(w, dequantize_sparse24(p).to(dtype))
+    if DEVICE == "cuda":
+        assert torch.equal(w, widen_sparse24(p, dtype, asm=False))  # PTX and plain expansion agree
+    with pytest.raises(LowbitError, match="fp16 or bf16"):
+        widen_sparse24(p, torch.float32)
+
+
+def test_dispatch_widens_2of4_weights_at_large_m():
+    """dispatch's sparse24 choice: the fused kernel at small M, widen + matmul from M = 128, both
+    within fp16 rounding of the reference."""
+    from lowbit.kernels import dispatch
+
+    _, _, _, p = _layer(40, 300, 128, seed=6)
+    assert dispatch.default_choice("sparse24", 16, 40, 300, 132).kernel == "triton"
+    big = dispatch.default_choice("sparse24", 128, 40, 300, 132)
+    assert big == dispatch.Choice("dequant-cublas")
+    x = _x(130, 300, 6)
+    bias = _x(1, 40, 7)[0]
+    y = dispatch.run_sparse24(x, p, big, bias)
+    assert y.shape == (130, 40) and y.dtype == x.dtype
+    assert _rel(y, sparse24_reference(x, p, bias)) < 2e-3
+    # a bias kept in another dtype (a layer packed in fp16, called in bf16) must not promote the output
+    assert dispatch.run_sparse24(x, p, big, bias.to(torch.bfloat16)).dtype == x.dtype
 
 
 @pytest.mark.parametrize("M", [1, 3, 17])

@@ -292,19 +292,21 @@ def preset_weights(path: str, N: int, K: int, device, tile_k: int | None = None)
                          K, wfmt.group_size, tile_k)
 
 
-def run_preset(path: str, x: torch.Tensor, w: Any, config=None) -> torch.Tensor:
-    """x (M, K) fp16 -> (M, N) fp16 through ``path``'s kernel, activation quantization included."""
+def run_preset(path: str, x: torch.Tensor, w: Any, choice=None) -> torch.Tensor:
+    """x (M, K) fp16 -> (M, N) fp16 through ``path``'s kernel, activation quantization included;
+    ``choice`` a ``dispatch.Choice`` (None: the kernel's default)."""
+    from lowbit.kernels import dispatch
+
+    choice = choice or dispatch.Choice("triton")
     if PRESET_PATHS[path][0] == "w4a4":
         from lowbit.kernels.w4a4 import quik_matmul
 
-        return quik_matmul(x, w, None, config)
+        return quik_matmul(x, w, None, choice.config)
     if path == "w4ax":
         from lowbit.kernels.w4ax import w4ax_matmul
 
-        return w4ax_matmul(x, w, config)
-    from lowbit.kernels.sparse24 import sparse24_matmul
-
-    return sparse24_matmul(x, w, None, config)
+        return w4ax_matmul(x, w, choice.config)
+    return dispatch.run_sparse24(x, w, choice)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -359,10 +361,10 @@ def _build_preset(path: str, x16: torch.Tensor, N: int, K: int, device, tile_k: 
     def make(choice=None):
         c, dispatched = (choice, True) if choice is not None else pick_choice(
             op, M, N, K, device, lambda: kernel_default(path, M, N, K, first, device))
-        if c.kernel != "triton":
+        if c.kernel != "triton" and op != "sparse24":
             raise LowbitError(f"lowbit bench kernels runs {op} on its Triton kernel only; dispatch chose {c.kernel!r}")
         how = f"{c.kernel} {c.config_str()}" + ("" if dispatched else " (kernel default: no dispatch entry)")
-        return _rotating(lambda w: run_preset(path, x16, w, c.config), packs), how
+        return _rotating(lambda w: run_preset(path, x16, w, c), packs), how
 
     return make, first.nbytes()
 

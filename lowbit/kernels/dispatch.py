@@ -49,7 +49,7 @@ KERNELS = {
     "w8a8-fp8": ("triton", "cublas"),
     "w4a4": ("triton",),  # lowbit.kernels.w4a4: split_quantize + the W4A4 GEMM (QUIK)
     "w4ax": ("triton",),  # lowbit.kernels.w4ax: quantize_mixed + the W4Ax GEMM (COMET)
-    "sparse24": ("triton",),  # lowbit.kernels.sparse24
+    "sparse24": ("triton", "dequant-cublas"),  # lowbit.kernels.sparse24; large M: widened once, cuBLAS
 }
 # the packed tile of ops whose layout default is not lowbit.kernels.layout.TILE_K: the 2:4 kernel's
 # TILE_K (a half tile of 128 columns is one group-128 scale group); kept here so that asking for a
@@ -153,6 +153,11 @@ def default_choice(op: str, M: int, N: int, K: int, sms: int) -> Choice:
     if op == "sparse24":
         from lowbit.kernels.sparse24 import default_config as sparse24_config
 
+        if M >= 128:
+            # measured on the H100 (docs/kernels.md): the fused kernel falls to 0.2-0.35x of fp16 from
+            # M = 256, where widening the weights once and running cuBLAS fp16 costs little more than fp16
+            return Choice("dequant-cublas")
+
         # its split cap uses the default tile (256): with 128-wide tiles it only leaves splits unused
         return Choice("triton", sparse24_config(M, N, K, sms))
     if M <= 64:
@@ -202,7 +207,7 @@ def run_w4a16(x: torch.Tensor, w, choice: Choice, bias: torch.Tensor | None = No
         if w.perm is not None:
             x = x.index_select(1, w.perm)
         y = x @ widen_int4(w, x.dtype).t()
-        return y if bias is None else y + bias
+        return y if bias is None else y + bias.to(y.dtype)  # a bias in another dtype must not promote y
     return w4a16_matmul(x, w, bias, choice.config)
 
 
@@ -239,7 +244,7 @@ def run_w4a8_quantized(xq: torch.Tensor, xs: torch.Tensor, w, out_dtype: torch.d
         from lowbit.kernels.widen import widen_int4
 
         y = (xq.float() * xs[:, None]).to(out_dtype) @ widen_int4(w, out_dtype).t()
-        return y if bias is None else y + bias
+        return y if bias is None else y + bias.to(y.dtype)  # a bias in another dtype must not promote y
     if choice.kernel == "w4a16-fakequant":
         # same int4 weights through the W4A16 kernel: the 8-bit activations, dequantized
         xd = (xq.float() * xs[:, None]).to(out_dtype)
@@ -310,6 +315,9 @@ def run_w4ax(x: torch.Tensor, w, choice: Choice) -> torch.Tensor:
 def run_sparse24(x: torch.Tensor, w, choice: Choice, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) fp16/bf16, w ``lowbit.kernels.sparse24.PackedSparse24`` -> (M, N) in x's dtype.
     ``choice.config`` None: the kernel's ``default_config``."""
-    from lowbit.kernels.sparse24 import sparse24_matmul
+    from lowbit.kernels.sparse24 import sparse24_matmul, widen_sparse24
 
+    if choice.kernel == "dequant-cublas":  # large M: widen once, then cuBLAS fp16/bf16
+        y = x @ widen_sparse24(w, x.dtype).t()
+        return y if bias is None else y + bias.to(y.dtype)  # a bias in another dtype must not promote y
     return sparse24_matmul(x, w, bias, choice.config)

@@ -436,6 +436,62 @@ def _sparse24_kernel(
            lock_ptr + pid_m * tl.num_programs(1) + pid_n, SPLIT_K)
 
 
+@triton.jit
+def _widen_half(vb, mb, col0, rn, rn_ld, s_ptr, out_ptr, N, K, group_size, last_group, stride_on,
+                HI: tl.constexpr, HG: tl.constexpr, IS_FP16: tl.constexpr, BASE: tl.constexpr, ASM: tl.constexpr):
+    """Store one half tile of dense dequantized weights: columns col0 .. col0 + 4 * HG - 1."""
+    DT = out_ptr.dtype.element_ty
+    d0, d1, d2, d3 = expand_sparse24(vb, mb, HI, IS_FP16, BASE, ASM)
+    off = tl.full((1, 1), BASE + 8.0, DT)
+    rj = tl.arange(0, HG)
+    g = tl.minimum((col0 + 4 * rj) // group_size, last_group)  # a group of 4 columns never spans two scales
+    s = tl.load(s_ptr + g[None, :] * N + rn_ld[:, None]).to(tl.float32)
+    w0 = ((d0 - off).to(tl.float32) * s).to(DT)
+    w1 = ((d1 - off).to(tl.float32) * s).to(DT)
+    w2 = ((d2 - off).to(tl.float32) * s).to(DT)
+    w3 = ((d3 - off).to(tl.float32) * s).to(DT)
+    # column 4j + 2a + b holds w_(2a+b): the inverse of the activation split in _half_tile
+    dense = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (rn.shape[0], 4 * HG))
+    cols = col0 + tl.arange(0, 4 * HG)
+    tl.store(out_ptr + rn[:, None] * stride_on + cols[None, :], dense, mask=(rn[:, None] < N) & (cols[None, :] < K))
+
+
+@triton.jit
+def _widen24_kernel(w_ptr, s_ptr, out_ptr, N, K, group_size, stride_wn, stride_on,
+                    BLOCK_N: tl.constexpr, HG: tl.constexpr, IS_FP16: tl.constexpr, BASE: tl.constexpr,
+                    ASM: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t = tl.program_id(1)
+    rn_ld = tl.minimum(rn, N - 1)
+    tile = w_ptr + rn_ld[:, None] * stride_wn + t * (3 * HG) + tl.arange(0, HG)[None, :]
+    mb = tl.load(tile + 2 * HG)
+    last_group = (K - 1) // group_size
+    col0 = t * (8 * HG)
+    _widen_half(tl.load(tile), mb, col0, rn, rn_ld, s_ptr, out_ptr, N, K, group_size, last_group, stride_on,
+                False, HG, IS_FP16, BASE, ASM)
+    _widen_half(tl.load(tile + HG), mb, col0 + 4 * HG, rn, rn_ld, s_ptr, out_ptr, N, K, group_size, last_group,
+                stride_on, True, HG, IS_FP16, BASE, ASM)
+
+
+def widen_sparse24(w: PackedSparse24, dtype: torch.dtype, asm: bool | None = None) -> torch.Tensor:
+    """(N, K) dense fp16 / bf16 weights (zeros included) from the 2:4 layout, in one kernel launch.
+
+    For large M, where an fp16 GEMM on cuBLAS beats expanding the same tile for every row block (the
+    same trade as ``lowbit.kernels.widen`` for dense int4): widening costs N x K x 2.4 bytes of
+    traffic, small against an M >= 128 GEMM. Values: codes times scale in fp32, rounded to ``dtype``
+    (``dequantize_sparse24`` rounded). ``asm`` as in ``sparse24_matmul``.
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise LowbitError(f"widen_sparse24 makes fp16 or bf16 weights, not {dtype}")
+    asm = USE_ASM if asm is None else asm
+    out = torch.empty(w.N, w.K, dtype=dtype, device=w.data.device)
+    block_n = 64  # 64 x tile_k / 8 >= 128 x 4 warps: 4 groups per thread for the PTX expansion
+    grid = (triton.cdiv(w.N, block_n), w.Kp // w.tile_k)
+    _widen24_kernel[grid](w.data, w.scales, out, w.N, w.K, w.group_size or w.K, w.data.stride(0), out.stride(0),
+                          BLOCK_N=block_n, HG=w.half_groups, **_MAGIC[dtype], ASM=asm, num_warps=4)
+    return out
+
+
 @lru_cache(maxsize=8)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -117,4 +117,4 @@ def w8a8_cublas(
         y = y.to(out_dtype)
     else:
         y = (torch._int_mm(xq, wq.t()).float() * x_scale[:, None] * w_scale.float()[None, :]).to(out_dtype)
-    return y if bias is None else y + bias
+    return y if bias is None else y + bias.to(y.dtype)
