@@ -85,7 +85,7 @@ import triton.language as tl
 from lowbit.errors import LowbitError
 from lowbit.formats import WeightFormat
 from lowbit.kernels.config import TileConfig
-from lowbit.kernels.splitk import finish, reserve
+from lowbit.kernels.splitk import reserve, store_tile
 from lowbit.kernels.unpack import USE_ASM, nibbles_float
 from lowbit.kernels.w4a8 import _mma, _scale_w
 from lowbit.kernels.w4a16 import _MAGIC, check_activation, scale_mode
@@ -427,13 +427,7 @@ def _sparse24_kernel(
         acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
     if SCALE_MODE == 0:
         acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    extra = 0.0
-    if HAS_BIAS:
-        extra = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = rm[:, None] * stride_ym + rn[None, :]
-    mask = (rm[:, None] < M) & n_ok[None, :]
-    finish(acc, extra, y_ptr + out, ws_ptr + out, mask,
-           lock_ptr + pid_m * tl.num_programs(1) + pid_n, SPLIT_K)
+    store_tile(acc, rm, rn, M, N, b_ptr, y_ptr, ws_ptr, lock_ptr, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

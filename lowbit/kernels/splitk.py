@@ -55,3 +55,18 @@ def finish(acc, extra, y_ptrs, ws_ptrs, mask, lock_ptr, SPLIT_K: tl.constexpr):
             tl.store(ws_ptrs, tl.zeros_like(acc), mask=mask)
             tl.store(y_ptrs, (total + extra).to(y_ptrs.dtype.element_ty), mask=mask)
             tl.store(lock_ptr, 0)
+
+
+@triton.jit
+def store_tile(acc, rm, rn, M, N, b_ptr, y_ptr, ws_ptr, lock_ptr, stride_ym,
+               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The GEMM kernels' common epilogue: ``acc`` (BLOCK_M, BLOCK_N) fp32, already scaled, for rows
+    ``rm`` and columns ``rn`` of y (M, N); the bias (N,) added once (``HAS_BIAS``), rows and columns
+    past M, N left alone, split-K partials reduced by ``finish`` with this (pid_m, pid_n) tile's lock."""
+    n_ok = rn < N
+    extra = 0.0
+    if HAS_BIAS:
+        extra = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = rm[:, None] * stride_ym + rn[None, :]
+    finish(acc, extra, y_ptr + out, ws_ptr + out, (rm[:, None] < M) & n_ok[None, :],
+           lock_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), SPLIT_K)

@@ -31,7 +31,7 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
 from lowbit.kernels.layout import PackedInt4
 from lowbit.kernels.pdl import launch_options, wait
-from lowbit.kernels.splitk import finish, reserve
+from lowbit.kernels.splitk import reserve, store_tile
 from lowbit.kernels.unpack import USE_ASM, nibbles_float
 
 # lowbit.kernels.unpack turns a nibble u into BASE + u in the activation dtype (exact: u < 16)
@@ -131,13 +131,7 @@ def _w4a16_kernel(
         acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
     if SCALE_MODE == 0:
         acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    extra = 0.0
-    if HAS_BIAS:
-        extra = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = rm[:, None] * stride_ym + rn[None, :]
-    mask = (rm[:, None] < M) & n_ok[None, :]
-    finish(acc, extra, y_ptr + out, ws_ptr + out, mask,
-           lock_ptr + pid_m * tl.num_programs(1) + pid_n, SPLIT_K)
+    store_tile(acc, rm, rn, M, N, b_ptr, y_ptr, ws_ptr, lock_ptr, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 _SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "int8", torch.float8_e4m3fn: "float8_e4m3fn"}

@@ -72,7 +72,7 @@ from lowbit.kernels.layout import (
     pack_for_kernels,
     unpack_kernel_codes,
 )
-from lowbit.kernels.splitk import finish, reserve
+from lowbit.kernels.splitk import reserve, store_tile
 from lowbit.kernels.unpack import USE_ASM, nibbles_int8
 from lowbit.kernels.w4a8 import _mma, _outer
 from lowbit.kernels.w4a16 import check_activation
@@ -380,13 +380,7 @@ def _w4a4_kernel(
             out_f = _mma(wo, xo, out_f, SWAP, tl.float32)
     if SWAP:
         out_f = tl.trans(out_f)  # (BLOCK_M, BLOCK_N)
-    n_ok = rn < N
-    extra = 0.0
-    if HAS_BIAS:
-        extra = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = rm[:, None] * stride_ym + rn[None, :]
-    finish(out_f, extra, y_ptr + out, ws_ptr + out, (rm[:, None] < M) & n_ok[None, :],
-           lock_ptr + pid_m * tl.num_programs(1) + pid_n, SPLIT_K)
+    store_tile(out_f, rm, rn, M, N, b_ptr, y_ptr, ws_ptr, lock_ptr, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 @lru_cache(maxsize=16)

@@ -29,7 +29,7 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
 from lowbit.kernels.layout import PackedInt4
 from lowbit.kernels.pdl import launch_options, wait
-from lowbit.kernels.splitk import finish, reserve
+from lowbit.kernels.splitk import reserve, store_tile
 from lowbit.kernels.unpack import USE_ASM, nibbles_float, nibbles_int8
 from lowbit.kernels.w4a16 import check_activation, load_x_halves
 
@@ -80,7 +80,6 @@ def _w4a8_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.arange(0, HALF_K)
     n_ok = rn < N
-    m_ok = rm[:, None] < M
     # clamped rows instead of load masks, as in lowbit.kernels.w4a16 (rows past M, N are not stored)
     rn_ld = tl.minimum(rn, N - 1)
     w_row = w_ptr + rn_ld[:, None] * stride_wn + rj[None, :]
@@ -141,13 +140,7 @@ def _w4a8_kernel(
         out_f = out_f * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
     out_f = out_f * xs[:, None]
-    extra = 0.0
-    if HAS_BIAS:
-        extra = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = rm[:, None] * stride_ym + rn[None, :]
-    mask = m_ok & n_ok[None, :]
-    finish(out_f, extra, y_ptr + out, ws_ptr + out, mask,
-           lock_ptr + pid_m * tl.num_programs(1) + pid_n, SPLIT_K)
+    store_tile(out_f, rm, rn, M, N, b_ptr, y_ptr, ws_ptr, lock_ptr, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 def w4a8_matmul(

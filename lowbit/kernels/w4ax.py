@@ -77,7 +77,7 @@ from lowbit.kernels.layout import (
     pack_for_kernels,
     unpack_kernel_codes,
 )
-from lowbit.kernels.splitk import finish, reserve
+from lowbit.kernels.splitk import reserve, store_tile
 from lowbit.kernels.unpack import USE_ASM, nibbles_int8
 from lowbit.kernels.w4a8 import _mma
 from lowbit.kernels.w4a16 import check_activation, load_x_halves
@@ -433,12 +433,7 @@ def _w4ax_kernel(
         acc = _add_block(acc, p, b, M, N, rn_ld, xs_col, xsum_col, s_ptr, z_ptr, wsum_ptr, HAS_ZEROS, True, SWAP)
     if SWAP:
         acc = tl.trans(acc)  # (BLOCK_M, BLOCK_N)
-    extra = 0.0
-    if HAS_BIAS:
-        extra = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    out = rm[:, None] * stride_ym + rn[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    finish(acc, extra, y_ptr + out, ws_ptr + out, mask, lock_ptr + pid_m * tl.num_programs(1) + pid_n, SPLIT_K)
+    store_tile(acc, rm, rn, M, N, b_ptr, y_ptr, ws_ptr, lock_ptr, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 def block_costs(M: int, config: TileConfig, has_zeros: bool = False) -> tuple[int, int]:

@@ -19,7 +19,7 @@ import triton.language as tl
 from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
 from lowbit.kernels.pdl import launch_options, wait
-from lowbit.kernels.splitk import finish, reserve
+from lowbit.kernels.splitk import reserve, store_tile
 from lowbit.kernels.w4a16 import check_activation
 
 
@@ -57,12 +57,7 @@ def _w8a8_kernel(
         acc = tl.trans(acc)
     out_f = acc.to(tl.float32) * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_f = out_f * tl.load(xs_ptr + rm, mask=rm < M, other=0.0)[:, None]
-    extra = 0.0
-    if HAS_BIAS:
-        extra = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = rm[:, None] * stride_ym + rn[None, :]
-    finish(out_f, extra, y_ptr + out, ws_ptr + out, m_ok & n_ok[None, :],
-           lock_ptr + pid_m * tl.num_programs(1) + pid_n, SPLIT_K)
+    store_tile(out_f, rm, rn, M, N, b_ptr, y_ptr, ws_ptr, lock_ptr, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 def w8a8_matmul(
