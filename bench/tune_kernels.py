@@ -26,6 +26,7 @@ import torch
 from lowbit.bench.kernels import build, default_tile, parse_shapes, time_us
 from lowbit.kernels.config import TileConfig
 from lowbit.kernels.dispatch import KERNELS, OPS, TUNED_DIR, Choice
+from lowbit.kernels.gemv import GEMV_MAX_M
 from lowbit.report_files import write_json
 
 TUNE_SHAPES = "llama3-8b:qkv,llama3-8b:gateup,llama3-70b:gateup,llama3-70b:down"
@@ -80,6 +81,18 @@ def _triton_tiles(M: int) -> list[TileConfig]:
     return out
 
 
+def _gemv_tiles() -> list[TileConfig]:
+    """``lowbit.kernels.gemv`` launches: 16 or 32 words of weights per thread and loop step (fewer
+    leave too few bytes in flight; more spill), every split-K from 1 to 16."""
+    shapes = ((16, 1024, 4), (32, 512, 4), (32, 1024, 4), (64, 256, 4), (64, 512, 4), (128, 256, 4),
+              (64, 1024, 8), (128, 512, 8))
+    out = [TileConfig(16, bn, bk, sk, nw, 1) for bn, bk, nw in shapes for sk in (1, 2, 4, 8, 16)]
+    # Triton's software pipelining of the weight loads (cp.async into shared memory), for the 16-word shapes
+    out += [TileConfig(16, bn, bk, sk, 4, ns) for bn, bk in ((32, 512), (64, 256)) for sk in (1, 4, 16)
+            for ns in (2, 3)]
+    return out
+
+
 def candidates(op: str, M: int, K: int | None = None, tile_k: int | None = None) -> list[Choice]:
     """Kernels and tile configs worth timing for this op at this M.
 
@@ -94,6 +107,8 @@ def candidates(op: str, M: int, K: int | None = None, tile_k: int | None = None)
             out.append(Choice("dequant-cublas"))
         return out
     out = [Choice("triton", c) for c in _triton_tiles(M)]
+    if "gemv" in KERNELS[op] and M <= GEMV_MAX_M:
+        out += [Choice("gemv", c) for c in _gemv_tiles()]
     if "w4a16-fakequant" in KERNELS[op]:  # the W4A16 kernel on dequantized 8-bit activations
         out += [Choice("w4a16-fakequant", c.config) for c in out if c.kernel == "triton"][:2]
     if "cublas" in KERNELS[op]:

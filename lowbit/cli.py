@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize a model with a scheme and save it",
         description="Quantize MODEL with a scheme (calibrating layer by layer on text) and write a lowbit "
         "checkpoint directory. Schemes: " + ", ".join(PRESETS) + "; add +kv8, +kv4 or +kvfp8 for a "
-        "quantized KV cache (e.g. w4a8+kv4).",
+        "quantized KV cache (e.g. w4a8+kv4), +head to quantize the lm_head too (faster decode, less accurate).",
     )
     q.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     q.add_argument("--scheme", "-s", required=True, help="quantization scheme, e.g. w4a16, w4a8, w8a8-fp8")
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama3-8b-random (default), or a checkpoint directory / GGUF file / known model name")
     e.add_argument("--schemes", default="fp16,w4a16,w4a8,w8a8-fp8",
                    help="comma-separated: fp16 and presets (w4a16, w4a16-rtn, w4a8, w4a8-g128, w8a8-fp8, w8a8-int8, "
-                   "w4a4-quik, w4a4, w4a4kv4-comet, w4a16-2:4), each optionally +kv8, +kv4 or +kvfp8; a scheme with "
+                   "w4a4-quik, w4a4, w4a4kv4-comet, w4a16-2:4), each optionally +kv8, +kv4 or +kvfp8 and +head; a scheme with "
                    "a layer that has no GPU kernel is refused (default: fp16,w4a16,w4a8,w8a8-fp8)")
     e.add_argument("--batch", default="1,4,16,64,256", help="batch sizes, comma-separated (default: 1,4,16,64,256)")
     e.add_argument("--kv", default="fp16", help="KV cache formats, comma-separated: fp16, int8, int4 (one scale per token and head), int4-g32, "

@@ -122,6 +122,10 @@ class QuantScheme:
     kv_cache: KVCacheFormat = field(default_factory=KVCacheFormat)
     smooth: bool = False  # SmoothQuant: migrate activation outliers into the weights (alpha searched per layer)
     overrides: tuple[LayerOverride, ...] = ()
+    # Quantize the lm_head too, in ``for_layer("lm_head")``'s formats (the scheme's, unless an override
+    # names it). Off by default, as in GPTQ/AWQ/QUIK: the head is 1.05 of the 4.5 GB that a Llama-3-8B
+    # W4 decode step reads, but its error lands directly on the logits (docs/engine.md has the cost).
+    lm_head: bool = False
     version: int = FORMAT_VERSION
 
     def for_layer(self, name: str) -> tuple[WeightFormat, ActivationFormat]:
@@ -158,6 +162,7 @@ class QuantScheme:
                     )
                     for o in d["overrides"]
                 ),
+                lm_head=bool(d.get("lm_head", False)),  # absent in checkpoints written before the option
                 version=version,
             )
         except (KeyError, TypeError) as exc:
@@ -209,16 +214,24 @@ KV_MODIFIERS: dict[str, KVCacheFormat] = {
 }
 
 
+HEAD_MODIFIER = "head"  # +head: the lm_head quantized too (QuantScheme.lm_head)
+MODIFIERS = tuple(KV_MODIFIERS) + (HEAD_MODIFIER,)
+
+
 def get_scheme(spec: str | QuantScheme) -> QuantScheme:
-    """A preset by name, with optional ``+kv8`` / ``+kv4`` / ``+kvfp8`` (e.g. ``w4a8+kv4``)."""
+    """A preset by name, with optional ``+kv8`` / ``+kv4`` / ``+kvfp8`` and ``+head`` (e.g. ``w4a8+kv4+head``)."""
     if isinstance(spec, QuantScheme):
         return spec
     base, *mods = spec.strip().split("+")
+    known = ", ".join("+" + m for m in MODIFIERS)
     if base not in PRESETS:
-        raise LowbitError(f"unknown scheme {base!r}; known: {', '.join(PRESETS)} (optionally +kv8, +kv4, +kvfp8)")
+        raise LowbitError(f"unknown scheme {base!r}; known: {', '.join(PRESETS)} (optionally {known})")
     scheme = PRESETS[base]
     for mod in mods:
-        if mod not in KV_MODIFIERS:
-            raise LowbitError(f"unknown scheme modifier '+{mod}'; known: {', '.join('+' + m for m in KV_MODIFIERS)}")
-        scheme = replace(scheme, name=f"{scheme.name}+{mod}", kv_cache=KV_MODIFIERS[mod])
+        if mod == HEAD_MODIFIER:
+            scheme = replace(scheme, name=f"{scheme.name}+{mod}", lm_head=True)
+        elif mod in KV_MODIFIERS:
+            scheme = replace(scheme, name=f"{scheme.name}+{mod}", kv_cache=KV_MODIFIERS[mod])
+        else:
+            raise LowbitError(f"unknown scheme modifier '+{mod}'; known: {known}")
     return scheme

@@ -53,6 +53,18 @@ def test_rtn_random_model_in_the_schemes_formats(scheme):
         quantize_rtn(model, scheme, progress=False)
 
 
+def test_rtn_quantizes_the_head_with_head_modifier():
+    model = random_model(TINY, "cpu", torch.float32)
+    head_bytes = model.lm_head.weight.nbytes
+    before = e2e.weight_bytes_per_step(model)
+    quantize_rtn(model, "w4a8+head", progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.kernel_op() is not None
+    assert not isinstance(model.embed_tokens, QuantLinear)
+    # every Linear, the head included, now reads ~4/32 of its fp32 bytes
+    assert e2e.weight_bytes_per_step(model) < (before - head_bytes) * 4 / 32 * 1.3 + head_bytes * 4 / 32 * 1.3
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+
+
 @pytest.mark.parametrize("scheme", ["w4a4-quik", "w4a4", "w4a4kv4-comet", "w4a16-2:4"])
 def test_rtn_builds_the_calibrated_formats(scheme):
     """Outliers, FMPQ blocks and 2:4 masks get synthetic choices (tests/test_bench_new_formats.py checks

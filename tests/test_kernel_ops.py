@@ -173,7 +173,7 @@ def test_kernel_path_matches_reference_on_gpu(scheme, M):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("scheme", ["w4a16", "w4a8", "w4a8-g128", "w8a8-int8", "w8a8-fp8"])
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a8", "w4a8-g128", "w8a8-int8", "w8a8-fp8", "w4a8+head"])
 def test_quantized_model_on_kernels_matches_reference_and_captures_in_a_cuda_graph(scheme, tmp_path):
     """A tiny quantized Llama in fp16 on the GPU: kernels vs reference logits, torch.compile, CUDA graph."""
     import lowbit
@@ -189,6 +189,7 @@ def test_quantized_model_on_kernels_matches_reference_and_captures_in_a_cuda_gra
         ref = model(ids).float()
         on, total = use_kernels(model)
         assert on == total > 0
+        assert isinstance(model.lm_head, QuantLinear) == scheme.endswith("+head")
         out = model(ids).float()
         # fp8: cuBLAS's row-wise fp8 GEMM returns bf16 (8-bit mantissa), and fp8 activation codes
         # flip at rounding boundaries when inputs differ in the last bit; both compound over layers

@@ -19,6 +19,7 @@ from lowbit.quant.primitives import compute_scales, pack_int4, quantize_activati
 
 triton = pytest.importorskip("triton")
 from lowbit.kernels.act_quant import quantize_activations  # noqa: E402
+from lowbit.kernels.gemv import GEMV_MAX_M, w4a8_gemv  # noqa: E402
 from lowbit.kernels.w4a8 import w4a8_matmul  # noqa: E402
 from lowbit.kernels.w4a16 import w4a16_matmul  # noqa: E402
 from lowbit.kernels.w8a8 import w8a8_matmul  # noqa: E402
@@ -187,6 +188,53 @@ def test_w4a8_errors():
         w4a8_matmul(_x(2, 128, 0), xs, p, torch.float16)
     with pytest.raises(LowbitError, match="x_scale must be fp32"):
         w4a8_matmul(xq, xs.half(), p, torch.float16)
+
+
+# ---- W4A8 GEMV (dp4a, 1..4 rows) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("M", [1, 2, 3, GEMV_MAX_M])
+@pytest.mark.parametrize("K, symmetric, tile_k", [(160, True, 128), (200, False, 256), (1028, True, 256), (520, False, 128)])
+def test_w4a8_gemv_matches_reference(M, K, symmetric, tile_k):
+    N = 40
+    qw, s, z, p = _weights(N, K, None, symmetric, seed=K + M, tile_k=tile_k)
+    xq, xs = quantize_activations(_x(M, K, M + 7), "int")
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(M)).to(DEVICE, torch.float16)
+    ref = w4a8_reference(xq, xs, qw, s, z, None, K, torch.float16)
+    # one step per program, steps shared by split-K programs (3 of 2-3 steps each), a step past Kp
+    for cfg in (TileConfig(block_n=32, block_k=64), TileConfig(block_n=16, block_k=128, split_k=3),
+                TileConfig(block_n=64, block_k=1024, split_k=2)):
+        y = w4a8_gemv(xq, xs, p, torch.float16, config=cfg)
+        assert y.shape == (M, N) and y.dtype == torch.float16
+        assert _rel(y, ref) < 1e-3, cfg
+        yb = w4a8_gemv(xq, xs, p, torch.float16, bias, config=cfg)
+        assert _rel(yb, ref.float() + bias.float()) < 1e-3, cfg
+    assert _rel(w4a8_gemv(xq, xs, p, torch.float16), ref) < 1e-3  # the default launch
+    # what dispatch runs for a table entry naming it
+    from lowbit.kernels.dispatch import Choice, run_w4a8_quantized
+
+    y = run_w4a8_quantized(xq, xs, p, torch.float16, Choice("gemv", TileConfig(block_n=32, block_k=64)))
+    assert _rel(y, ref) < 1e-3
+
+
+def test_w4a8_gemv_errors():
+    _, _, _, p = _weights(16, 128, None)
+    xq, xs = quantize_activations(_x(GEMV_MAX_M + 1, 128, 0))
+    with pytest.raises(LowbitError, match=f"1..{GEMV_MAX_M} rows"):
+        w4a8_gemv(xq, xs, p, torch.float16)
+    xq, xs = quantize_activations(_x(2, 128, 0))
+    _, _, _, pg = _weights(16, 128, 128)
+    with pytest.raises(LowbitError, match="per-channel"):
+        w4a8_gemv(xq, xs, pg, torch.float16)
+    with pytest.raises(LowbitError, match="takes int8"):
+        w4a8_gemv(_x(2, 128, 0), xs, p, torch.float16)
+    with pytest.raises(LowbitError, match="x_scale must be fp32"):
+        w4a8_gemv(xq, xs.half(), p, torch.float16)
+    with pytest.raises(LowbitError, match="multiple of 32"):
+        w4a8_gemv(xq, xs, p, torch.float16, config=TileConfig(block_k=16))
+    _, _, _, p6 = _weights(16, 126, None)
+    x6, xs6 = quantize_activations(_x(1, 126, 0))
+    with pytest.raises(LowbitError, match="multiple of 4"):
+        w4a8_gemv(x6, xs6, p6, torch.float16)
 
 
 # ---- W8A8 -------------------------------------------------------------------------------------

@@ -65,6 +65,51 @@ def test_preset_quantizes_generates_and_round_trips(scheme, float_dir, tmp_path)
         assert torch.equal(back(ids), logits)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("scheme", ["w4a8+head", "w4a16+kv8+head"])
+def test_quantized_head_untied_saved_and_loaded(scheme, tied, tmp_path):
+    """+head: the lm_head becomes a QuantLinear (a tied one untied first, the embedding kept float),
+    smoothing folds into the final norm, and the checkpoint round-trips."""
+    path = tmp_path / "float"
+    make_hf_model("llama3", tie_word_embeddings=tied, hidden_size=128, intermediate_size=256).save_pretrained(path)
+    loaded = load_model(path, device="cpu", dtype="fp32", with_tokenizer=False)
+    emb = loaded.model.embed_tokens.weight.detach().clone()
+    norm = loaded.model.norm.weight.detach().clone()
+    ids = torch.randint(3, 97, (2, 9))
+    with torch.no_grad():
+        ref = loaded.model(ids)
+    plain = lowbit.quantize(load_model(path, device="cpu", dtype="fp32", with_tokenizer=False),
+                            scheme.removesuffix("+head"), _calib(), progress=False)
+    model = lowbit.quantize(loaded, scheme, _calib(), progress=False)
+    assert model.quant_scheme.lm_head and isinstance(model.lm_head, QuantLinear)
+    assert not isinstance(plain.lm_head, QuantLinear)
+    assert torch.equal(model.embed_tokens.weight, emb)
+    # w4a8 smooths (SmoothQuant): the head's factors are folded into the final norm
+    assert torch.equal(model.norm.weight, norm) != get_scheme(scheme).smooth
+    with torch.no_grad():
+        logits, logits_plain = model(ids), plain(ids)
+    rel = ((logits - ref).norm() / ref.norm()).item()
+    assert ((logits_plain - ref).norm() / ref.norm()).item() < rel < 0.5
+    save_quantized(model, tmp_path / "q")
+    back = lowbit.load(tmp_path / "q", device="cpu", dtype="fp32", with_tokenizer=False).model
+    assert back.quant_scheme == model.quant_scheme and isinstance(back.lm_head, QuantLinear)
+    assert torch.equal(back.embed_tokens.weight, emb)
+    with torch.no_grad():
+        assert torch.equal(back(ids), logits)
+
+
+def test_head_modifier_parses_and_old_configs_read_without_it():
+    s = get_scheme("w4a8+kv4+head")
+    assert s.lm_head and s.kv_cache.dtype == "int4" and s.name == "w4a8+kv4+head"
+    assert not get_scheme("w4a8").lm_head
+    d = s.to_dict()
+    assert type(s).from_dict(d) == s
+    d.pop("lm_head")
+    assert not type(s).from_dict(d).lm_head  # a checkpoint written before the option
+    with pytest.raises(LowbitError, match=r"\+head"):
+        get_scheme("w4a8+heads")
+
+
 def test_save_refuses_existing_dir_and_leaves_nothing_partial(float_dir, tmp_path, monkeypatch):
     loaded = load_model(float_dir, device="cpu", dtype="fp32", with_tokenizer=False)
     model = lowbit.quantize(loaded, "w4a16-rtn", _calib(), progress=False)

@@ -169,7 +169,8 @@ def rtn_linear(lin: torch.nn.Linear, wfmt: WeightFormat, afmt: ActivationFormat,
 
 @torch.no_grad()
 def quantize_rtn(model: Transformer, scheme: QuantScheme | str, progress: bool = True, seed: int = 0) -> Transformer:
-    """Replace every decoder Linear by a QuantLinear in ``scheme``'s formats, by round-to-nearest, in place.
+    """Replace every decoder Linear (and the lm_head with ``scheme.lm_head``) by a QuantLinear in
+    ``scheme``'s formats, by round-to-nearest, in place.
 
     For speed measurements (module docstring): outlier columns, FMPQ blocks and 2:4 masks are
     synthetic, drawn from ``seed`` (the same on every device). Whether every layer then has a GPU
@@ -193,6 +194,13 @@ def quantize_rtn(model: Transformer, scheme: QuantScheme | str, progress: bool =
                         synthetic_choices(lin.in_features, afmt, gen)
                 setattr(parent, attr, rtn_linear(lin, wfmt, afmt, choices[afmt], smooth=scheme.smooth))
                 del lin
+    if scheme.lm_head:
+        wfmt, afmt = scheme.for_layer("lm_head")
+        head = model.lm_head
+        plain = not afmt.outlier_columns and not afmt.fmpq_block
+        choices = InputChoices(torch.arange(head.in_features)) if plain else \
+            synthetic_choices(head.in_features, afmt, gen)
+        model.lm_head = rtn_linear(head, wfmt, afmt, choices, smooth=scheme.smooth)  # a tied head: untied
     for layer in model.layers:
         layer.self_attn.kv_format = scheme.kv_cache if scheme.kv_cache.dtype != "fp16" else None
     model.quant_scheme = scheme

@@ -97,9 +97,9 @@ def install_quantized_layers(
     The tensors it consumes are removed from ``tensors``; the rest are float parameters.
     """
     for name, module in list(model.named_modules()):
-        if not isinstance(module, torch.nn.Linear) or f"model.{name}.qweight" not in tensors:
+        prefix = _hf_name(f"{name}.")  # model.layers.N.<proj>. or, for a quantized head, lm_head.
+        if not isinstance(module, torch.nn.Linear) or f"{prefix}qweight" not in tensors:
             continue
-        prefix = f"model.{name}."
         own = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
         wfmt, afmt = scheme.for_layer(name)
         for k in ("bias", "outlier_weight"):  # these follow the model's dtype

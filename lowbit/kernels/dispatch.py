@@ -42,7 +42,8 @@ UNTUNED_OPS = ("w4a4", "w4ax", "sparse24")
 # kernels each op may be run by
 KERNELS = {
     "w4a16": ("triton", "dequant-cublas"),
-    "w4a8": ("triton", "w4a16-fakequant", "widen-w8a8", "dequant-cublas"),
+    # gemv: lowbit.kernels.gemv (dp4a, no tensor cores) for 1..4 rows of int8 activations, per channel
+    "w4a8": ("triton", "gemv", "w4a16-fakequant", "widen-w8a8", "dequant-cublas"),
     "w4a8-g128": ("triton", "w4a16-fakequant", "dequant-cublas"),
     "w4a8-fp8": ("triton",),
     "w8a8-int8": ("triton", "cublas"),
@@ -160,6 +161,12 @@ def default_choice(op: str, M: int, N: int, K: int, sms: int) -> Choice:
 
         # its split cap uses the default tile (256): with 128-wide tiles it only leaves splits unused
         return Choice("triton", sparse24_config(M, N, K, sms))
+    if op == "w4a8" and M == 1:
+        # measured on the H100 and H200 at every Llama-3 8B/70B shape (docs/kernels.md): the dp4a GEMV
+        # beats the tensor-core kernel at one row by 1.2-2.2x
+        from lowbit.kernels.gemv import default_gemv_config
+
+        return Choice("gemv", default_gemv_config(N, K, sms))
     if M <= 64:
         block_n = 64 if M <= 16 else 128
         tiles = math.ceil(N / block_n)
@@ -230,6 +237,14 @@ def run_w4a8_quantized(xq: torch.Tensor, xs: torch.Tensor, w, out_dtype: torch.d
     from lowbit.kernels.w4a8 import w4a8_matmul
     from lowbit.kernels.w4a16 import w4a16_matmul
 
+    if choice.kernel == "gemv":
+        from lowbit.kernels.gemv import gemv_takes, w4a8_gemv
+
+        if gemv_takes(xq, w):
+            return w4a8_gemv(xq, xs, w, out_dtype, bias, choice.config)
+        # a table entry near this shape, for a layer the GEMV cannot take (K % 4, fp8): the heuristic
+        M, K = xq.shape
+        choice = default_choice("w4a8", M, w.N, K, torch.cuda.get_device_properties(xq.device).multi_processor_count)
     if choice.kernel == "widen-w8a8":
         # large M, per-channel weights: the int4 codes widened to int8 once, then an int8 GEMM
         from lowbit.kernels.w8a8 import w8a8_cublas, w8a8_matmul

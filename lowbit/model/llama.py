@@ -227,7 +227,8 @@ class Transformer(nn.Module):
             x, residual = layer.residual_forward(x, residual, cos, sin, mask, cache, i, start)
         if last_only:
             x, residual = x[:, -1:], (None if residual is None else residual[:, -1:])
-        return self.lm_head(self.norm.add_forward(x, residual)[0])
+        # a quantized head with an 8-bit-activation kernel takes its input quantized by the final norm
+        return self.lm_head(self.norm.add_forward(x, residual, input_quant(self.lm_head))[0])
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, T, hd) for rotary positions (B, T); computed in fp32 as in transformers."""

@@ -157,8 +157,35 @@ def quantize_model(
         _quantize_layer(model, layer, i, hidden, scheme, cfg)
         hidden = _run_layer(model, layer, hidden, cfg)
         layer.to(home)
+    if scheme.lm_head:
+        _quantize_head(model, hidden, scheme, cfg, dev, home)
     model.quant_scheme = scheme
     return model
+
+
+def _quantize_head(model: Transformer, hidden: torch.Tensor, scheme: QuantScheme, cfg: CalibrationConfig,
+                   dev: torch.device, home: torch.device) -> None:
+    """Quantize ``model.lm_head`` (``QuantScheme.lm_head``) on the final norm's outputs of ``hidden``.
+
+    A head tied to the embedding is untied first: the embedding stays float (a row gather reads a few
+    rows per token), and smoothing may then fold into the final norm, which only the head reads.
+    """
+    wfmt, afmt = scheme.for_layer("lm_head")
+    if model.lm_head.weight is model.embed_tokens.weight:
+        head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False,
+                         device=home, dtype=model.lm_head.weight.dtype)
+        head.weight.copy_(model.embed_tokens.weight)
+        model.lm_head = head
+    model.norm.to(dev)
+    model.lm_head.to(dev)
+    st = _GroupStats(model.lm_head.in_features, dev, cfg.smooth_tokens)
+    for b in range(0, hidden.shape[0], cfg.batch_size):
+        st.add(model.norm(hidden[b : b + cfg.batch_size]), "lm_head")
+    runtime = None
+    if scheme.smooth and afmt.bits is not None:
+        runtime = _smooth_group(model, ("lm_head",), "norm", st, wfmt, afmt)
+    model.lm_head = _quantize_linear(model.lm_head, st, wfmt, afmt, cfg, runtime).to(home)
+    model.norm.to(home)
 
 
 def _collect(model, layer, i, hidden, cfg) -> tuple[dict[str, _GroupStats], dict[str, torch.Tensor]]:  # noqa: ANN001
