@@ -7,6 +7,8 @@ runs at import time, so importing lowbit never touches the GPU.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from lowbit.errors import LowbitError
@@ -50,3 +52,16 @@ def pick_dtype(requested: str | torch.dtype | None, device: torch.device) -> tor
     if requested not in DTYPES:
         raise LowbitError(f"unknown dtype {requested!r}; use one of fp32, fp16, bf16")
     return DTYPES[requested]
+
+
+@lru_cache(maxsize=8)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device, otherwise: int) -> int:
+    """SMs of a CUDA device (queried once per GPU: kernel wrappers ask on every call); ``otherwise``
+    for any other device (Triton's interpreter), where kernels only need a plausible launch size."""
+    if device.type != "cuda":
+        return otherwise
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())

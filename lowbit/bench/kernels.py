@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from lowbit.device import sm_count
 from lowbit.errors import LowbitError
 from lowbit.report_files import pyplot, save_figure
 
@@ -309,11 +310,6 @@ def run_preset(path: str, x: torch.Tensor, w: Any, choice=None) -> torch.Tensor:
     return dispatch.run_sparse24(x, w, choice)
 
 
-def _sm_count(device: torch.device) -> int:
-    """SMs of a CUDA device; an H100's 132 elsewhere (the interpreter), as the kernels assume."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 def kernel_default(path: str, M: int, N: int, K: int, w: Any, device) -> Any:
     """The ``TileConfig`` ``path``'s kernel module picks by itself (its ``default_config``)."""
     from lowbit.kernels import sparse24, w4a4, w4ax
@@ -322,8 +318,8 @@ def kernel_default(path: str, M: int, N: int, K: int, w: Any, device) -> Any:
     if PRESET_PATHS[path][0] == "w4a4":
         return w4a4.default_config(M, N, w.Kq, device)
     if path == "w4ax":
-        return w4ax.default_config(M, N, w.n_blocks, _sm_count(device))
-    return sparse24.default_config(M, N, K, _sm_count(device), w.tile_k)
+        return w4ax.default_config(M, N, w.n_blocks, sm_count(device, 132))
+    return sparse24.default_config(M, N, K, sm_count(device, 132), w.tile_k)
 
 
 def pick_choice(op: str, M: int, N: int, K: int, device, fallback: Callable[[], Any]) -> tuple[Any, bool]:

@@ -129,6 +129,14 @@ def synthetic_choices(K: int, afmt: ActivationFormat, gen: torch.Generator) -> I
     return InputChoices(kept, out_idx, perm, high)
 
 
+def input_choices(K: int, afmt: ActivationFormat, gen: torch.Generator) -> InputChoices:
+    """The choices of an input read in ``afmt``: natural column order, or synthetic ones for formats
+    whose layout comes from calibration statistics (outlier columns, FMPQ blocks)."""
+    if not afmt.outlier_columns and not afmt.fmpq_block:
+        return InputChoices(torch.arange(K))
+    return synthetic_choices(K, afmt, gen)
+
+
 def prune_2of4(w: torch.Tensor) -> torch.Tensor:
     """w (N, K) float with the 2 smallest-magnitude of every 4 consecutive weights along K set to 0."""
     from lowbit.quant.sparse import select_n_of_m
@@ -189,17 +197,13 @@ def quantize_rtn(model: Transformer, scheme: QuantScheme | str, progress: bool =
                 lin = getattr(parent, attr)
                 wfmt, afmt = scheme.for_layer(f"layers.{i}.{path}")
                 if afmt not in choices:
-                    plain = not afmt.outlier_columns and not afmt.fmpq_block
-                    choices[afmt] = InputChoices(torch.arange(lin.in_features)) if plain else \
-                        synthetic_choices(lin.in_features, afmt, gen)
+                    choices[afmt] = input_choices(lin.in_features, afmt, gen)
                 setattr(parent, attr, rtn_linear(lin, wfmt, afmt, choices[afmt], smooth=scheme.smooth))
                 del lin
     if scheme.lm_head:
         wfmt, afmt = scheme.for_layer("lm_head")
         head = model.lm_head
-        plain = not afmt.outlier_columns and not afmt.fmpq_block
-        choices = InputChoices(torch.arange(head.in_features)) if plain else \
-            synthetic_choices(head.in_features, afmt, gen)
+        choices = input_choices(head.in_features, afmt, gen)
         model.lm_head = rtn_linear(head, wfmt, afmt, choices, smooth=scheme.smooth)  # a tied head: untied
     for layer in model.layers:
         layer.self_attn.kv_format = scheme.kv_cache if scheme.kv_cache.dtype != "fp16" else None

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.device import sm_count
 from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
 from lowbit.kernels.layout import PackedInt4
@@ -160,8 +161,7 @@ def w4a8_gemv(
         raise LowbitError(f"w4a8 gemv: x_scale must be fp32 ({xq.shape[0]},), got {x_scale.dtype} "
                           f"{tuple(x_scale.shape)}")
     M, N = xq.shape[0], w.N
-    sms = torch.cuda.get_device_properties(xq.device).multi_processor_count if xq.is_cuda else 8
-    cfg = config or default_gemv_config(N, w.K, sms)
+    cfg = config or default_gemv_config(N, w.K, sm_count(xq.device, 8))
     if cfg.block_k % 32:
         raise LowbitError(f"w4a8 gemv: block_k must be a multiple of 32, got {cfg.block_k}")
     # 32-bit views: 4 activations per word (K % 4 == 0), 8 packed weights per word (rows of Kp / 2 bytes)

@@ -76,12 +76,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
+from lowbit.device import sm_count
 from lowbit.errors import LowbitError
 from lowbit.formats import WeightFormat
 from lowbit.kernels.config import TileConfig
@@ -486,11 +486,6 @@ def widen_sparse24(w: PackedSparse24, dtype: torch.dtype, asm: bool | None = Non
     return out
 
 
-@lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def default_config(M: int, N: int, K: int, sms: int = 132, tile_k: int = TILE_K) -> TileConfig:
     """A Hopper-minded default (the tuner may sweep ``TileConfig`` instead): at M <= 64, swapped tiles
     (W fills the MMA's 64-row side) and split-K until about two programs per SM; big tiles above."""
@@ -533,9 +528,7 @@ def sparse24_matmul(
     if M == 0:
         return y
     if config is None:
-        sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-            if x.is_cuda else 132
-        config = default_config(M, N, w.K, sms, w.tile_k)
+        config = default_config(M, N, w.K, sm_count(x.device, 132), w.tile_k)
     cfg = config
     if cfg.block_n * w.half_groups < 128 * cfg.num_warps:
         # inline_asm_elementwise(pack=4) needs 4 byte elements per thread, or Triton aborts compiling

@@ -55,13 +55,13 @@ outlier activations rounded to the model dtype, the accumulation order and the o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from lowbit.device import sm_count
 from lowbit.errors import LowbitError
 from lowbit.formats import ActivationFormat, WeightFormat
 from lowbit.kernels.config import TileConfig
@@ -383,19 +383,12 @@ def _w4a4_kernel(
     store_tile(out_f, rm, rn, M, N, b_ptr, y_ptr, ws_ptr, lock_ptr, stride_ym, HAS_BIAS, SPLIT_K)
 
 
-@lru_cache(maxsize=16)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def default_config(M: int, N: int, Kq: int, device: torch.device) -> TileConfig:
     """Hopper heuristic (``lowbit.kernels.dispatch.default_choice``): swapped split-K tiles at M <= 64,
     128 x 128 tiles on the INT8 tensor cores above. The tuner replaces it per (M, N, K)."""
     from lowbit.kernels.dispatch import default_choice
 
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 8
-    return default_choice("w4a4", M, N, Kq, sms).config
+    return default_choice("w4a4", M, N, Kq, sm_count(device, 8)).config
 
 
 def w4a4_matmul(

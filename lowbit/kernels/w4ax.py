@@ -62,12 +62,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
+from lowbit.device import sm_count
 from lowbit.errors import LowbitError
 from lowbit.formats import WeightFormat
 from lowbit.kernels.config import TileConfig
@@ -329,7 +329,7 @@ def quantize_mixed(
     cap = max(1, 65536 // (K * x.element_size()))
     rows = min(16, triton.next_power_of_2(M), 1 << (cap.bit_length() - 1))
     row_tiles, nb = triton.cdiv(M, rows), out.n_blocks
-    bpp = blocks_per_program or max(1, min(nb, row_tiles * nb // (4 * sm_count(x.device))))
+    bpp = blocks_per_program or max(1, min(nb, row_tiles * nb // (4 * sm_count(x.device, _H100_SMS))))
     qh, ql = _nonempty(out.q_hi), _nonempty(out.q_lo)
     _quant_kernel[(row_tiles, triton.cdiv(nb, bpp))](
         x, perm.contiguous(), smooth if smooth is not None else out.scales, qh, ql, out.scales, out.sums,
@@ -463,18 +463,6 @@ def split_bounds(n_hi: int, n_blocks: int, cost_hi: int, cost_lo: int, split_k: 
     return [at(s * total // split_k) for s in range(split_k + 1)]
 
 
-@lru_cache(maxsize=8)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """SMs of a CUDA device (queried once, at the first call); an H100's 132 elsewhere."""
-    if device.type != "cuda":
-        return _H100_SMS
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def default_config(M: int, N: int, n_blocks: int, sms: int = _H100_SMS) -> TileConfig:
     """A Hopper default until the tuner has a table for this op.
 
@@ -508,7 +496,7 @@ def w4ax_gemm(
     y = torch.empty(M, N, dtype=out_dtype, device=dev)
     if M == 0:
         return y
-    cfg = config or default_config(M, N, w.n_blocks, sm_count(dev))
+    cfg = config or default_config(M, N, w.n_blocks, sm_count(dev, _H100_SMS))
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
     ws, locks = reserve(dev, M * N if cfg.split_k > 1 else 0, grid[0] * grid[1] if cfg.split_k > 1 else 0)
     cost_hi, cost_lo = block_costs(M, cfg, w.weight.zeros is not None)
