@@ -37,8 +37,7 @@ def _family(name: str) -> str:
 
 def profile_step(model, batch: int, context: int, steps: int) -> tuple[float, dict[str, tuple[int, float]]]:
     """(wall ms per step, {kernel family: (launches per step, us per step)}) of graphed decode."""
-    from lowbit.bench.e2e import _fill_random
-    from lowbit.engine.sampling import greedy_tokens
+    from lowbit.bench.e2e import _decode, _fill_random
     from lowbit.engine.scheduler import Engine
 
     engine = Engine(model, max_slots=batch, max_len=context + 4 * steps + 16, prefill_chunk=16,
@@ -48,9 +47,8 @@ def profile_step(model, batch: int, context: int, steps: int) -> tuple[float, di
     vocab = model.config.vocab_size
     tokens = torch.randint(0, vocab, (batch,)).tolist()
 
-    def decode(n: int, start: int) -> None:
-        for i in range(n):
-            greedy_tokens(engine.graphs(slots, tokens, [context + start + i] * batch)).tolist()
+    def decode(n: int, start: int) -> None:  # as the engine runs a steady greedy batch (lowbit.bench.e2e._decode)
+        _decode(engine, slots, tokens, context + start, n)
 
     decode(3, 0)
     torch.cuda.synchronize()
@@ -58,6 +56,15 @@ def profile_step(model, batch: int, context: int, steps: int) -> tuple[float, di
     decode(steps, 3)
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t) / steps * 1e3
+    graph = engine.graphs.graphs[batch]  # the step alone: replays back to back, no argmax, no host sync
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    replay_ms = (time.perf_counter() - t) / steps * 1e3
+    print(f"  graph replays back to back: {replay_ms:.3f} ms/step (the engine's loop adds "
+          f"{(wall_ms - replay_ms) * 1e3:.0f} us per step)")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         decode(steps, 3 + steps)
         torch.cuda.synchronize()

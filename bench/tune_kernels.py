@@ -83,13 +83,13 @@ def _triton_tiles(M: int) -> list[TileConfig]:
 
 def _gemv_tiles() -> list[TileConfig]:
     """``lowbit.kernels.gemv`` launches: 16 or 32 words of weights per thread and loop step (fewer
-    leave too few bytes in flight; more spill), every split-K from 1 to 16."""
+    leave too few bytes in flight; more spill), every split-K from 1 to 16; and for the 8- and 16-word
+    shapes, two or three steps loaded ahead (``num_stages``: register buffers, more bytes in flight)."""
     shapes = ((16, 1024, 4), (32, 512, 4), (32, 1024, 4), (64, 256, 4), (64, 512, 4), (128, 256, 4),
               (64, 1024, 8), (128, 512, 8))
     out = [TileConfig(16, bn, bk, sk, nw, 1) for bn, bk, nw in shapes for sk in (1, 2, 4, 8, 16)]
-    # Triton's software pipelining of the weight loads (cp.async into shared memory), for the 16-word shapes
-    out += [TileConfig(16, bn, bk, sk, 4, ns) for bn, bk in ((32, 512), (64, 256)) for sk in (1, 4, 16)
-            for ns in (2, 3)]
+    out += [TileConfig(16, bn, bk, sk, 4, ahead) for bn, bk in ((16, 1024), (32, 512), (16, 512), (64, 256))
+            for sk in (1, 2, 4) for ahead in (2, 3)]
     return out
 
 

@@ -140,3 +140,37 @@ def test_graphed_decode_gives_the_tokens_of_eager_decode(scheme, kv):
         alone = [generate(model, [p], SamplingParams(max_new_tokens=9))[0].token_ids for p in prompts]
         # the kernel's fp16 products and SDPA may round differently: most rows agree token for token
         assert sum(a == b for a, b in zip(alone, outs[True])) >= 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_decode_one_step_ahead_keeps_tokens_stops_and_budgets():
+    """Greedy rows on graphs run one step ahead of the host (GraphedDecode.launch_next): requests that
+    stop on a token or reach their budget mid-batch, and one that waits for a slot, give the tokens and
+    finish reasons of the same engine eager."""
+    model = random_model({**TINY, "hidden_size": 256, "num_attention_heads": 4, "head_dim": 64,
+                          "intermediate_size": 512}, "cuda", torch.float16)
+    prompts = [[5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15], [16, 17], [18, 19, 20]]
+    first = Engine(model, max_slots=4, max_len=64, cuda_graphs=False)
+    row0 = first.add(prompts[0], SamplingParams(max_new_tokens=12))
+    stop = first.run()[row0][0][4]  # a token row 0 generates: rows stop at it wherever it comes
+    budgets = [12, 3, 12, 7, 5]
+    outs = {}
+    for graphs in (False, True):
+        engine = Engine(model, max_slots=4, max_len=64, prefill_chunk=3, cuda_graphs=graphs,
+                        graph_batch_sizes=[1, 2, 4] if graphs else None)
+        ahead = 0
+        if graphs:
+            launch_next = engine.graphs.launch_next
+
+            def counted(launch_next=launch_next):
+                nonlocal ahead
+                ahead += 1
+                launch_next()
+            engine.graphs.launch_next = counted
+        ids = [engine.add(p, SamplingParams(max_new_tokens=n, stop_token_ids=(stop,))) for p, n in zip(prompts, budgets)]
+        res = engine.run()
+        outs[graphs] = [res[i] for i in ids]
+        assert ahead > 0 or not graphs, "the steady batch must run one step ahead"
+    assert outs[True] == outs[False]
+    assert {reason for _, reason in outs[True]} == {"stop", "length"}

@@ -200,9 +200,12 @@ def test_w4a8_gemv_matches_reference(M, K, symmetric, tile_k):
     xq, xs = quantize_activations(_x(M, K, M + 7), "int")
     bias = torch.randn(N, generator=torch.Generator().manual_seed(M)).to(DEVICE, torch.float16)
     ref = w4a8_reference(xq, xs, qw, s, z, None, K, torch.float16)
-    # one step per program, steps shared by split-K programs (3 of 2-3 steps each), a step past Kp
-    for cfg in (TileConfig(block_n=32, block_k=64), TileConfig(block_n=16, block_k=128, split_k=3),
-                TileConfig(block_n=64, block_k=1024, split_k=2)):
+    # one step per program, steps shared by split-K programs (3 of 2-3 steps each), a step past Kp;
+    # 1, 2 and 3 steps loaded ahead (num_stages), so that buffers run past the last step too
+    for cfg in (TileConfig(block_n=32, block_k=64, num_stages=1),
+                TileConfig(block_n=16, block_k=128, split_k=3, num_stages=2),
+                TileConfig(block_n=64, block_k=1024, split_k=2, num_stages=3),
+                TileConfig(block_n=16, block_k=32, num_stages=3)):
         y = w4a8_gemv(xq, xs, p, torch.float16, config=cfg)
         assert y.shape == (M, N) and y.dtype == torch.float16
         assert _rel(y, ref) < 1e-3, cfg
@@ -231,6 +234,8 @@ def test_w4a8_gemv_errors():
         w4a8_gemv(xq, xs.half(), p, torch.float16)
     with pytest.raises(LowbitError, match="multiple of 32"):
         w4a8_gemv(xq, xs, p, torch.float16, config=TileConfig(block_k=16))
+    with pytest.raises(LowbitError, match="num_stages"):
+        w4a8_gemv(xq, xs, p, torch.float16, config=TileConfig(block_k=32, num_stages=4))
     _, _, _, p6 = _weights(16, 126, None)
     x6, xs6 = quantize_activations(_x(1, 126, 0))
     with pytest.raises(LowbitError, match="multiple of 4"):

@@ -188,12 +188,15 @@ def _timed(fn: Callable[[], Any], repeat: int = 3) -> float:
 
 
 def _decode(engine: Any, slots: list[int], tokens: list[int], context: int, n: int) -> None:
-    """``n`` greedy decode steps of every slot from graph replays, positions from ``context`` on."""
-    from lowbit.engine.sampling import greedy_tokens
-
-    for i in range(n):
-        logits = engine.graphs(slots, tokens, [context + i] * len(slots))
-        tokens = greedy_tokens(logits).tolist()  # the engine's per-step sync for greedy rows
+    """``n`` greedy decode steps of every slot from graph replays, positions from ``context`` on, as
+    the engine runs a steady batch (``Engine.step``): step i + 1 is enqueued (fed with step i's tokens
+    on the GPU) before the host reads step i's tokens."""
+    graphs = engine.graphs
+    graphs.launch(slots, tokens, [context] * len(slots))
+    for _ in range(n - 1):
+        graphs.launch_next()
+        graphs.collect()
+    graphs.collect()
 
 
 def _hf_generate(model: Any, ids: torch.Tensor, n: int) -> None:

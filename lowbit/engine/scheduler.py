@@ -11,6 +11,12 @@ Each request owns one slot of a ``SlotKVCache`` while it runs. An engine step:
 
 ``Engine.step`` returns ``TokenEvent``s; the server turns them into streamed chunks. ``add`` and
 ``cancel`` may be called from other threads (they only touch a lock-protected inbox).
+
+Greedy rows on CUDA graphs decode one step ahead of the host (``GraphedDecode.launch_next``): while
+the batch stays the same (nobody waits, prefills, is cancelled or reaches its token budget), a step
+enqueues the next decode step first, then reads the tokens of the previous one, so the GPU does not
+wait for Python between steps. A row that hits a stop token has then computed one token too many,
+which is dropped (its cache slot is freed anyway).
 """
 
 from __future__ import annotations
@@ -124,6 +130,8 @@ class Engine:
         self._lock = threading.Lock()
         self._inbox: list[_Request] = []
         self._cancelled: set[int] = set()
+        # rows of the greedy graph step(s) launched but not yet collected (GraphedDecode.launch)
+        self._pending: list[_Request] = []
 
     # ---- called from any thread ------------------------------------------------------------------
     def add(self, prompt: list[int], params: SamplingParams) -> int:
@@ -161,6 +169,14 @@ class Engine:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
             cancelled, self._cancelled = self._cancelled, set()
+        if self._pending and not cancelled and not self._waiting and not self._prefilling \
+                and self._pending == self._running and all(len(r.generated) + 2 <= r.max_new for r in self._running):
+            # the same batch again: the next step first, then the tokens of the one before it
+            self.graphs.launch_next()
+            return self._append_tokens(self._pending, self.graphs.collect())
+        if self._pending:
+            events += self._append_tokens(self._pending, self.graphs.collect())
+            self._pending = []
         if cancelled:
             events += self._drop(cancelled)
         while self._waiting and self._free:  # admit
@@ -242,6 +258,10 @@ class Engine:
         slots = [r.slot for r in reqs]
         tokens = [r.generated[-1] for r in reqs]
         positions = [len(r.prompt) + len(r.generated) - 1 for r in reqs]
+        if self.graphs is not None and len(reqs) <= self.graphs.max_batch and all(r.params.greedy for r in reqs):
+            self.graphs.launch(slots, tokens, positions)  # tokens picked on the GPU, collected next step
+            self._pending = list(reqs)
+            return
         if self.graphs is not None:
             step = self.graphs.max_batch
             parts = []
@@ -259,14 +279,23 @@ class Engine:
 
     def _emit(self, reqs: list[_Request]) -> list[TokenEvent]:
         """Pick each request's next token from its logits; retire the ones that end."""
-        events = []
         greedy = [r for r in reqs if r.params.greedy]
         # one argmax and one device-to-host copy for every greedy row, not one per request
         picked = dict(zip((r.id for r in greedy), greedy_tokens(torch.stack([r.last_logits for r in greedy])).tolist())) \
             if greedy else {}
+        tokens = [picked[r.id] if r.params.greedy else int(sample(r.last_logits[None], r.params, r.generator)[0])
+                  for r in reqs]
         for r in reqs:
-            token = picked[r.id] if r.params.greedy else int(sample(r.last_logits[None], r.params, r.generator)[0])
             r.last_logits = None
+        return self._append_tokens(reqs, tokens)
+
+    def _append_tokens(self, reqs: list[_Request], tokens: list[int]) -> list[TokenEvent]:
+        """Each request's next token; retire the ones that end. Rows no longer running (ended or
+        cancelled while their step was in flight) are skipped."""
+        events = []
+        for r, token in zip(reqs, tokens):
+            if r not in self._running:
+                continue
             r.generated.append(token)
             reason: FinishReason | None = None
             if token in r.params.stop_token_ids:

@@ -71,7 +71,7 @@ def _w4a8_gemv_kernel(
     stride_xm, stride_wn, stride_ym,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-    HALF_W: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = False,
+    HALF_W: tl.constexpr, AHEAD: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # x_ptr: (M, XW) int32 words of int8 activations; w_ptr: (N, KW) int32 words of the packed tiles.
     # HALF_W: words per half tile (tile_k / 8), the distance between a low-nibble word's activations
@@ -85,18 +85,26 @@ def _w4a8_gemv_kernel(
     w_row = w_ptr + tl.minimum(rn, N - 1)[:, None] * stride_wn
     x_row = x_ptr + tl.minimum(rm, M - 1)[:, None] * stride_xm
     ones = tl.full((BLOCK_M, BLOCK_W), 0x01010101, tl.int32)
-    # The weights are constants that no earlier kernel writes, so the first step's words are loaded
+    # The weights are constants that no earlier kernel writes, so the first steps' words are loaded
     # before the PDL wait: under PDL this program is resident while the kernel before it (a norm, the
-    # attention) still runs, and the first DRAM round trip overlaps it. Then each step loads the next
-    # step's words before it computes (a register double buffer: two round trips in flight per program).
+    # attention) still runs, and the first DRAM round trips overlap it. Then each step loads the words
+    # AHEAD steps on before it computes (register buffers): at M=1 the kernel is bound by the bytes in
+    # flight (Little's law: ~1.5 us of loaded DRAM latency x 3 TB/s is ~4.5 MB, more than one 8 KB
+    # step per program on a few programs per SM keeps in flight), not by its arithmetic.
     c = pid_k * BLOCK_W + rc
     w = tl.load(w_row + c[None, :], mask=(c < KW)[None, :], other=0)
+    if AHEAD >= 2:
+        c = c + SPLIT_K * BLOCK_W
+        w1 = tl.load(w_row + c[None, :], mask=(c < KW)[None, :], other=0)
+    if AHEAD >= 3:
+        c = c + SPLIT_K * BLOCK_W
+        w2 = tl.load(w_row + c[None, :], mask=(c < KW)[None, :], other=0)
     wait(PDL)  # PDL (lowbit.kernels.pdl): the kernel before this one has completed
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.int32)
     xsum = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.int32)
     for s in range(pid_k, n_steps, SPLIT_K):
         c = s * BLOCK_W + rc  # word of each weight row
-        cn = c + SPLIT_K * BLOCK_W  # the next step's: all masked off after the last step
+        cn = c + AHEAD * SPLIT_K * BLOCK_W  # the step AHEAD on: all masked off near the end
         w_next = tl.load(w_row + cn[None, :], mask=(cn < KW)[None, :], other=0)
         xl = (c // HALF_W) * (2 * HALF_W) + c % HALF_W  # the activation word its low nibbles meet
         # padding columns past K hold code `zero` and meet x = 0 here: they add nothing
@@ -110,7 +118,15 @@ def _w4a8_gemv_kernel(
                    tl.broadcast_to(x_hi[:, None, :], (BLOCK_M, BLOCK_N, BLOCK_W)), acc, False, ASM)
         xsum = dot4(ones, x_lo, xsum, True, ASM)
         xsum = dot4(ones, x_hi, xsum, True, ASM)
-        w = w_next
+        if AHEAD == 1:
+            w = w_next
+        elif AHEAD == 2:
+            w = w1
+            w1 = w_next
+        else:
+            w = w1
+            w1 = w2
+            w2 = w_next
     n_ok = rn < N
     if HAS_ZEROS:
         z = tl.load(z_ptr + rn, mask=n_ok, other=0).to(tl.int32)
@@ -150,7 +166,8 @@ def w4a8_gemv(
 ) -> torch.Tensor:
     """xq (M, K) int8 with M <= GEMV_MAX_M, x_scale (M,) fp32, ``w`` per-channel ``PackedInt4`` ->
     (M, N) ``out_dtype``. ``config``: block_n weight rows per program, block_k columns per loop step
-    (a multiple of 32), split_k programs per row block, num_warps; block_m and num_stages are unused."""
+    (a multiple of 32), split_k programs per row block, num_warps, num_stages: loop steps of weights
+    loaded ahead into registers (1-3); block_m is unused."""
     check_activation(xq, w.K, (torch.int8,), "w4a8 gemv")
     if not gemv_takes(xq, w):
         raise LowbitError(
@@ -162,8 +179,9 @@ def w4a8_gemv(
                           f"{tuple(x_scale.shape)}")
     M, N = xq.shape[0], w.N
     cfg = config or default_gemv_config(N, w.K, sm_count(xq.device, 8))
-    if cfg.block_k % 32:
-        raise LowbitError(f"w4a8 gemv: block_k must be a multiple of 32, got {cfg.block_k}")
+    if cfg.block_k % 32 or not 1 <= cfg.num_stages <= 3:
+        raise LowbitError(f"w4a8 gemv: block_k must be a multiple of 32 and num_stages (steps loaded ahead) 1-3, "
+                          f"got {cfg.block_k} and {cfg.num_stages}")
     # 32-bit views: 4 activations per word (K % 4 == 0), 8 packed weights per word (rows of Kp / 2 bytes)
     x32 = xq.contiguous().view(torch.int32)
     w32 = w.qweight.view(torch.int32)
@@ -180,7 +198,7 @@ def w4a8_gemv(
         x32.stride(0), w32.stride(0), y.stride(0),
         HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_W=block_w, SPLIT_K=split,
-        HALF_W=w.half // 4, ASM=USE_ASM, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HALF_W=w.half // 4, AHEAD=cfg.num_stages, ASM=USE_ASM, num_warps=cfg.num_warps, num_stages=1,
         **launch_options(xq.device),
     )
     return y
