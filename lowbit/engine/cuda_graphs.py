@@ -162,7 +162,3 @@ class GraphedDecode:
         done.synchronize()
         return self._host[buf, :b].tolist()
 
-    @property
-    def in_flight(self) -> int:
-        """Launched greedy steps whose tokens were not collected yet."""
-        return len(self._inflight)

@@ -88,9 +88,9 @@ def _w4a8_gemv_kernel(
     # The weights are constants that no earlier kernel writes, so the first steps' words are loaded
     # before the PDL wait: under PDL this program is resident while the kernel before it (a norm, the
     # attention) still runs, and the first DRAM round trips overlap it. Then each step loads the words
-    # AHEAD steps on before it computes (register buffers): at M=1 the kernel is bound by the bytes in
-    # flight (Little's law: ~1.5 us of loaded DRAM latency x 3 TB/s is ~4.5 MB, more than one 8 KB
-    # step per program on a few programs per SM keeps in flight), not by its arithmetic.
+    # AHEAD steps on before it computes (register buffers, more bytes in flight per program). Measured
+    # on the H100 at M=1 (docs/kernels.md): two steps ahead helped only the 8B down projection (16.8 ->
+    # 15.7 us); qkv, o and gate+up were 0.1-1 us slower than one step ahead, so the tables decide.
     c = pid_k * BLOCK_W + rc
     w = tl.load(w_row + c[None, :], mask=(c < KW)[None, :], other=0)
     if AHEAD >= 2:
