@@ -189,9 +189,10 @@ def main() -> None:
             torch.cuda.empty_cache()
         table["entries"][op] = entries
         table["tile_k"][op] = tile_k  # the int4 layout these entries were timed with
-        print(f"-- {op} tuned in {time.time() - t_op:.0f} s", flush=True)
-    write_json(out, table)
-    print(f"wrote {out}")
+        # written after every op (write_json: a temp file, then a rename), so that a run stopped by a
+        # time limit keeps the ops it finished
+        write_json(out, table)
+        print(f"-- {op} tuned in {time.time() - t_op:.0f} s; wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

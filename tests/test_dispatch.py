@@ -161,9 +161,11 @@ def test_new_ops_get_default_choices_and_layout_tiles(monkeypatch):
     assert set(dispatch.UNTUNED_OPS) <= set(dispatch.OPS)
     for op in dispatch.UNTUNED_OPS:
         assert dispatch.KERNELS[op][0] == "triton"
-    assert dispatch.KERNELS["sparse24"] == ("triton", "dequant-cublas")
-    for M in (1, 16, 65, 4096):
+    assert dispatch.KERNELS["sparse24"] == dispatch.KERNELS["w4ax"] == ("triton", "dequant-cublas")
+    for M in (1, 16, 65, 1023):
         assert dispatch.default_choice("w4ax", M, 4096, 4000, 132).config == w4ax.default_config(M, 4096, 32, 132)
+    # from M = 1024: fake-quantized activations on cuBLAS (lowbit.kernels.w4ax_dequant)
+    assert dispatch.default_choice("w4ax", 1024, 4096, 4000, 132) == dispatch.Choice("dequant-cublas")
     for M in (1, 16, 65):  # from M = 128 the 2:4 weights are widened for cuBLAS instead
         assert dispatch.default_choice("sparse24", M, 4096, 4000, 132).config == sparse24.default_config(
             M, 4096, 4000, 132)

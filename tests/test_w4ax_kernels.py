@@ -228,6 +228,46 @@ def test_w4ax_larger_m():
         assert _rel(w4ax_matmul(x, w, cfg), ref) < 1e-3, cfg
 
 
+# ---- the large-M path (lowbit.kernels.w4ax_dequant) ----------------------------------------------
+
+@pytest.mark.parametrize("M, K, n_hi, smooth", [(1, 300, 1, False), (17, 384, 0, True), (127, 200, 2, True)])
+def test_fake_quantize_mixed_is_the_dequantized_layout(M, K, n_hi, smooth):
+    """Same codes and scales as quantize_mixed, stored as code * scale in the FMPQ column order."""
+    from lowbit.kernels.w4ax_dequant import fake_quantize_mixed
+
+    x = _x(M, K, K + M)
+    perm = torch.randperm(K, generator=_gen(K)).to(DEVICE)
+    sm = (torch.rand(K, generator=_gen(2)) + 0.5).to(DEVICE) if smooth else None
+    expect = dequantize_mixed(quantize_mixed_reference(x, perm, n_hi, sm))
+    assert torch.equal(fake_quantize_mixed(x, perm, n_hi, sm, torch.float32), expect)
+    y16 = fake_quantize_mixed(x, perm, n_hi, sm)
+    assert y16.dtype == torch.float16 and torch.equal(y16, expect.half())
+    for rows in (False, True):  # channels gathered by the kernel, or permuted as rows of x^T first
+        assert torch.equal(fake_quantize_mixed(x, perm, n_hi, sm, torch.float32, permute_rows=rows), expect), rows
+    with pytest.raises(LowbitError, match="fp16, bf16 or fp32"):
+        fake_quantize_mixed(x, perm, n_hi, sm, torch.int8)
+    with pytest.raises(LowbitError, match="n_hi"):
+        fake_quantize_mixed(x, perm, 9, sm)
+
+
+@pytest.mark.parametrize("M, K, n_hi, symmetric", [(3, 300, 1, True), (17, 384, 1, False), (64, 256, 0, True)])
+def test_w4ax_dequant_matmul_matches_reference(M, K, n_hi, symmetric):
+    """The cuBLAS path dispatch takes at large M: W4Ax's numerics with fp16-rounded operands."""
+    from lowbit.kernels import dispatch
+    from lowbit.kernels.w4ax_dequant import w4ax_dequant_matmul
+
+    buf = _buffers(40, K, n_hi, seed=M + K, symmetric=symmetric, smooth=True, bias=True)
+    w = pack_w4ax(**buf, in_features=K)
+    x = _x(M, K, M + 5)
+    ref = w4ax_reference(x, **buf)
+    y = w4ax_dequant_matmul(x, w)
+    assert y.shape == (M, 40) and y.dtype == torch.float16
+    assert _rel(y, ref) < 2e-3
+    assert torch.equal(dispatch.run_w4ax(x, w, dispatch.Choice("dequant-cublas")), y)
+    with pytest.raises(LowbitError, match="x must be"):
+        w4ax_dequant_matmul(x[:, :-1], w)
+
+
 @pytest.mark.parametrize("M", [3, pytest.param(17, marks=GPU_ONLY)])
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=GPU_ONLY)])
 def test_w4ax_close_to_quantlinear_forward(M, dtype):

@@ -304,9 +304,7 @@ def run_preset(path: str, x: torch.Tensor, w: Any, choice=None) -> torch.Tensor:
 
         return quik_matmul(x, w, None, choice.config)
     if path == "w4ax":
-        from lowbit.kernels.w4ax import w4ax_matmul
-
-        return w4ax_matmul(x, w, choice.config)
+        return dispatch.run_w4ax(x, w, choice)
     return dispatch.run_sparse24(x, w, choice)
 
 
@@ -357,7 +355,7 @@ def _build_preset(path: str, x16: torch.Tensor, N: int, K: int, device, tile_k: 
     def make(choice=None):
         c, dispatched = (choice, True) if choice is not None else pick_choice(
             op, M, N, K, device, lambda: kernel_default(path, M, N, K, first, device))
-        if c.kernel != "triton" and op != "sparse24":
+        if c.kernel != "triton" and op not in ("sparse24", "w4ax"):
             raise LowbitError(f"lowbit bench kernels runs {op} on its Triton kernel only; dispatch chose {c.kernel!r}")
         how = f"{c.kernel} {c.config_str()}" + ("" if dispatched else " (kernel default: no dispatch entry)")
         return _rotating(lambda w: run_preset(path, x16, w, c), packs), how

@@ -15,9 +15,11 @@ lists, per op and tuned (N, K, M), the fastest kernel and its ``TileConfig``. A 
 tuned shape nearest in log N and log K, then the smallest tuned M >= M (the largest if none; none
 at all past 4x the largest). GPUs
 without a table get ``default_choice``, a heuristic that is correct everywhere and fast on Hopper.
-The QUIK W4A4, COMET W4Ax and 2:4-sparse ops (``UNTUNED_OPS``) are tuned in the H100 table at M = 1
-and 16 only, and not in the H200 one: elsewhere they get ``default_choice`` (for W4Ax and 2:4 the
-kernel module's own ``default_config``), as does any M more than 4x the largest M a table tuned.
+The QUIK W4A4, COMET W4Ax and 2:4-sparse ops (``UNTUNED_OPS``) are tuned in the H100 table only (at
+M = 1 and 16 on the 8B/70B layers; W4A4 and W4Ax also at 64-4096 and 2:4 at 64 and 256 on four of
+them), not in the H200 one: elsewhere they get ``default_choice`` (for W4Ax and 2:4 the kernel
+module's own ``default_config`` or, at large M, their cuBLAS path), as does any M more than 4x the
+largest M a table tuned for the nearest shape.
 On the CPU, ``lowbit.model.qlinear`` keeps its PyTorch reference path and never comes here.
 """
 
@@ -50,7 +52,8 @@ KERNELS = {
     "w8a8-int8": ("triton", "cublas"),
     "w8a8-fp8": ("triton", "cublas"),
     "w4a4": ("triton",),  # lowbit.kernels.w4a4: split_quantize + the W4A4 GEMM (QUIK)
-    "w4ax": ("triton",),  # lowbit.kernels.w4ax: quantize_mixed + the W4Ax GEMM (COMET)
+    # lowbit.kernels.w4ax: quantize_mixed + the W4Ax GEMM (COMET); large M: lowbit.kernels.w4ax_dequant
+    "w4ax": ("triton", "dequant-cublas"),
     "sparse24": ("triton", "dequant-cublas"),  # lowbit.kernels.sparse24; large M: widened once, cuBLAS
 }
 # the packed tile of ops whose layout default is not lowbit.kernels.layout.TILE_K: the 2:4 kernel's
@@ -151,6 +154,10 @@ def default_choice(op: str, M: int, N: int, K: int, sms: int) -> Choice:
         from lowbit.kernels.w4ax import BLOCK
         from lowbit.kernels.w4ax import default_config as w4ax_config
 
+        if M >= 1024:
+            # measured on the H100 (docs/kernels.md): from M = 1024 the per-block epilogue makes the
+            # W4Ax kernel 1.3-1.7x slower than fake-quantized activations on cuBLAS (w4ax_dequant)
+            return Choice("dequant-cublas")
         return Choice("triton", w4ax_config(M, N, -(-K // BLOCK), sms))
     if op == "sparse24":
         from lowbit.kernels.sparse24 import default_config as sparse24_config
@@ -324,7 +331,10 @@ def run_w4ax(x: torch.Tensor, w, choice: Choice) -> torch.Tensor:
     ``bias`` included) -> (M, N) in x's dtype (COMET: mixed 8/4-bit block quantization, then the GEMM).
     ``choice.config`` None: the kernel's ``default_config``."""
     from lowbit.kernels.w4ax import w4ax_matmul
+    from lowbit.kernels.w4ax_dequant import w4ax_dequant_matmul
 
+    if choice.kernel == "dequant-cublas":
+        return w4ax_dequant_matmul(x, w)
     return w4ax_matmul(x, w, choice.config)
 
 

@@ -85,6 +85,7 @@ from lowbit.device import sm_count
 from lowbit.errors import LowbitError
 from lowbit.formats import WeightFormat
 from lowbit.kernels.config import TileConfig
+from lowbit.kernels.pdl import launch_options, wait
 from lowbit.kernels.splitk import reserve, store_tile
 from lowbit.kernels.unpack import USE_ASM, nibbles_float
 from lowbit.kernels.w4a8 import _mma, _scale_w
@@ -396,6 +397,7 @@ def _sparse24_kernel(
     HAS_BIAS: tl.constexpr, SCALE_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
     HG: tl.constexpr, IS_FP16: tl.constexpr, BASE: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -413,6 +415,7 @@ def _sparse24_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     last_group = (K - 1) // group_size
+    wait(PDL)  # PDL (lowbit.kernels.pdl): the kernel before this one has completed
     for t in range(pid_k, n_tiles, SPLIT_K):
         tile = w_row + t * (3 * HG)  # K is padded to whole tiles in PackedSparse24
         vb_lo = tl.load(tile)
@@ -545,6 +548,6 @@ def sparse24_matmul(
         HAS_BIAS=bias is not None, SCALE_MODE=scale_mode(w.group_size, w.tile_k // 2),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, SWAP=cfg.swap, HG=w.half_groups,
         **_MAGIC[x.dtype], ASM=asm, EVEN_K=w.K % w.tile_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device),
     )
     return y

@@ -72,6 +72,7 @@ from lowbit.kernels.layout import (
     pack_for_kernels,
     unpack_kernel_codes,
 )
+from lowbit.kernels.pdl import launch_options, start_small, wait
 from lowbit.kernels.splitk import reserve, store_tile
 from lowbit.kernels.unpack import USE_ASM, nibbles_int8
 from lowbit.kernels.w4a8 import _mma, _outer
@@ -250,8 +251,9 @@ def _split_quant_kernel(
     x_ptr, gidx_ptr, gsm_ptr, oidx_ptr, osm_ptr, q_ptr, s_ptr, sum_ptr, xo_ptr,
     NB, n_out, stride_xm, stride_qm, stride_om,
     HAS_SMOOTH: tl.constexpr, HAS_OUT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
-    QMAX: tl.constexpr, ROUND: tl.constexpr,
+    QMAX: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    start_small(PDL)  # PDL (lowbit.kernels.pdl): the GEMM after this launches now, the kernel before has completed
     row = tl.program_id(0).to(tl.int64)
     rb = tl.arange(0, BLOCK_B)
     ok = rb < NB
@@ -315,6 +317,7 @@ def split_quantize(x: torch.Tensor, p: PackedQuik, config: SplitConfig | None = 
             NB, p.n_out, x.stride(0), codes.stride(0), max(1, p.n_out),
             HAS_SMOOTH=p.gather_smooth is not None, HAS_OUT=p.n_out > 0, BLOCK_B=block,
             BLOCK_O=triton.next_power_of_2(max(1, p.n_out)), QMAX=QMAX, ROUND=_ROUND, num_warps=warps,
+            **launch_options(x.device),
         )
     return QuikActivations(codes, scales, sums, outliers)
 
@@ -338,7 +341,7 @@ def _w4a4_kernel(
     stride_xm, stride_xom, stride_wn, stride_won, stride_ym,
     HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
-    HALF_K: tl.constexpr, OUT_K: tl.constexpr, ASM: tl.constexpr,
+    HALF_K: tl.constexpr, OUT_K: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -356,6 +359,7 @@ def _w4a4_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    wait(PDL)  # PDL: split_quantize before this kernel has completed
     for t in range(pid_k, n_tiles, SPLIT_K):
         b = tl.load(w_row + t * HALF_K)
         a = tl.load(x_row + t * HALF_K)
@@ -434,6 +438,7 @@ def w4a4_matmul(
         HAS_OUT=p.n_out > 0, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, SWAP=cfg.swap,
         HALF_K=w.half, OUT_K=p.out_k, ASM=USE_ASM, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch_options(codes.device),
     )
     return y
 

@@ -77,6 +77,7 @@ from lowbit.kernels.layout import (
     pack_for_kernels,
     unpack_kernel_codes,
 )
+from lowbit.kernels.pdl import launch_options, start_small, wait
 from lowbit.kernels.splitk import reserve, store_tile
 from lowbit.kernels.unpack import USE_ASM, nibbles_int8
 from lowbit.kernels.w4a8 import _mma
@@ -232,9 +233,10 @@ def _round_clamp(v, qmax, ROUND: tl.constexpr):
 @triton.jit
 def _quant_block(x_ptr, perm_ptr, smooth_ptr, qh_ptr, ql_ptr, s_ptr, sum_ptr, b, rm, m_ok, rj,
                  M, K, n_hi, stride_xm, stride_qh, stride_ql,
-                 HAS_SMOOTH: tl.constexpr, HALF_K: tl.constexpr, ROUND: tl.constexpr):
+                 HAS_SMOOTH: tl.constexpr, HALF_K: tl.constexpr, ROUND: tl.constexpr, FAKE: tl.constexpr):
     """Quantize block b of rows rm: its 128 permuted channels as two halves of 64, exactly the two
-    nibbles of a packed byte, so packing needs no shuffle."""
+    nibbles of a packed byte, so packing needs no shuffle. ``FAKE``: store code * scale instead, in
+    qh_ptr's dtype at kernel column k of an (M, K) tensor (row stride stride_qh), and nothing else."""
     k_lo = b * 2 * HALF_K + rj
     k_hi = k_lo + HALF_K
     x_lo = _gather(x_ptr, perm_ptr, smooth_ptr, rm, m_ok, k_lo, k_lo < K, stride_xm, HAS_SMOOTH)
@@ -245,6 +247,12 @@ def _quant_block(x_ptr, perm_ptr, smooth_ptr, qh_ptr, ql_ptr, s_ptr, sum_ptr, b,
     scale = tl.maximum(tl.math.div_rn(absmax, qmax), 1e-12)  # IEEE division, as the reference
     c_lo = _round_clamp(tl.math.div_rn(x_lo, scale[:, None]), qmax, ROUND).to(tl.int32)
     c_hi = _round_clamp(tl.math.div_rn(x_hi, scale[:, None]), qmax, ROUND).to(tl.int32)
+    if FAKE:
+        DT = qh_ptr.dtype.element_ty
+        row = qh_ptr + rm[:, None] * stride_qh
+        tl.store(row + k_lo[None, :], (c_lo.to(tl.float32) * scale[:, None]).to(DT), mask=m_ok[:, None] & (k_lo < K)[None, :])
+        tl.store(row + k_hi[None, :], (c_hi.to(tl.float32) * scale[:, None]).to(DT), mask=m_ok[:, None] & (k_hi < K)[None, :])
+        return
     full = m_ok[:, None] & (rj[None, :] >= 0)
     # 8-bit block: int8 codes at columns 128 b + j and 128 b + 64 + j
     qh = qh_ptr + rm[:, None] * stride_qh + b * 2 * HALF_K + rj[None, :]
@@ -263,7 +271,9 @@ def _quant_kernel(
     x_ptr, perm_ptr, smooth_ptr, qh_ptr, ql_ptr, s_ptr, sum_ptr,
     M, K, n_hi, n_blocks, blocks_per_prog, stride_xm, stride_qh, stride_ql,
     HAS_SMOOTH: tl.constexpr, ROWS: tl.constexpr, HALF_K: tl.constexpr, ROUND: tl.constexpr,
+    FAKE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    start_small(PDL)  # PDL (lowbit.kernels.pdl): the GEMM after this launches now, the kernel before has completed
     # program (ROWS tokens, a run of blocks): at large M a run covers the whole row, so the random
     # gathers of a row hit L1 after its first touch instead of pulling a 32-byte L2 sector per element
     pid_m = tl.program_id(0)
@@ -273,7 +283,7 @@ def _quant_kernel(
     m_ok = rm < M
     for b in range(b0, tl.minimum(b0 + blocks_per_prog, n_blocks)):
         _quant_block(x_ptr, perm_ptr, smooth_ptr, qh_ptr, ql_ptr, s_ptr, sum_ptr, b, rm, m_ok, rj,
-                     M, K, n_hi, stride_xm, stride_qh, stride_ql, HAS_SMOOTH, HALF_K, ROUND)
+                     M, K, n_hi, stride_xm, stride_qh, stride_ql, HAS_SMOOTH, HALF_K, ROUND, FAKE)
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
@@ -335,7 +345,7 @@ def quantize_mixed(
         x, perm.contiguous(), smooth if smooth is not None else out.scales, qh, ql, out.scales, out.sums,
         M, K, n_hi, nb, bpp, x.stride(0), out.q_hi.shape[1], out.q_lo.shape[1],
         HAS_SMOOTH=smooth is not None, ROWS=rows, HALF_K=HALF, ROUND=_ROUND,
-        num_warps=max(1, min(4, rows * BLOCK // 512)),
+        num_warps=max(1, min(4, rows * BLOCK // 512)), **launch_options(x.device),
     )
     return out
 
@@ -395,7 +405,7 @@ def _w4ax_kernel(
     stride_xh, stride_xl, stride_wn, stride_ym,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
-    HALF_K: tl.constexpr, ASM: tl.constexpr,
+    HALF_K: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -416,6 +426,7 @@ def _w4ax_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     first, last = split_range(pid_k, n_hi, n_blocks, cost_hi, cost_lo, SPLIT_K)
+    wait(PDL)  # PDL: quantize_mixed before this kernel has completed
     # phase 1: 8-bit activation blocks (a prefix), int8 codes straight into the MMA
     for b in range(first, tl.minimum(last, n_hi)):
         wb = tl.load(w_row + b * HALF_K)
@@ -510,7 +521,7 @@ def w4ax_gemm(
         q_hi.shape[1], q_lo.shape[1], p.qweight.stride(0), y.stride(0),
         HAS_ZEROS=p.zeros is not None, HAS_BIAS=w.bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, SWAP=cfg.swap, HALF_K=HALF, ASM=USE_ASM,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(dev),
     )
     return y
 
