@@ -314,6 +314,27 @@ def _check_mixed_args(x: torch.Tensor, perm: torch.Tensor, n_hi: int, smooth: to
         raise LowbitError(f"smooth must be fp32 ({K},), got {smooth.dtype} {tuple(smooth.shape)}")
 
 
+@dataclass(frozen=True)
+class QuantLaunch:
+    """How ``_quant_kernel`` is launched for x (M, K): ``rows`` tokens per program, ``blocks`` 128-blocks
+    walked per program, ``grid`` and ``num_warps`` (``quantize_mixed`` and the FAKE mode share it)."""
+
+    rows: int
+    blocks: int
+    grid: tuple[int, int]
+    num_warps: int
+
+    @classmethod
+    def for_input(cls, x: torch.Tensor, blocks_per_program: int | None = None) -> QuantLaunch:
+        M, K = x.shape
+        # rows per program: at most 16, and their gathered rows within ~64 KB of L1
+        cap = max(1, 65536 // (K * x.element_size()))
+        rows = min(16, triton.next_power_of_2(M), 1 << (cap.bit_length() - 1))
+        row_tiles, nb = triton.cdiv(M, rows), -(-K // BLOCK)
+        bpp = blocks_per_program or max(1, min(nb, row_tiles * nb // (4 * sm_count(x.device, _H100_SMS))))
+        return cls(rows, bpp, (row_tiles, triton.cdiv(nb, bpp)), max(1, min(4, rows * BLOCK // 512)))
+
+
 def quantize_mixed(
     x: torch.Tensor,
     perm: torch.Tensor,
@@ -335,17 +356,13 @@ def quantize_mixed(
     out = _empty_mixed(M, K, n_hi, x.device)
     if M == 0:
         return out
-    # rows per program: at most 16, and their gathered rows within ~64 KB of L1
-    cap = max(1, 65536 // (K * x.element_size()))
-    rows = min(16, triton.next_power_of_2(M), 1 << (cap.bit_length() - 1))
-    row_tiles, nb = triton.cdiv(M, rows), out.n_blocks
-    bpp = blocks_per_program or max(1, min(nb, row_tiles * nb // (4 * sm_count(x.device, _H100_SMS))))
+    launch = QuantLaunch.for_input(x, blocks_per_program)
     qh, ql = _nonempty(out.q_hi), _nonempty(out.q_lo)
-    _quant_kernel[(row_tiles, triton.cdiv(nb, bpp))](
+    _quant_kernel[launch.grid](
         x, perm.contiguous(), smooth if smooth is not None else out.scales, qh, ql, out.scales, out.sums,
-        M, K, n_hi, nb, bpp, x.stride(0), out.q_hi.shape[1], out.q_lo.shape[1],
-        HAS_SMOOTH=smooth is not None, ROWS=rows, HALF_K=HALF, ROUND=_ROUND,
-        num_warps=max(1, min(4, rows * BLOCK // 512)), **launch_options(x.device),
+        M, K, n_hi, out.n_blocks, launch.blocks, x.stride(0), out.q_hi.shape[1], out.q_lo.shape[1],
+        HAS_SMOOTH=smooth is not None, ROWS=launch.rows, HALF_K=HALF, ROUND=_ROUND,
+        num_warps=launch.num_warps, **launch_options(x.device),
     )
     return out
 

@@ -11,18 +11,16 @@ scales as ``quantize_mixed``) and runs the product on cuBLAS fp16/bf16, as W4A16
 from __future__ import annotations
 
 import torch
-import triton
 
-from lowbit.device import sm_count
 from lowbit.errors import LowbitError
 from lowbit.kernels.pdl import launch_options
 from lowbit.kernels.w4a16 import check_activation
 from lowbit.kernels.w4ax import (
-    _H100_SMS,
     _ROUND,
     BLOCK,
     HALF,
     PackedW4Ax,
+    QuantLaunch,
     _check_mixed_args,
     _quant_kernel,
 )
@@ -61,16 +59,13 @@ def fake_quantize_mixed(x: torch.Tensor, perm: torch.Tensor, n_hi: int, smooth: 
     out = torch.empty(M, K, dtype=out_dtype, device=x.device)
     if M == 0:
         return out
-    nb = -(-K // BLOCK)
-    rows = min(16, triton.next_power_of_2(M), 1 << (max(1, 65536 // (K * x.element_size())).bit_length() - 1))
-    row_tiles = triton.cdiv(M, rows)
-    bpp = max(1, min(nb, row_tiles * nb // (4 * sm_count(x.device, _H100_SMS))))
+    launch = QuantLaunch.for_input(x)
     unused = torch.empty(1, dtype=torch.float32, device=x.device)
-    _quant_kernel[(row_tiles, triton.cdiv(nb, bpp))](
+    _quant_kernel[launch.grid](
         x, perm.contiguous(), smooth if smooth is not None else unused, out, unused, unused, unused,
-        M, K, n_hi, nb, bpp, x.stride(0), out.stride(0), 0,
-        HAS_SMOOTH=smooth is not None, ROWS=rows, HALF_K=HALF, ROUND=_ROUND, FAKE=True,
-        num_warps=max(1, min(4, rows * BLOCK // 512)), **launch_options(x.device),
+        M, K, n_hi, -(-K // BLOCK), launch.blocks, x.stride(0), out.stride(0), 0,
+        HAS_SMOOTH=smooth is not None, ROWS=launch.rows, HALF_K=HALF, ROUND=_ROUND, FAKE=True,
+        num_warps=launch.num_warps, **launch_options(x.device),
     )
     return out
 
