@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from functools import lru_cache
 
@@ -172,6 +173,7 @@ def test_cholesky_failure_retries_then_falls_back_to_rtn():
         qw, _ = gptq_quantize(w, -torch.eye(K), fmt)  # negative definite: damping only makes it worse
     messages = [str(r.message) for r in record]
     assert sum("retrying" in m for m in messages) == 3 and "round-to-nearest" in messages[-1]
+    assert "of this layer" in messages[-1]  # no name given
     assert torch.equal(qw.codes, rtn_quantize(w, fmt).codes)
     # indefinite by a little: damp 0.01 is not enough, one 10x retry is
     H = torch.eye(K)
@@ -180,6 +182,30 @@ def test_cholesky_failure_retries_then_falls_back_to_rtn():
         qw, _ = gptq_quantize(w, H, fmt)
     assert len(record) == 1
     _assert_on_grid(qw)
+
+
+def test_cholesky_warnings_and_errors_name_the_layer():
+    K, fmt = 64, WeightFormat(group_size=32)
+    w, H = _layer(K)
+    name = "layers.3.self_attn.q_proj"
+    with pytest.warns(RuntimeWarning) as record:
+        qw, _ = gptq_quantize(w, -torch.eye(K), fmt, name=name)
+    messages = [str(r.message) for r in record]
+    assert all(f"Hessian of {name} failed" in m for m in messages)
+    # what to do about it: more, or more varied, calibration data
+    assert "falling back to round-to-nearest for this layer" in messages[-1]
+    assert "more (or more varied) samples: raise --samples" in messages[-1]
+    assert torch.equal(qw.codes, rtn_quantize(w, fmt).codes)
+    # rank-deficient inputs (one direction only) are rescued by the dampening: no warning
+    x = torch.randn(500, 1) * torch.randn(1, K)
+    H1, _ = accumulate_hessian(make_empty_hessian(K), x, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gptq_quantize(w, H1, fmt, name=name)
+    bad_H = H.clone()
+    bad_H[0, 0] = float("nan")
+    with pytest.raises(LowbitError, match=f"Hessian\\) of {name} contain NaN.*--dtype fp32"):
+        gptq_quantize(w, bad_H, fmt, name=name)
 
 
 def test_bad_inputs_dead_columns_and_fp8():

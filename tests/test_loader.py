@@ -197,7 +197,7 @@ def test_unknown_tensor_and_missing_tensor(hf_dir, tmp_path):
         _load(hf_dir)
     del tensors["model.norm.weight"]
     save_file(tensors, hf_dir / "model.safetensors")
-    with pytest.raises(LowbitError, match="lacks weights norm.weight"):
+    with pytest.raises(LowbitError, match=r"model.safetensors lacks tensor 'model.norm.weight'"):
         _load(hf_dir)
 
 

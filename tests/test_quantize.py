@@ -149,5 +149,33 @@ def test_nan_activations_during_calibration(float_dir):
     with torch.no_grad():
         # finite weights whose attention scores overflow fp32: softmax gives NaN
         loaded.model.layers[0].input_layernorm.weight.fill_(1e25)
-    with pytest.raises(LowbitError, match="NaN/Inf in the activations entering layers.0"):
+    # the scores overflow inside attention, so o_proj's input is the first to hold NaN; the message
+    # names that layer and says what to try (fp32 only where the model is not already in it)
+    with pytest.raises(LowbitError, match=r"entering layers\.0\.self_attn\.o_proj during calibration; "
+                                          r"check that the checkpoint's weights are sane.*--calib"):
         lowbit.quantize(loaded, "w4a16", _calib())
+    half = load_model(float_dir, device="cpu", dtype="bf16", with_tokenizer=False)
+    with torch.no_grad():
+        half.model.layers[1].input_layernorm.weight.fill_(1e30)  # inf in bf16's range once squared in q.k
+    with pytest.raises(LowbitError, match=r"entering layers\.1\.self_attn\.o_proj .*quantize in fp32 \(--dtype fp32\)"):
+        lowbit.quantize(half, "w4a16-rtn", _calib())
+
+
+def test_unfactorable_hessian_warns_naming_the_layer_and_falls_back(float_dir, monkeypatch):
+    """Every Cholesky attempt failing (as on degenerate calibration data): each layer warns with its
+    name and the remedy, and is still quantized, round-to-nearest."""
+    import lowbit.quant.gptq as gptq
+
+    def failing_cholesky(A, *, upper=False):  # noqa: ANN001, N803
+        return torch.zeros_like(A), torch.ones((), dtype=torch.int32)
+
+    monkeypatch.setattr(gptq.torch.linalg, "cholesky_ex", failing_cholesky)
+    loaded = load_model(float_dir, device="cpu", dtype="fp32", with_tokenizer=False)
+    with pytest.warns(RuntimeWarning) as record:
+        model = lowbit.quantize(loaded, "w4a16", _calib(), progress=False)
+    fallbacks = [str(r.message) for r in record if "round-to-nearest" in str(r.message)]
+    assert len(fallbacks) == 7 * model.config.num_layers
+    assert "Hessian of layers.1.mlp.down_proj failed" in fallbacks[-1]
+    assert "raise --samples" in fallbacks[-1]
+    assert any("Hessian of layers.0.self_attn.q_proj failed (damp=0.01); retrying" in str(r.message) for r in record)
+    assert all(isinstance(m, QuantLinear) for m in (model.layers[1].mlp.down_proj, model.layers[0].self_attn.q_proj))

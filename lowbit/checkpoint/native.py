@@ -11,15 +11,21 @@ Layout of ``OUT/``:
   tokenizer files      as the tokenizer saves them
 
 The directory is written to a temporary sibling and renamed into place, so a crash or an interrupt
-leaves either the previous state or the whole checkpoint, never a partial one.
+leaves either the previous state or the whole checkpoint, never a partial one. A writer killed
+outright (SIGKILL, OOM killer) cannot clean up, so its temporary ``.OUT.partial-HOST-PID-XXXX`` stays;
+the next save of ``OUT`` removes those whose writer (same host, that pid) is gone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +49,8 @@ def save_quantized(model: Transformer, out: str | os.PathLike, *, tokenizer: Any
     if out.exists() and not overwrite:
         raise LowbitError(f"{out} already exists; choose another output directory or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    _remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{_partial_prefix(out)}{_host()}-{os.getpid()}-"))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the checkpoint gets ordinary permissions
@@ -72,6 +79,49 @@ def save_quantized(model: Transformer, out: str | os.PathLike, *, tokenizer: Any
     return out
 
 
+def _partial_prefix(out: Path) -> str:
+    return f".{out.name}.partial-"
+
+
+def _host() -> str:
+    # in the name so that a checkpoint directory on a shared filesystem is never cleaned up by
+    # another machine, to which the writer's pid means nothing
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Delete the temporary directories of earlier saves of ``out`` on this host whose writer has died.
+
+    A reused pid keeps a dead writer's directory until that process ends too: erring towards keeping
+    is safe, deleting a live writer's files is not. Names without a host and pid (older lowbit) are
+    left alone for the same reason.
+    """
+    # mkdtemp's random suffix is [a-z0-9_]; _host() has no "-": the split is unambiguous
+    pattern = re.compile(re.escape(_partial_prefix(out)) + r"(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[A-Za-z0-9_]+")
+    for p in out.parent.iterdir():  # not glob(): the output name may hold glob metacharacters
+        m = pattern.fullmatch(p.name)
+        if m is None or m["host"] != _host() or not p.is_dir():
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            shutil.rmtree(p)
+        except OSError as exc:  # not fatal to this save, but the user should know the space is taken
+            warnings.warn(f"could not remove {p}, left by an interrupted save ({exc}); delete it by hand",
+                          RuntimeWarning, stacklevel=3)
+
+
 def _hf_name(name: str) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
 
@@ -90,22 +140,37 @@ def scheme_from_config(config: dict[str, Any]) -> QuantScheme | None:
 
 
 def install_quantized_layers(
-    model: Transformer, scheme: QuantScheme, tensors: dict[str, torch.Tensor], dtype: torch.dtype
+    model: Transformer,
+    scheme: QuantScheme,
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    files: Mapping[str, str | os.PathLike] | None = None,
 ) -> None:
-    """Swap each Linear that has ``<name>.qweight`` in ``tensors`` for a QuantLinear built from them.
+    """Swap each Linear that has ``<name>.qweight`` (or ``.scales``) in ``tensors`` for a QuantLinear
+    built from them, each buffer checked against the layer's formats (``QuantLinear.from_tensors``).
 
-    The tensors it consumes are removed from ``tensors``; the rest are float parameters.
+    The tensors it consumes are removed from ``tensors``; the rest are float parameters. ``files``
+    maps tensor names to the file holding them, for the errors.
     """
+    files = files or {}
     for name, module in list(model.named_modules()):
         prefix = _hf_name(f"{name}.")  # model.layers.N.<proj>. or, for a quantized head, lm_head.
-        if not isinstance(module, torch.nn.Linear) or f"{prefix}qweight" not in tensors:
+        quantized = any(f"{prefix}{k}" in tensors for k in ("qweight", "scales"))
+        if not isinstance(module, torch.nn.Linear) or not quantized:
             continue
         own = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+        # a missing buffer's error names the file that holds the layer's other tensors
+        home = next((files[f"{prefix}{k}"] for k in own if f"{prefix}{k}" in files), "checkpoint")
+
+        def describe(k: str, prefix: str = prefix, home: str | os.PathLike = home) -> str:
+            return f"{files.get(prefix + k, home)}: tensor '{prefix}{k}'"
+
         wfmt, afmt = scheme.for_layer(name)
-        for k in ("bias", "outlier_weight"):  # these follow the model's dtype
-            if k in own:
-                own[k] = own[k].to(dtype)
-        qlin = QuantLinear.from_tensors(own, module.in_features, wfmt, afmt)
+        qlin = QuantLinear.from_tensors(own, module.in_features, wfmt, afmt, out_features=module.out_features,
+                                        describe=describe)
+        for k in ("bias", "outlier_weight"):  # these follow the model's dtype (checked as floats first)
+            if getattr(qlin, k) is not None:
+                setattr(qlin, k, getattr(qlin, k).to(dtype))
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, qlin)
     if scheme.kv_cache.dtype != "fp16":

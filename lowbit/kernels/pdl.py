@@ -37,7 +37,11 @@ from functools import lru_cache
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from lowbit.requirements import require_triton
+
+require_triton()  # before the import below, which an older Triton fails with a bare ImportError
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 
 @lru_cache(maxsize=8)

@@ -23,6 +23,7 @@ from lowbit.formats import KVCacheFormat
 from lowbit.kernels.activations import ActQuantSpec, QuantizedActivations
 from lowbit.model.config import ModelConfig, RopeConfig
 from lowbit.model.qlinear import input_quant
+from lowbit.requirements import require_torch
 
 
 class RMSNorm(nn.Module):
@@ -188,6 +189,7 @@ class Transformer(nn.Module):
     """Decoder-only causal LM. ``forward`` returns logits (B, T, vocab) or (B, 1, vocab) with ``last_only``."""
 
     def __init__(self, config: ModelConfig) -> None:
+        require_torch()  # attention needs SDPA's enable_gqa: say so now, not at the first forward
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)

@@ -66,7 +66,11 @@ def load_model(
         raw_config = _read_json(path / "config.json")
         config = ModelConfig.from_hf(raw_config)
         scheme = scheme_from_config(raw_config)
-        tensors: Iterable[tuple[str, torch.Tensor]] = _safetensors_tensors(path)
+        files = _safetensors_files(path)
+        located = _safetensors_tensors(files)
+        tensors: Iterable[tuple[str, torch.Tensor]] = ((k, t) for _, k, t in located)
+        # errors name the weights file itself, unless the checkpoint is sharded
+        source = str(files[0]) if len(files) == 1 else str(path)
         tokenizer = _hf_tokenizer(path) if with_tokenizer else None
         extra_eos = _generation_eos(path)
     elif path.is_file() and gguf_format.is_gguf(path):
@@ -76,6 +80,7 @@ def load_model(
         tokenizer = _gguf_tokenizer(path) if with_tokenizer else None
         extra_eos = ()
         scheme = None
+        source = str(path)
     elif path.suffix == ".safetensors":
         raise LowbitError(f"pass the directory that holds {path.name} and config.json, not the weights file")
     else:
@@ -83,11 +88,13 @@ def load_model(
 
     model = build_empty(config, dev, dt)
     if scheme is not None:  # a lowbit quantized checkpoint: swap in QuantLinears first
-        tensors = dict(tensors)
-        install_quantized_layers(model, scheme, tensors, dtype=dt)
+        by_name, file_of = {}, {}
+        for f, k, t in located:
+            by_name[k], file_of[k] = t, str(f)
+        install_quantized_layers(model, scheme, by_name, dtype=dt, files=file_of)
         model.to(dev)  # a device move only: QuantLinear keeps its buffers' dtypes
-        tensors = tensors.items()
-    load_hf_weights(model, tensors, source=str(path))
+        tensors = by_name.items()
+    load_hf_weights(model, tensors, source=source)
     model.eval()
     stops = list(config.eos_token_ids) + list(extra_eos)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -135,10 +142,11 @@ def load_hf_weights(model: Transformer, tensors: Iterable[tuple[str, torch.Tenso
             )
         param.copy_(tensor)
         loaded.add(name)
-    missing = sorted(set(params) - loaded)
-    if missing:
+    missing = [n if n.startswith("lm_head.") else f"model.{n}" for n in sorted(set(params) - loaded)]
+    if missing:  # named as in the file, where the user would look for them
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise LowbitError(f"{source} lacks weights {', '.join(missing[:3])}{more}; the checkpoint is incomplete")
+        raise LowbitError(f"{source} lacks tensor {', '.join(repr(n) for n in missing[:3])}{more}; "
+                          "the checkpoint is incomplete")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -170,16 +178,51 @@ def _safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def _safetensors_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, name, tensor) for every tensor of ``files``, read one at a time."""
     from safetensors import SafetensorError, safe_open
 
-    for f in _safetensors_files(directory):
+    for f in files:
+        key = None
         try:
             with safe_open(f, framework="pt", device="cpu") as st:
-                for key in st.keys():
-                    yield key, st.get_tensor(key)
+                for name in st.keys():
+                    key = name
+                    tensor = st.get_tensor(name)
+                    key = None
+                    yield f, name, tensor
         except (SafetensorError, OSError) as exc:
-            raise LowbitError(f"{f} is corrupt or truncated ({exc}); download it again") from exc
+            # safetensors checks the header and the data length when it opens a file, so truncation
+            # and a garbled header fail here; garbage inside the data is caught by the value checks
+            at = f" at tensor {key!r}" if key is not None else _cut_tensors(f)
+            raise LowbitError(f"{f} is corrupt or truncated{at} ({exc}); download or re-create it") from exc
+
+
+def _cut_tensors(f: Path) -> str:
+    """Which tensors a truncated safetensors file lost, read from its header (when that is intact).
+
+    The format: an 8-byte little-endian header length, a JSON header giving each tensor's
+    ``data_offsets`` relative to the end of the header, then the data.
+    """
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if not 0 < n <= size - 8:
+            return ""
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return ""
+    if not isinstance(header, dict):
+        return ""
+    spans = {k: v.get("data_offsets") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    cut = sorted((k for k, o in spans.items() if isinstance(o, list) and len(o) == 2 and 8 + n + o[1] > size),
+                 key=lambda k: spans[k][0])
+    if not cut:
+        return ""
+    more = f" and {len(cut) - 1} more" if len(cut) > 1 else ""
+    return f": only {size} bytes, tensor {cut[0]!r}{more} past the end"
 
 
 def _generation_eos(directory: Path) -> tuple[int, ...]:

@@ -24,6 +24,9 @@ columns that are not outliers, then permuted by ``act_perm``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -35,12 +38,15 @@ from lowbit.model.kernel_weights import KernelWeights
 from lowbit.quant.primitives import (
     dequantize_weight,
     fake_quantize_activation,
+    num_groups,
     pack_int4,
     unpack_int4,
 )
 from lowbit.quant.quantized import QuantizedWeight
 
 _OPTIONAL = ("zeros", "g_idx", "bias", "smooth", "outlier_idx", "outlier_weight", "act_perm", "fmpq_high")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # bias and outlier weights: cast to the model's dtype
+_CORRUPT = "the checkpoint is corrupt or was written by another tool"
 
 
 class QuantLinear(nn.Module):
@@ -95,16 +101,37 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_tensors(
-        cls, tensors: dict[str, torch.Tensor], in_features: int, wfmt: WeightFormat, afmt: ActivationFormat
+        cls,
+        tensors: dict[str, torch.Tensor],
+        in_features: int,
+        wfmt: WeightFormat,
+        afmt: ActivationFormat,
+        *,
+        out_features: int | None = None,
+        describe: Callable[[str], str] | None = None,
     ) -> QuantLinear:
-        """Rebuild from checkpoint tensors named without the layer prefix (``qweight``, ``scales``, ...)."""
-        missing = [k for k in ("qweight", "scales") if k not in tensors]
-        if missing:
-            raise LowbitError(f"quantized layer lacks {', '.join(missing)}; the checkpoint is incomplete")
-        m = cls(in_features, tensors["scales"].shape[0], wfmt, afmt)
+        """Rebuild from checkpoint tensors named without the layer prefix (``qweight``, ``scales``, ...).
+
+        Every buffer is checked against the formats and the layer's shape (the module docstring's
+        table) before it is used, so a damaged or foreign checkpoint fails here, naming the tensor,
+        instead of as a shape error or NaN logits deep in a forward. ``describe(buffer)`` names a
+        buffer in those errors (the loader passes the file and the full tensor name);
+        ``out_features`` defaults to what ``scales`` says.
+        """
+        describe = describe or (lambda k: f"tensor {k!r}")
+        unknown = [k for k in tensors if k not in ("qweight", "scales", *_OPTIONAL)]
+        if unknown:
+            raise LowbitError(f"{describe(unknown[0])} is not a quantized-layer tensor lowbit knows; "
+                              "was the checkpoint written by a newer lowbit?")
+        _check_missing(tensors, wfmt, afmt, describe)
+        if out_features is None:
+            if tensors["scales"].ndim != 2:
+                raise LowbitError(f"{describe('scales')} has shape {tuple(tensors['scales'].shape)}, expected "
+                                  f"(out_features, groups); {_CORRUPT}")
+            out_features = tensors["scales"].shape[0]
+        _check_buffers(tensors, in_features, out_features, wfmt, afmt, describe)
+        m = cls(in_features, out_features, wfmt, afmt)
         for name, t in tensors.items():
-            if name not in ("qweight", "scales", *_OPTIONAL):
-                raise LowbitError(f"unknown quantized-layer tensor {name!r}; was this written by a newer lowbit?")
             setattr(m, name, t)
         return m
 
@@ -217,9 +244,10 @@ class QuantLinear(nn.Module):
     def _quantized_forward(self, x: QuantizedActivations) -> torch.Tensor:
         from lowbit.kernels import ops
 
-        k, p = self._kernel, self._kernel.packed
+        k = self._kernel
         if k is None or k.op not in ("w4a8", "w8a8"):
             raise LowbitError("pre-quantized activations reached a layer without an 8-bit-activation kernel")
+        p = k.packed  # after the check: without kernels there is nothing to read it from
         if k.op == "w4a8":
             return ops.w4a8_quantized(x.q, x.scale, p.qweight, p.scales, p.zeros, self.bias, p.group_size or 0,
                                       p.K, p.tile_k, self.afmt.dtype, x.dtype)
@@ -282,6 +310,97 @@ class QuantLinear(nn.Module):
         a = f"a{self.afmt.bits}" if self.afmt.bits else "a16"
         n_out = 0 if self.outlier_idx is None else self.outlier_idx.numel()
         return f"{self.in_features}->{self.out_features}, {w} {g} {a}" + (f", {n_out} outliers" if n_out else "")
+
+
+def _format_label(wfmt: WeightFormat, afmt: ActivationFormat) -> str:
+    """E.g. "int4 weights, group 32" or "asymmetric int8 weights, per-channel, FMPQ blocks of 128"."""
+    w = "fp8_e4m3" if wfmt.dtype == "fp8_e4m3" else f"{'' if wfmt.symmetric else 'asymmetric '}int{wfmt.bits}"
+    g = f"group {wfmt.group_size}" if wfmt.group_size else "per-channel"
+    return f"{w} weights, {g}" + (f", FMPQ blocks of {afmt.fmpq_block}" if afmt.fmpq_block else "")
+
+
+def _check_missing(t: dict[str, torch.Tensor], wfmt: WeightFormat, afmt: ActivationFormat,
+                   describe: Callable[[str], str]) -> None:
+    """The buffers the formats need must all be there, and none that they exclude.
+
+    ``g_idx`` and ``smooth`` stay optional: GPTQ's round-to-nearest fallback writes no g_idx even
+    with act-order, and smoothing factors are kept only where no norm could absorb them.
+    """
+    asymmetric = wfmt.dtype == "int" and not wfmt.symmetric
+    needed = ["qweight", "scales"] + (["zeros"] if asymmetric else [])
+    if afmt.fmpq_block:  # without them COMET's channel order and 8-bit blocks would be silently lost
+        needed += ["act_perm", "fmpq_high"]
+    if "outlier_idx" in t or "outlier_weight" in t:  # QUIK: the columns and their weights come as a pair
+        needed += ["outlier_idx", "outlier_weight"]
+    label = _format_label(wfmt, afmt)
+    for name in needed:
+        if name not in t:
+            raise LowbitError(f"{describe(name)} is missing (required for {label}); the checkpoint is "
+                              "incomplete or was written by another tool")
+    for name, excluded in (("zeros", not asymmetric), ("fmpq_high", not afmt.fmpq_block)):
+        if excluded and name in t:
+            raise LowbitError(f"{describe(name)} is unexpected for {label}; {_CORRUPT}")
+
+
+def _check_buffers(t: dict[str, torch.Tensor], K: int, N: int, wfmt: WeightFormat, afmt: ActivationFormat,
+                   describe: Callable[[str], str]) -> None:
+    """Dtypes and shapes as the module docstring lists them, finite scales and factors, and indices in range."""
+    label = _format_label(wfmt, afmt)
+
+    def expect(name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> torch.Tensor | None:
+        x = t.get(name)
+        if x is None:
+            return None
+        if x.dtype not in dtypes:
+            want = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise LowbitError(f"{describe(name)} has dtype {str(x.dtype).removeprefix('torch.')}, expected {want} "
+                              f"for {label}; {_CORRUPT}")
+        if tuple(x.shape) != shape:
+            raise LowbitError(f"{describe(name)} has shape {tuple(x.shape)}, expected {shape} for {label}; {_CORRUPT}")
+        return x
+
+    def values(name: str, ok: bool, what: str) -> None:
+        if not ok:
+            raise LowbitError(f"{describe(name)} {what}; {_CORRUPT}")
+
+    # outlier columns first: they decide Kq, the number of quantized columns every other shape uses
+    out_idx = t.get("outlier_idx")
+    if out_idx is not None:
+        values("outlier_idx", out_idx.ndim == 1 and 0 < out_idx.numel() < K,
+               f"has shape {tuple(out_idx.shape)}, expected (n,) with 0 < n < {K} (the layer's in_features)")
+    n_out = 0 if out_idx is None else out_idx.numel()
+    Kq = K - n_out
+    G = num_groups(Kq, wfmt.group_size)
+    if wfmt.bits == 4 and wfmt.dtype == "int":
+        expect("qweight", (N, math.ceil(Kq / 2)), (torch.uint8,))  # two codes per byte (primitives.pack_int4)
+    else:
+        code = torch.float8_e4m3fn if wfmt.dtype == "fp8_e4m3" else torch.int8 if wfmt.symmetric else torch.uint8
+        expect("qweight", (N, Kq), (code,))
+    scales = expect("scales", (N, G), (torch.float16,))
+    values("scales", bool(torch.isfinite(scales).all()), "holds NaN or Inf")
+    zeros = expect("zeros", (N, G), (torch.uint8,))
+    if zeros is not None:
+        values("zeros", int(zeros.max()) < 2**wfmt.bits, f"holds zero points above {2**wfmt.bits - 1}")
+    g_idx = expect("g_idx", (Kq,), (torch.int32,))
+    if g_idx is not None and Kq:
+        values("g_idx", int(g_idx.min()) >= 0 and int(g_idx.max()) < G, f"holds groups outside [0, {G})")
+    expect("bias", (N,), _FLOATS)
+    smooth = expect("smooth", (K,), (torch.float32,))
+    if smooth is not None:  # a divisor of the input
+        values("smooth", bool((torch.isfinite(smooth) & (smooth > 0)).all()), "holds NaN, Inf or non-positive factors")
+    if out_idx is not None:
+        expect("outlier_idx", (n_out,), (torch.int64,))
+        ascending = bool((out_idx[1:] > out_idx[:-1]).all())
+        values("outlier_idx", ascending and int(out_idx[0]) >= 0 and int(out_idx[-1]) < K,
+               f"must hold ascending column indices in [0, {K})")
+        w_out = expect("outlier_weight", (N, n_out), _FLOATS)
+        values("outlier_weight", bool(torch.isfinite(w_out).all()), "holds NaN or Inf")
+    perm = expect("act_perm", (Kq,), (torch.int64,))
+    if perm is not None:
+        values("act_perm", torch.equal(torch.sort(perm).values, torch.arange(Kq, device=perm.device)),
+               f"is not a permutation of the {Kq} quantized columns")
+    if afmt.fmpq_block:
+        expect("fmpq_high", (math.ceil(Kq / afmt.fmpq_block),), (torch.bool,))
 
 
 def input_quant(module: nn.Module | None) -> ActQuantSpec | None:

@@ -75,11 +75,14 @@ class _GroupStats:
         self.keep_tokens = keep_tokens
 
     def add(self, x: torch.Tensor, where: str) -> None:
+        half = x.dtype in (torch.float16, torch.bfloat16)
         x = x.reshape(-1, x.shape[-1]).float()
         if not torch.isfinite(x).all():
+            # the layers before `where` overflowed: in fp16 / bf16 that is usually range, not a bug
+            fp32 = "quantize in fp32 (--dtype fp32), " if half else ""
             raise LowbitError(
-                f"NaN/Inf in the activations entering {where} during calibration; the model's weights "
-                "or the calibration text produce non-finite values"
+                f"NaN/Inf in the activations entering {where} during calibration; {fp32}check that the "
+                "checkpoint's weights are sane (an overflow in an earlier layer), or calibrate on other text (--calib)"
             )
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
         self.H, self.n = gptq.accumulate_hessian(self.H, x, self.n)
@@ -184,7 +187,7 @@ def _quantize_head(model: Transformer, hidden: torch.Tensor, scheme: QuantScheme
     runtime = None
     if scheme.smooth and afmt.bits is not None:
         runtime = _smooth_group(model, ("lm_head",), "norm", st, wfmt, afmt)
-    model.lm_head = _quantize_linear(model.lm_head, st, wfmt, afmt, cfg, runtime).to(home)
+    model.lm_head = _quantize_linear(model.lm_head, st, wfmt, afmt, cfg, runtime, "lm_head").to(home)
     model.norm.to(home)
 
 
@@ -240,7 +243,8 @@ def _smooth_group(layer: DecoderLayer, names: Sequence[str], absorber: str | Non
 
 
 def _quantize_linear(lin: nn.Linear, st: _GroupStats, wfmt: WeightFormat, afmt: ActivationFormat,
-                     cfg: CalibrationConfig, runtime_smooth: torch.Tensor | None) -> QuantLinear:
+                     cfg: CalibrationConfig, runtime_smooth: torch.Tensor | None, name: str) -> QuantLinear:
+    """``name`` (``layers.3.self_attn.q_proj``) goes into GPTQ's warnings and errors."""
     W = lin.weight.float()
     K = W.shape[1]
     out_idx = None
@@ -261,7 +265,7 @@ def _quantize_linear(lin: nn.Linear, st: _GroupStats, wfmt: WeightFormat, afmt: 
     ratio = clip.search_clip(Wo[:, :Kq], Ho[:Kq, :Kq], wfmt) if wfmt.clip_search else None
     if wfmt.method == "gptq":
         keep = None if out_idx is None else torch.arange(Kq, K, device=W.device)
-        qw, outlier_w = gptq.gptq_quantize(Wo, Ho, wfmt, damp=cfg.damp, clip=ratio, keep_columns=keep)
+        qw, outlier_w = gptq.gptq_quantize(Wo, Ho, wfmt, damp=cfg.damp, clip=ratio, keep_columns=keep, name=name)
     else:
         qw, outlier_w = gptq.rtn_quantize(Wo[:, :Kq], wfmt, clip=ratio), (None if out_idx is None else Wo[:, Kq:])
     return QuantLinear.from_quantized(
@@ -286,7 +290,8 @@ def _quantize_layer(model: Transformer, layer: DecoderLayer, i: int, hidden: tor
             lin = _get(layer, name)
             if not torch.isfinite(lin.weight).all():
                 raise LowbitError(f"weight layers.{i}.{name} holds NaN/Inf after smoothing")
-            _set(layer, name, _quantize_linear(lin, stats[names[0]], wfmt, afmt, cfg, runtime.get(names[0])))
+            qlin = _quantize_linear(lin, stats[names[0]], wfmt, afmt, cfg, runtime.get(names[0]), f"layers.{i}.{name}")
+            _set(layer, name, qlin)
     # 3. KV cache format, with static per-head scales for fp8
     if scheme.kv_cache.dtype != "fp16":
         attn = layer.self_attn

@@ -78,15 +78,17 @@ def rtn_quantize(w: torch.Tensor, fmt: WeightFormat, clip: torch.Tensor | None =
     return QuantizedWeight(fmt, quantize_weight(w, scale, zero, fmt), scale, zero)
 
 
-def _check_inputs(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, keep_columns: torch.Tensor | None) -> None:
+def _check_inputs(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, keep_columns: torch.Tensor | None,
+                  name: str) -> None:
     if w.ndim != 2 or H.shape != (w.shape[1], w.shape[1]):
         raise LowbitError(f"GPTQ needs weights (N, K) and a (K, K) Hessian, got {tuple(w.shape)} and {tuple(H.shape)}")
     if not torch.isfinite(w).all():
-        raise LowbitError("the weights contain NaN or Inf; the checkpoint (or an earlier transform) is corrupt")
+        raise LowbitError(f"the weights of {name} contain NaN or Inf; the checkpoint (or an earlier transform) "
+                          "is corrupt")
     if not torch.isfinite(H).all():
         raise LowbitError(
-            "the calibration activations (Hessian) contain NaN or Inf; check the calibration data and the "
-            "layers before this one (an overflow in fp16 is the usual cause)"
+            f"the calibration activations (Hessian) of {name} contain NaN or Inf; check the calibration data and "
+            "the layers before this one (an overflow in fp16 is the usual cause: try --dtype fp32)"
         )
     if fmt.sparsity == "2:4" and (fmt.dtype != "int" or not fmt.symmetric or fmt.act_order):
         raise LowbitError("2:4 sparsity needs a symmetric int weight format without act_order")
@@ -109,8 +111,12 @@ def _split_columns(K: int, keep: torch.Tensor | None, device: torch.device) -> t
     return torch.nonzero(~is_kept).flatten().to(device), keep.to(device)
 
 
-def _inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor | None:
-    """Upper Cholesky factor of (H + damp * mean(diag(H)) I)^-1, retrying with 10x dampening; None if all fail."""
+def _inverse_hessian_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor | None:
+    """Upper Cholesky factor of (H + damp * mean(diag(H)) I)^-1, retrying with 10x dampening; None if all fail.
+
+    ``name`` (the layer) goes into the warnings: a model has hundreds of Linears, and the fallback
+    is worth knowing about only if one can tell which layer lost GPTQ's error feedback.
+    """
     diag = torch.arange(H.shape[0], device=H.device)
     mean_diag = float(H.diagonal().mean())
     for attempt in range(_CHOLESKY_RETRIES + 1):
@@ -124,14 +130,18 @@ def _inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor | No
                 return U
         if attempt < _CHOLESKY_RETRIES:
             warnings.warn(
-                f"GPTQ: Cholesky of the dampened Hessian failed (damp={d:g}); retrying with damp={10 * d:g}. "
-                "If this recurs, use more (or more varied) calibration tokens or raise damp.",
+                f"GPTQ: Cholesky of the dampened Hessian of {name} failed (damp={d:g}); retrying with "
+                f"damp={10 * d:g}. If this recurs, use more (or more varied) calibration tokens or raise damp.",
                 RuntimeWarning,
                 stacklevel=3,
             )
+    # llm-compressor also falls back rather than failing the whole run: one RTN layer costs a little
+    # accuracy, and the user is told how to avoid it
     warnings.warn(
-        f"GPTQ: Cholesky of the Hessian failed even with damp={d:g} (the calibration activations may be "
-        "degenerate or not positive semi-definite); falling back to round-to-nearest for this layer.",
+        f"GPTQ: Cholesky of the Hessian of {name} failed even with damp={d:g} (its calibration activations "
+        "are degenerate or not positive semi-definite); falling back to round-to-nearest for this layer. "
+        "To quantize it with GPTQ, calibrate on more (or more varied) samples: raise --samples or use "
+        "another --calib text.",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -220,6 +230,7 @@ def gptq_quantize(
     block_size: int = 128,
     clip: torch.Tensor | None = None,
     keep_columns: torch.Tensor | None = None,
+    name: str = "this layer",
 ) -> tuple[QuantizedWeight, torch.Tensor | None]:
     """Quantize ``w`` (N, K) with GPTQ against the Hessian ``H`` (K, K) from ``accumulate_hessian``.
 
@@ -233,9 +244,10 @@ def gptq_quantize(
     ``fmt.sparsity == "2:4"`` prunes jointly with quantization, as SparseGPT: in each group of 4
     columns the 2 weights of least saliency get code 0 and their error is compensated like
     quantization error. If the Cholesky factorization fails even after dampening retries, this warns
-    and falls back to round-to-nearest.
+    and falls back to round-to-nearest. ``name`` (e.g. ``layers.3.self_attn.q_proj``) names the layer
+    in warnings and errors.
     """
-    _check_inputs(w, H, fmt, keep_columns)
+    _check_inputs(w, H, fmt, keep_columns, name)
     device = w.device
     N, K = w.shape
     remaining, keep = _split_columns(K, keep_columns, device)
@@ -268,7 +280,7 @@ def gptq_quantize(
     rank[remaining] = torch.arange(K_q, device=device)
     order_rank = rank[order]
 
-    U = _inverse_hessian_cholesky(H[perm][:, perm], damp)
+    U = _inverse_hessian_cholesky(H[perm][:, perm], damp, name)
     if U is None:
         return _fallback(W, fmt, clip, remaining, keep)
 
