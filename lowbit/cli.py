@@ -117,16 +117,30 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve MODEL at http://HOST:PORT/v1 (completions, chat/completions with streaming, models) "
-        "plus /health, with continuous batching: requests join and leave the running batch between decode steps, "
-        "and wait in a queue when every KV slot is taken. Quantized checkpoints run on the GPU kernels on CUDA.",
+        "plus /health and /metrics (Prometheus), with continuous batching: requests join and leave the running "
+        "batch between decode steps, and wait in a queue when every KV slot is taken. Quantized checkpoints run on "
+        "the GPU kernels on CUDA. Bad requests get a 4xx that says why; a full server answers 429 with Retry-After; "
+        "an engine failure fails the requests it had started (500), the engine is rebuilt and queued requests go on "
+        "(if it cannot be rebuilt, the process exits 1). SIGTERM drains: new "
+        "requests get 503, those in flight finish (up to --drain-timeout), then the process exits 0.",
     )
     sv.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    sv.add_argument("--name", default=None, help="model id clients ask for (default: the model's directory or file name)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 takes a free one)")
+    sv.add_argument("--name", action="append", default=None,
+                    help="model id clients ask for (default: MODEL exactly as given); repeat for aliases")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on every /v1 route (default: $LOWBIT_API_KEY, which other users "
+                    "cannot read from the process list as they can this option; unset: no key, open to whoever reaches "
+                    "the port)")
     sv.add_argument("--max-slots", type=int, default=None,
                     help="sequences served at once (default: as many KV slots as fit in 90%% of free GPU memory; 8 on CPU)")
     sv.add_argument("--max-len", type=int, default=None, help="tokens per sequence, prompt + output (default: the model's context)")
+    sv.add_argument("--max-queue", type=int, default=None,
+                    help="requests that may wait for a KV slot; more get 429 (default: 4 x the slots)")
+    sv.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB; larger get 413 (default: 4)")
+    sv.add_argument("--drain-timeout", type=float, default=30.0,
+                    help="seconds that requests in flight may take to finish after SIGTERM (default: 30)")
     sv.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step (default: 256)")
     _add_placement(sv)
     sv.set_defaults(func=_cmd_serve)
@@ -199,23 +213,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_serve(args: argparse.Namespace) -> None:
-    try:
-        import uvicorn
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
 
+    try:
         from lowbit.serve.app import load_app
+        from lowbit.serve.runner import run_server
     except ImportError as exc:
         raise LowbitError(f"lowbit serve needs fastapi and uvicorn ({exc}); pip install fastapi uvicorn") from exc
-    if not 0 < args.port < 65536:
-        raise LowbitError(f"--port must be in 1..65535, got {args.port}")
+    if not 0 <= args.port < 65536:
+        raise LowbitError(f"--port must be in 0..65535, got {args.port}")
+    if not args.max_body_mb > 0:
+        raise LowbitError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    api_key = args.api_key or os.environ.get("LOWBIT_API_KEY") or None
     app = load_app(args.model, device=args.device, dtype=args.dtype, name=args.name, max_slots=args.max_slots,
-                   max_len=args.max_len, prefill_chunk=args.prefill_chunk)
+                   max_len=args.max_len, prefill_chunk=args.prefill_chunk, api_key=api_key,
+                   max_body_bytes=int(args.max_body_mb * (1 << 20)), max_queue=args.max_queue)
     served = app.state.served
     engine = served.loop.engine
     graphs = f", decode in CUDA graphs for batch {engine.graphs.sizes}" if engine.graphs is not None else ""
-    print(f"[serving {served.name} on {served.loaded.device} at http://{args.host}:{args.port}/v1, "
-          f"{len(engine._free)} KV slots of {engine.max_len} tokens ({engine.cache.kv.dtype}){graphs}]", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    auth = "API key required" if api_key else "no API key (open to anyone who can reach the port)"
+
+    def announce(port: int) -> None:
+        print(f"[serving {', '.join(served.names)} on {served.loaded.device} at http://{args.host}:{port}/v1, "
+              f"{engine.num_slots} KV slots of {engine.max_len} tokens ({engine.cache.kv.dtype}){graphs}, "
+              f"queue {served.loop.max_queue}; {auth}]", file=sys.stderr, flush=True)
+
+    return run_server(app, args.host, args.port, drain_timeout_s=args.drain_timeout, announce=announce)
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:

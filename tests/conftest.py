@@ -22,23 +22,67 @@ def arch(request) -> str:
 @dataclass
 class TinyServer:
     loaded: object  # LoadedModel
-    engine: object  # Engine
+    served: object  # lowbit.serve.app.Served
     url: str  # http://127.0.0.1:PORT
+
+    @property
+    def engine(self):  # noqa: ANN201 - the engine now serving (a new one after a restart)
+        return self.served.loop.engine
+
+
+def tiny_model_dir(path, **config) -> None:  # noqa: ANN001
+    """A tiny llama2 checkpoint with the word-level test tokenizer, written to ``path``."""
+    make_hf_model("llama2", **config).save_pretrained(path)
+    save_tiny_tokenizer(path)
 
 
 @pytest.fixture(scope="session")
-def tiny_server(tmp_path_factory):
+def tiny_model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("served")
+    tiny_model_dir(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_path):
     """`lowbit serve` on loopback with a tiny llama2 model (word-level tokenizer "w3".."w96"), served as
     "tiny" by an engine of 2 KV slots of 64 tokens, so that a few clients already queue."""
     pytest.importorskip("uvicorn")
     from lowbit.engine.scheduler import Engine
     from lowbit.model.loader import load_model
-    from lowbit.serve.app import BackgroundServer, create_app
+    from lowbit.serve.app import create_app
+    from lowbit.serve.runner import BackgroundServer
 
-    path = tmp_path_factory.mktemp("served")
-    make_hf_model("llama2").save_pretrained(path)
-    save_tiny_tokenizer(path)
-    loaded = load_model(path, device="cpu", dtype="fp32")
+    loaded = load_model(tiny_model_path, device="cpu", dtype="fp32")
     engine = Engine(loaded.model, max_slots=2, max_len=64, prefill_chunk=8)
-    with BackgroundServer(create_app(loaded, engine, "tiny")) as url:
-        yield TinyServer(loaded, engine, url)
+    app = create_app(loaded, engine, "tiny")
+    with BackgroundServer(app) as url:
+        yield TinyServer(loaded, app.state.served, url)
+
+
+@pytest.fixture
+def serve_tiny(tiny_model_path):
+    """A factory: ``with serve_tiny(slots=2, max_len=64, **create_app_kwargs) as server`` serves the tiny
+    model on a free loopback port with its own engine (``server.url``, ``.served``, ``.background``)."""
+    pytest.importorskip("uvicorn")
+    import contextlib
+
+    from lowbit.engine.scheduler import Engine
+    from lowbit.model.loader import load_model
+    from lowbit.serve.app import create_app
+    from lowbit.serve.runner import BackgroundServer
+
+    loaded = load_model(tiny_model_path, device="cpu", dtype="fp32")
+
+    @contextlib.contextmanager
+    def start(slots: int = 2, max_len: int = 64, prefill_chunk: int = 8, name="tiny", drain_timeout_s: float = 30.0,
+              **kwargs):
+        engine = Engine(loaded.model, max_slots=slots, max_len=max_len, prefill_chunk=prefill_chunk)
+        app = create_app(loaded, engine, name, **kwargs)
+        background = BackgroundServer(app, drain_timeout_s=drain_timeout_s)
+        with background as url:
+            server = TinyServer(loaded, app.state.served, url)
+            server.background = background
+            yield server
+
+    return start

@@ -31,6 +31,17 @@ def test_quantize_help_lists_presets(capsys):
 
 @pytest.mark.asset
 def test_quantize_eval_generate_round_trip(capsys, tmp_path):
+    """quantize -> eval -> generate through the CLI. What is checked is what our code guarantees: the
+    checkpoint holds exactly the model that lowbit.quantize makes in-process with the same settings
+    (same greedy tokens), `lowbit generate` prints that model's greedy text, and the perplexity of an
+    8-bit model stays within a loose tolerance of the unquantized one. Which words a lossy model
+    emits is not checked: it changes with the versions of torch and tokenizers."""
+    import torch
+
+    import lowbit
+    from lowbit.engine.generate import decode, encode_prompt, generate
+    from lowbit.engine.sampling import SamplingParams
+
     out = tmp_path / "q"
     common = ["--samples", "2", "--seq-len", "64", "--device", "cpu"]
     assert main(["quantize", "smollm2-135m", "--scheme", "w8a8-int8", "-o", str(out), *common]) == 0
@@ -47,10 +58,26 @@ def test_quantize_eval_generate_round_trip(capsys, tmp_path):
     rows = json.loads(report.read_text())["rows"]
     assert [r["label"].split(" ")[0] for r in rows] == ["unquantized", "w8a8-int8", "w4a16-rtn"]
     assert rows[0]["delta"] == 0 and rows[2]["bits_per_weight"] == pytest.approx(4.125)
-    assert all(r["ppl"] > 1 for r in rows)
+    assert all(1 < r["ppl"] < float("inf") for r in rows)
+    assert rows[1]["ppl"] < 1.5 * rows[0]["ppl"]  # 8-bit weights and activations: +1.4% on the full split
 
-    assert main(["generate", str(out), "-p", "What is the capital of France?", "-n", "8", "--device", "cpu"]) == 0
-    assert "Paris" in capsys.readouterr().out
+    prompt = "What is the capital of France?"
+    assert main(["generate", str(out), "-p", prompt, "-n", "8", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+
+    # the same scheme and calibration in-process: the checkpoint must hold that very model
+    reference = lowbit.load_model("smollm2-135m", device="cpu", dtype="fp32")
+    lowbit.quantize(reference, "w8a8-int8", calib="wiki", samples=2, seq_len=64, progress=False)
+    loaded = lowbit.load_model(out, device="cpu", dtype="fp32")
+    ids = encode_prompt(loaded.tokenizer, prompt)
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=loaded.stop_token_ids)
+    want = generate(reference.model, [ids], params)[0].token_ids
+    got = generate(loaded.model, [ids], params)[0].token_ids
+    assert got == want
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), reference.model(x), rtol=0, atol=0)
+    assert printed.strip() == decode(loaded.tokenizer, got).strip()
 
 
 @pytest.mark.asset

@@ -27,7 +27,7 @@ from lowbit.bench.load import (
     run_load,
 )
 from lowbit.errors import LowbitError
-from lowbit.serve.app import BackgroundServer
+from lowbit.serve.runner import BackgroundServer
 from tests.tiny_models import greedy_text
 
 # distinct prompts in the tiny tokenizer's vocabulary ("w3".."w96"), of 2 to 9 tokens

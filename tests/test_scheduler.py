@@ -157,3 +157,21 @@ def test_decode_kernel_mode_matches_the_masked_path(kv):
 def test_engine_option_errors(model):
     with pytest.raises(LowbitError, match="CUDA graphs need"):
         Engine(model, max_slots=1, max_len=16, cuda_graphs=True)
+
+
+def test_unseeded_sampling_leaves_the_global_rng_alone(model):
+    """Each sampled request draws from its own generator; the process-wide RNG (what a user's
+    torch.manual_seed controls) is neither reseeded nor advanced."""
+    torch.manual_seed(1234)
+    before = torch.random.get_rng_state()
+    params = SamplingParams(max_new_tokens=4, temperature=0.9)
+    engine = Engine(model, max_slots=2, max_len=64)
+    engine.add(_prompts()[0], params)
+    engine.add(_prompts()[1], params)
+    engine.run()
+    generate(model, [_prompts()[2]], params)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    # unseeded requests still differ from each other (entropy from the OS, per request)
+    draws = {tuple(generate(model, [_prompts()[2]], SamplingParams(max_new_tokens=8, temperature=2.0))[0].token_ids)
+             for _ in range(4)}
+    assert len(draws) > 1

@@ -25,7 +25,7 @@ def test_models_and_health(tiny_server, client):
     import httpx
 
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    assert httpx.get(tiny_server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(tiny_server.url + "/health").json()["status"] == "ok"
 
 
 def test_completion_is_the_greedy_generation(tiny_server, client):
@@ -88,4 +88,4 @@ def test_disconnect_cancels_the_request(tiny_server):
         if not engine.has_work:
             break
         time.sleep(0.05)
-    assert not engine.has_work and len(engine._free) == 2  # the slot came back
+    assert not engine.has_work and engine.stats().slots_used == 0  # the slot came back

@@ -69,6 +69,15 @@ class LoadConfig:
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     chat: bool = False  # /v1/chat/completions (one user message) instead of /v1/completions
     mixup_chars: int = MIXUP_CHARS
+    # faults (lowbit.bench.load_faults): this share of the streams hang up after `disconnect_after`
+    # chunks; with `bad_requests`, one bad request of each kind goes out among the load; and the server
+    # is checked afterwards (/health, a new request, KV slots free)
+    disconnect_share: float = 0.0
+    disconnect_after: int = 2
+    bad_requests: bool = False
+    max_body_bytes: int = 4 << 20  # the server's body limit, for the bad request over it
+    # failures whose message holds this text are expected (a fault the caller injects): counted apart
+    expected_error: str | None = None
 
     def __post_init__(self) -> None:
         if min(self.clients, self.requests, self.max_tokens) < 1:
@@ -77,6 +86,14 @@ class LoadConfig:
             raise LowbitError(f"the timeout must be > 0 seconds, got {self.timeout_s}")
         if not self.prompts:
             raise LowbitError("no prompts to send")
+        if not 0 <= self.disconnect_share <= 1:
+            raise LowbitError(f"the disconnect share must be in [0, 1], got {self.disconnect_share}")
+        if self.disconnect_after < 1:
+            raise LowbitError(f"disconnect_after must be >= 1 chunk, got {self.disconnect_after}")
+
+    def hangs_up(self, i: int) -> bool:
+        """Whether request i disconnects mid-stream: spread evenly, ``disconnect_share`` of them."""
+        return int((i + 1) * self.disconnect_share) > int(i * self.disconnect_share)
 
 
 @dataclass
@@ -91,7 +108,8 @@ class RequestResult:
     ttft_s: float | None = None
     latency_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
-    equals_alone: bool | None = None  # None: not checked (it or its alone run failed)
+    hangs_up: bool = False  # disconnects on purpose after a few chunks (not a failure)
+    equals_alone: bool | None = None  # None: not checked (it or its alone run failed or it hung up)
     first_diff: int | None = None  # index of the first character that differs from the alone text
 
 
@@ -121,6 +139,10 @@ class LoadReport:
     itl_p99_s: float | None
     alone: list[dict] = field(default_factory=list)  # per prompt: text, latency_s, error
     results: list[RequestResult] = field(default_factory=list)
+    disconnected: int = 0  # hung up on purpose
+    failed_expected: int = 0  # of `failed`: with the expected error (an injected fault)
+    bad: list[dict] = field(default_factory=list)  # per bad request: name, expected, status, ok
+    after: dict | None = None  # the server after the load (load_faults.server_after)
 
     @property
     def not_sent(self) -> int:
@@ -140,8 +162,14 @@ class LoadReport:
 
     @property
     def passed(self) -> bool:
-        """Every request sent and completed, every alone run completed, none mixed up (drift allowed)."""
-        return self.not_sent == 0 and self.failed == 0 and self.alone_failed == 0 and not self.mixed_up
+        """Every request sent and completed (or hung up on purpose, or failed with the expected error),
+        every alone run completed, none mixed up (drift allowed), every bad request got its status, and
+        the server fine afterwards when that was checked."""
+        from lowbit.bench.load_faults import after_ok
+
+        return (self.not_sent == 0 and self.failed == self.failed_expected and self.alone_failed == 0
+                and not self.mixed_up and all(b["ok"] for b in self.bad)
+                and (self.after is None or after_ok(self.after)))
 
     def to_json(self) -> dict:
         return asdict(self) | {"not_sent": self.not_sent, "mixed_up": len(self.mixed_up),
@@ -222,6 +250,8 @@ async def _stream_one(client: Any, cfg: LoadConfig, model: str, res: RequestResu
                 chunk = json.loads(data)
                 if "error" in chunk:
                     raise _ServerError(f"error event: {chunk['error']}")
+                if not chunk.get("choices"):
+                    continue  # the usage chunk of stream_options.include_usage
                 choice = chunk["choices"][0]
                 if cfg.chat:
                     delta = choice.get("delta") or {}
@@ -238,6 +268,8 @@ async def _stream_one(client: Any, cfg: LoadConfig, model: str, res: RequestResu
                 last = now
                 res.tokens += 1
                 parts.append(piece)
+                if res.hangs_up and res.tokens >= cfg.disconnect_after:
+                    return  # leaving the `async with` closes the connection mid-stream
         if not done:
             raise _ServerError(f"the stream ended after {res.tokens} chunks without data: [DONE]")
         res.latency_s = time.perf_counter() - t0
@@ -289,7 +321,7 @@ async def run_load(cfg: LoadConfig) -> LoadReport:
         slots = asyncio.Semaphore(cfg.clients)
 
         async def one(i: int) -> RequestResult:
-            res = RequestResult(index=i, prompt=i % len(cfg.prompts))
+            res = RequestResult(index=i, prompt=i % len(cfg.prompts), hangs_up=cfg.hangs_up(i))
             try:
                 async with asyncio.timeout_at(deadline):
                     await _stream_one(client, cfg, model, res)
@@ -299,9 +331,16 @@ async def run_load(cfg: LoadConfig) -> LoadReport:
                 slots.release()
             return res
 
+        from lowbit.bench import load_faults
+
+        bad_cases = load_faults.bad_requests(model, cfg.max_body_bytes) if cfg.bad_requests else []
+        every = max(1, cfg.requests // (len(bad_cases) + 1))  # bad requests spread over the load
+        bad_tasks: list[asyncio.Task[dict]] = []
         tasks: list[asyncio.Task[RequestResult]] = []
         t0 = time.perf_counter()
         for i in range(cfg.requests):
+            if bad_cases and i % every == every - 1:
+                bad_tasks.append(asyncio.create_task(load_faults.send_bad(client, bad_cases.pop(0))))
             try:
                 async with asyncio.timeout_at(deadline):
                     await slots.acquire()
@@ -312,14 +351,24 @@ async def run_load(cfg: LoadConfig) -> LoadReport:
                 break
             tasks.append(asyncio.create_task(one(i)))
         results = list(await asyncio.gather(*tasks))
+        bad_tasks += [asyncio.create_task(load_faults.send_bad(client, b)) for b in bad_cases]  # time ran out
+        bad = list(await asyncio.gather(*bad_tasks))
         wall = time.perf_counter() - t0
+        after = None
+        if cfg.bad_requests or cfg.disconnect_share or cfg.expected_error:
+            async def ask_alone() -> str:
+                return (await _alone_one(client, cfg, model, cfg.prompts[0]))["text"]
+
+            after = await load_faults.server_after(client, ask_alone, alone[0]["text"])
 
     for r in results:  # compare each completed response with its prompt's alone run
         ref = alone[r.prompt]["text"]
-        if r.error is None and ref is not None:
+        if r.error is None and ref is not None and not r.hangs_up:
             r.first_diff = first_difference(r.text, ref)
             r.equals_alone = r.first_diff is None
-    ok = [r for r in results if r.error is None]
+    ok = [r for r in results if r.error is None and not r.hangs_up]
+    failed = [r for r in results if r.error is not None]
+    expected = [r for r in failed if cfg.expected_error and cfg.expected_error in r.error]
     out_tokens = sum(r.tokens for r in ok)
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     lat = [r.latency_s for r in ok if r.latency_s is not None]
@@ -327,11 +376,13 @@ async def run_load(cfg: LoadConfig) -> LoadReport:
     return LoadReport(
         url=base, model=model, endpoint=_path(cfg), clients=cfg.clients, max_tokens=cfg.max_tokens,
         mixup_chars=cfg.mixup_chars, requested=cfg.requests, sent=len(results), completed=len(ok),
-        failed=len(results) - len(ok), wall_s=wall, output_tokens=out_tokens,
+        failed=len(failed), wall_s=wall, output_tokens=out_tokens,
         tokens_per_s=out_tokens / wall if wall > 0 else 0.0, requests_per_s=len(ok) / wall if wall > 0 else 0.0,
         ttft_p50_s=percentile(ttft, 50), ttft_p99_s=percentile(ttft, 99),
         latency_p50_s=percentile(lat, 50), latency_p99_s=percentile(lat, 99),
-        itl_p50_s=percentile(itl, 50), itl_p99_s=percentile(itl, 99), alone=alone, results=results)
+        itl_p50_s=percentile(itl, 50), itl_p99_s=percentile(itl, 99), alone=alone, results=results,
+        disconnected=sum(r.hangs_up and r.error is None for r in results), failed_expected=len(expected),
+        bad=bad, after=after)
 
 
 def format_report(report: LoadReport) -> str:
@@ -366,8 +417,30 @@ def format_report(report: LoadReport) -> str:
     errs = Counter([x.error for x in r.results if x.error] + [a["error"] for a in r.alone if a["error"]])
     for msg, n in errs.most_common():
         lines.append(f"  error x{n}: {msg}")
+    for b in r.bad:
+        if not b["ok"]:
+            lines.append(f"  bad request {b['name']!r}: expected {b['expected']}, got {b['status'] or b['error']}")
+    if r.bad or r.after is not None or r.disconnected:
+        lines.append(format_summary(r))
     lines.append("PASS" if r.passed else "FAIL")
     return "\n".join(lines)
+
+
+def format_summary(r: LoadReport) -> str:
+    """The fault and load test in one line: what was sent, what came back, the server afterwards."""
+    checked = [x for x in r.results if x.equals_alone is not None]
+    equal = sum(bool(x.equals_alone) for x in checked)
+    hung = sum("time bound" in (x.error or "") for x in r.results) + r.not_sent
+    a = r.after or {}
+    slots = "slots unknown" if a.get("slots_used") is None else \
+        f"{a['slots_used']:.0f} of {a['slots']:.0f} KV slots in use, {a['queued']:.0f} queued"
+    after = "not checked" if r.after is None else \
+        f"/health {a.get('health')}, a new request {'equal to' if a.get('answers') else 'NOT equal to'} its alone run, {slots}"
+    unexpected = r.failed - r.failed_expected
+    return (f"fault+load: {r.sent} streams from {r.clients} clients in {r.wall_s:.1f} s: {r.completed} completed "
+            f"({equal} of {len(checked)} equal to their prompt alone), {r.disconnected} hung up mid-stream, "
+            f"{r.failed_expected} failed by the injected fault, {unexpected} other failures, {hung} hung; "
+            f"bad requests {sum(b['ok'] for b in r.bad)}/{len(r.bad)} got their 4xx; after: {after}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -386,6 +459,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a text file, one prompt per line (default: 16 built-in prompts); request i sends prompt "
                    "i mod their number")
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions (prompts as user messages)")
+    p.add_argument("--disconnect-share", type=float, default=0.0,
+                   help="share of the streams that hang up after two chunks, e.g. 0.25 (default: 0); their slots "
+                   "must come back")
+    p.add_argument("--bad-requests", action="store_true",
+                   help="mix one bad request of each kind into the load (malformed JSON, empty prompt, max_tokens "
+                   "past the context, n > 1, token id outside the vocabulary, ...): each must get its 4xx; then "
+                   "check the server still answers and holds no request")
     p.add_argument("--json", metavar="FILE", default=None, help="write the report, every request included, as JSON")
     srv = p.add_argument_group("in-process server (with MODEL)")
     srv.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -407,18 +487,21 @@ def main(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise LowbitError(f"cannot read prompts from {args.prompts}: {exc}") from exc
     cfg = LoadConfig(url=args.url or "", model=args.model_name, clients=args.clients, requests=args.requests,
-                     max_tokens=args.max_tokens, timeout_s=args.timeout, prompts=prompts, chat=args.chat)
+                     max_tokens=args.max_tokens, timeout_s=args.timeout, prompts=prompts, chat=args.chat,
+                     disconnect_share=args.disconnect_share, bad_requests=args.bad_requests)
     if args.model is None:
         report = asyncio.run(run_load(cfg))
     else:
-        from lowbit.serve.app import BackgroundServer, load_app
+        from lowbit.serve.app import load_app
+        from lowbit.serve.runner import BackgroundServer
 
         app = load_app(args.model, device=args.device, dtype=args.dtype, name=args.model_name,
-                       max_slots=args.max_slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk)
+                       max_slots=args.max_slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
+                       max_queue=args.clients)  # every client's request fits: the test measures, never 429s
         served = app.state.served
         with BackgroundServer(app) as url:
             print(f"[serving {served.name} on {served.loaded.device} at {url}/v1, "
-                  f"{served.loop.engine.cache.slots} KV slots of {served.loop.engine.max_len} tokens]", file=sys.stderr)
+                  f"{served.loop.engine.num_slots} KV slots of {served.loop.engine.max_len} tokens]", file=sys.stderr)
             report = asyncio.run(run_load(replace(cfg, url=url, model=served.name)))
     print(format_report(report))
     if args.json:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 
 from lowbit.engine.kv_cache import KVCache
-from lowbit.engine.sampling import SamplingParams, sample
+from lowbit.engine.sampling import SamplingParams, request_generator, sample
 from lowbit.errors import LowbitError
 from lowbit.model.llama import Transformer
 
@@ -61,10 +61,7 @@ def generate_stream(
     positions = (slots[None, :longest] - pads[:, None]).clamp(min=0)  # (B, T)
 
     cache = KVCache(config, B, longest + max_new, device=device, dtype=model.embed_tokens.weight.dtype)
-    generator = None
-    if not params.greedy:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    generator = None if params.greedy else request_generator(device, params.seed)
     stops = torch.tensor(params.stop_token_ids or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
 

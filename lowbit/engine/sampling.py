@@ -39,6 +39,18 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def request_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A sampling request's own random generator: seeded with ``seed``, or from the OS's entropy when
+    None. The global RNG is neither read nor reseeded (``torch.seed()`` would reseed it for every
+    process-wide user of ``torch.manual_seed``)."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()  # this generator only, from a non-deterministic source
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
 _CHUNK = 2048  # vocabulary entries per first-stage row of greedy_tokens
 
 

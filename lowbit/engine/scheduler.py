@@ -21,7 +21,6 @@ which is dropped (its cache slot is freed anyway).
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from typing import Literal
 import torch
 
 from lowbit.engine.kv_cache import SlotKVCache
-from lowbit.engine.sampling import SamplingParams, greedy_tokens, sample
+from lowbit.engine.sampling import SamplingParams, greedy_tokens, request_generator, sample
 from lowbit.errors import LowbitError
 from lowbit.formats import KVCacheFormat
 from lowbit.model.llama import Transformer
@@ -43,6 +42,15 @@ class TokenEvent:
     request_id: int
     token: int | None  # the new token (None when the request ends without one: cancelled)
     finish_reason: FinishReason | None = None  # set on the request's last event
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int  # queued for a KV slot (not yet admitted)
+    prefilling: int  # admitted, prompt not yet fully in the cache
+    running: int  # decoding
+    slots_used: int
+    slots_total: int
 
 
 @dataclass
@@ -94,6 +102,10 @@ class Engine:
         """
         if prefill_chunk < 1:
             raise LowbitError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        # what rebuilt() needs to make a fresh engine over the same model
+        self._settings = dict(max_slots=max_slots, max_len=max_len, prefill_chunk=prefill_chunk,
+                              decode_kernel=decode_kernel, cuda_graphs=cuda_graphs,
+                              graph_batch_sizes=graph_batch_sizes)
         self.model = model
         self.device, self.dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
         self.max_len = max_len or model.config.max_position_embeddings
@@ -122,11 +134,12 @@ class Engine:
 
             sizes = [b for b in graph_batch_sizes or default_batch_sizes(slots) if b <= slots]
             self.graphs = GraphedDecode(model, self.cache, sizes, pad_slot=slots)
+        self.num_slots = slots
         self._free = list(range(slots))[::-1]
         self._waiting: deque[_Request] = deque()
         self._prefilling: deque[_Request] = deque()
         self._running: list[_Request] = []
-        self._ids = itertools.count()
+        self._next_id = 0
         self._lock = threading.Lock()
         self._inbox: list[_Request] = []
         self._cancelled: set[int] = set()
@@ -134,19 +147,21 @@ class Engine:
         self._pending: list[_Request] = []
 
     # ---- called from any thread ------------------------------------------------------------------
-    def add(self, prompt: list[int], params: SamplingParams) -> int:
-        """Queue a request; returns its id. Raises LowbitError if it can never fit."""
+    def add(self, prompt: list[int], params: SamplingParams, *, request_id: int | None = None) -> int:
+        """Queue a request; returns its id. Raises LowbitError if it can never fit.
+
+        ``request_id``: keep an id given by an earlier engine (``unstarted`` of a failed one, re-queued
+        in its ``rebuilt`` successor, whose own ids start past the old ones)."""
         if not prompt:
             raise LowbitError("a prompt needs at least one token")
         if len(prompt) >= self.max_len:
             raise LowbitError(f"the prompt has {len(prompt)} tokens; this engine's context is {self.max_len}")
         max_new = min(params.max_new_tokens, self.max_len - len(prompt))
-        gen = None
-        if not params.greedy:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        gen = None if params.greedy else request_generator(self.device, params.seed)
         with self._lock:
-            req = _Request(next(self._ids), list(prompt), params, max_new, gen)
+            if request_id is None:
+                request_id, self._next_id = self._next_id, self._next_id + 1
+            req = _Request(request_id, list(prompt), params, max_new, gen)
             self._inbox.append(req)
         return req.id
 
@@ -154,6 +169,45 @@ class Engine:
         """Stop a request (queued or running); its slot is freed at the next step."""
         with self._lock:
             self._cancelled.add(request_id)
+
+    def stats(self) -> EngineStats:
+        """Requests and KV slots now (read without stopping the engine: a snapshot, not a transaction)."""
+        with self._lock:
+            inbox = len(self._inbox)
+        return EngineStats(waiting=inbox + len(self._waiting), prefilling=len(self._prefilling),
+                           running=len(self._running), slots_used=self.num_slots - len(self._free),
+                           slots_total=self.num_slots)
+
+    def rebuilt(self) -> Engine:
+        """A new engine over the same model with the same settings: empty queues, every KV slot free,
+        CUDA graphs captured again. What a server does after ``step`` raised (its state is then unknown).
+        Its request ids continue this engine's, so that ``unstarted`` requests keep theirs."""
+        new = Engine(self.model, **self._settings)
+        new._next_id = self._next_id
+        return new
+
+    def unstarted(self) -> list[tuple[int, list[int], SamplingParams]]:
+        """(id, prompt, params) of the requests still queued: not admitted, nothing of them computed.
+        After a failed ``step`` these are the requests that can be re-queued in a rebuilt engine."""
+        with self._lock:
+            queued = list(self._inbox)
+        queued += [r for r in self._waiting if r.slot < 0 and r.prefilled == 0]
+        return [(r.id, r.prompt, r.params) for r in queued]
+
+    def close(self) -> None:
+        """Drop every request, the KV cache and the CUDA graphs, so that their memory can go to a rebuilt
+        engine; this engine cannot step again."""
+        with self._lock:
+            self._inbox.clear()
+            self._cancelled.clear()
+        self._waiting.clear()
+        self._prefilling.clear()
+        self._running.clear()
+        self._pending = []
+        self.graphs = None
+        self.cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ---- the engine loop -------------------------------------------------------------------------
     @property

@@ -1,154 +1,437 @@
 """OpenAI-compatible HTTP API over the continuous-batching engine (FastAPI; served by uvicorn).
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-(both with ``"stream": true`` as server-sent events ending in ``data: [DONE]``). Errors follow the
-OpenAI shape ``{"error": {"message", "type", "param", "code"}}``: 404 for an unknown model, 400 for
-invalid parameters or a prompt longer than the context; the server keeps serving either way.
+Endpoints: ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /v1/models``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (both with ``"stream": true`` as server-sent events ending in
+``data: [DONE]``). What requests may hold is in ``lowbit.serve.protocol``.
 
-One background thread runs ``Engine.step`` whenever there is work and hands each token to the
-request's asyncio queue. A streaming client that disconnects cancels its request, which frees its
-KV slot at the next engine step.
+Errors follow the OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` and never take the
+server down:
+- 400: invalid or unsupported parameters (named), malformed JSON, empty prompts, token ids outside
+  the vocabulary, prompt + ``max_tokens`` beyond the context (with both numbers);
+- 401: a missing or wrong API key (``api_key``: every ``/v1`` route then needs
+  ``Authorization: Bearer KEY``; compared in constant time); 404: a model this server does not serve;
+- 413: a body larger than ``max_body_bytes``; 429 + ``Retry-After``: the server is full (KV slots
+  plus ``max_queue`` waiting); 503 + ``Retry-After``: draining for shutdown, or the engine restarting;
+- 500: the engine failed while running the request (``lowbit.serve.engine_loop``). A stream that has
+  already started gets an error event, then ``data: [DONE]``.
+A streaming request waits for its first event before its headers are sent, so that an error before
+the first token still gets its status code. A client that disconnects cancels its request, which
+frees its KV slot at the next engine step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lowbit.engine.generate import decode
 from lowbit.engine.sampling import SamplingParams
 from lowbit.engine.scheduler import Engine, TokenEvent
 from lowbit.errors import LowbitError
+from lowbit.serve.engine_loop import EngineLoop, RequestFailed
+from lowbit.serve.metrics import CONTENT_TYPE, ServerMetrics
+from lowbit.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    check_unsupported,
+    max_new_tokens,
+    prompt_token_lists,
+)
 
-
-class _GenerationRequest(BaseModel):
-    """The fields completions and chat requests share."""
-
-    model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stream: bool = False
-    stop: str | list[str] | None = None
-
-
-class CompletionRequest(_GenerationRequest):
-    prompt: str
-    max_tokens: int = Field(16, ge=1)
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
-                                                               "code": None}})
-
-
-class EngineLoop:
-    """Runs the engine on a thread; routes each request's events to its asyncio queue."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._wake = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="lowbit-engine", daemon=True)
-        self.error: BaseException | None = None
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._wake:
-            self._stop = True
-            self._wake.notify()
-        self._thread.join(timeout=10)
-
-    def submit(self, prompt: list[int], params: SamplingParams) -> tuple[int, asyncio.Queue]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._wake:
-            rid = self.engine.add(prompt, params)
-            self._queues[rid] = (loop, queue)
-            self._wake.notify()
-        return rid, queue
-
-    def cancel(self, rid: int) -> None:
-        with self._wake:
-            if rid in self._queues:
-                self.engine.cancel(rid)
-                self._wake.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stop and not self.engine.has_work:
-                    self._wake.wait()
-                if self._stop:
-                    return
-            try:
-                events = self.engine.step()
-            except BaseException as exc:
-                self.error = exc
-                with self._wake:
-                    for loop, q in self._queues.values():
-                        loop.call_soon_threadsafe(q.put_nowait, exc)
-                raise
-            for ev in events:
-                with self._wake:
-                    target = self._queues.get(ev.request_id)
-                    if ev.finish_reason is not None:
-                        self._queues.pop(ev.request_id, None)
-                if target is not None:
-                    loop, q = target
-                    loop.call_soon_threadsafe(q.put_nowait, ev)
+DEFAULT_MAX_BODY_BYTES = 4 << 20  # a 128k-token prompt as text or as token ids is < 1 MiB
+_DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
 @dataclass
-class _Served:
-    name: str
+class Served:
+    """What ``app.state.served`` holds: the model ids, the loaded model, the engine loop, the metrics."""
+
+    names: tuple[str, ...]
     loaded: Any  # LoadedModel
     loop: EngineLoop
+    metrics: ServerMetrics
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
 
 
-def _sampling(req: CompletionRequest | ChatRequest, max_tokens: int, stop_ids: tuple[int, ...]) -> SamplingParams:
-    try:
-        return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              seed=req.seed, stop_token_ids=stop_ids)
-    except LowbitError as exc:
-        raise ApiError(400, str(exc)) from exc
+def _error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content=exc.body(), headers=exc.headers)
 
 
-def _stops(stop: str | list[str] | None) -> list[str]:
-    return [stop] if isinstance(stop, str) else list(stop or [])
+class _Gate:
+    """ASGI middleware in front of every route: counts answers by status for /metrics, and for ``/v1``
+    routes refuses (in this order) a draining server (503), a missing or wrong API key (401) and a body
+    over the limit (413, the body read at most once past the limit and then replayed to the app)."""
+
+    def __init__(self, app: Any, served: Served) -> None:
+        self.app, self.served = app, served
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path if path in ("/health", "/metrics", "/v1/models", "/v1/completions",
+                                 "/v1/chat/completions") else "other"
+        status = [500]
+
+        async def counted_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal = None
+            if path.startswith("/v1"):
+                refusal = self._refusal(scope)
+                if refusal is None:
+                    receive, refusal = await self._bounded_body(scope, receive)
+            if refusal is not None:
+                await _error_response(refusal)(scope, receive, counted_send)
+            else:
+                await self.app(scope, receive, counted_send)
+        finally:
+            self.served.metrics.requests.labels(route, str(status[0])).inc()
+
+    def _refusal(self, scope: dict) -> ApiError | None:
+        if self.served.loop.draining:
+            return ApiError(503, "the server is shutting down and takes no new requests", kind="server_error",
+                            headers={"Retry-After": "1", "Connection": "close"})
+        key = self.served.api_key
+        if key is not None:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            # constant-time comparison: the time taken does not tell how much of a guess was right
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key.encode()):
+                return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' with the key "
+                                     "the server was started with (--api-key or LOWBIT_API_KEY)",
+                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    async def _bounded_body(self, scope: dict, receive: Callable) -> tuple[Callable, ApiError | None]:
+        limit = self.served.max_body_bytes
+        too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes",
+                           code="request_too_large")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return receive, too_big
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return receive, ApiError(400, "the client disconnected while sending the request")
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return receive, too_big
+            more = message.get("more_body", False)
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as the server would
+
+        return replay, None
+
+
+@dataclass
+class _Choice:
+    """One prompt of a request: its engine request, text so far and how it ended."""
+
+    index: int
+    rid: int
+    tracker: _TextTracker
+    tokens: int = 0
+    finish: str | None = None
+    last_token_at: float | None = None
+
+
+@dataclass
+class _Pending:
+    """An HTTP request's engine requests and the queue their events arrive on."""
+
+    choices: dict[int, _Choice]  # by engine request id
+    queue: asyncio.Queue
+    submitted_at: float
+    prompt_tokens: int
+    finished: set[int] = field(default_factory=set)
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) == len(self.choices)
+
+
+def create_app(loaded: Any, engine: Engine, name: str | Sequence[str], *, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_queue: int | None = None) -> FastAPI:
+    """The FastAPI app serving ``loaded`` (a LoadedModel with a tokenizer) through ``engine``.
+
+    ``name``: the model id clients ask for, or several (the first is listed first). ``api_key``: the
+    key ``/v1`` routes require (None: open). ``max_queue``: requests that may wait for a KV slot (see
+    ``EngineLoop``). ``app.state.served`` is the ``Served`` record; ``served.loop.on_fatal`` is what
+    runs when the engine cannot be rebuilt (``lowbit.serve.runner`` sets it to end the process).
+    """
+    if loaded.tokenizer is None:
+        raise LowbitError(f"{loaded.path} ships no tokenizer; serving needs tokenizer files beside the weights")
+    names = (name,) if isinstance(name, str) else tuple(name)
+    if not names or not all(names):
+        raise LowbitError("the served model needs a non-empty name (--name)")
+    if max_body_bytes < 1:
+        raise LowbitError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    metrics_box: list[ServerMetrics] = []
+    loop = EngineLoop(engine, max_queue=max_queue, on_restart=lambda: metrics_box[0].restarts.inc())
+    metrics = ServerMetrics(lambda: loop.engine.stats())
+    metrics_box.append(metrics)
+    served = Served(names, loaded, loop, metrics, api_key or None, max_body_bytes)
+    tokenizer = loaded.tokenizer
+    vocab = loaded.config.vocab_size
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        served.loop.start()
+        yield
+        served.loop.stop()
+
+    app = FastAPI(title="lowbit", description="OpenAI-compatible API for a low-bit model", lifespan=lifespan)
+    app.add_middleware(_Gate, served=served)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ())[1:]]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            return _error_response(ApiError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+                                            .rstrip(": "), None))
+        if first.get("type") == "extra_forbidden":
+            return _error_response(ApiError(400, f"unsupported parameter {param!r}: lowbit does not implement it",
+                                            param))
+        return _error_response(ApiError(400, f"invalid request: {param or 'body'}: {first.get('msg', 'bad input')}",
+                                        param))
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.get("/health")
+    async def health() -> Any:
+        loop = served.loop
+        if loop.draining:
+            return JSONResponse(status_code=503, content={"status": "draining"})
+        if loop.state != "ok":
+            return JSONResponse(status_code=503, content={"status": loop.state, "detail": repr(loop.error)})
+        return {"status": "ok", "restarts": loop.restarts}
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(served.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "lowbit"}
+                                           for n in names]}
+
+    def _check_model(model: str) -> None:
+        if model not in names:
+            raise ApiError(404, f"model {model!r} is not served here; this server serves "
+                                f"{', '.join(repr(n) for n in names)}", "model", code="model_not_found")
+
+    def _params(req: CompletionRequest | ChatRequest, max_tokens: int) -> SamplingParams:
+        try:
+            return SamplingParams(max_new_tokens=max_tokens,
+                                  temperature=1.0 if req.temperature is None else req.temperature,
+                                  top_p=1.0 if req.top_p is None else req.top_p,
+                                  top_k=max(0, req.top_k or 0), seed=req.seed,
+                                  stop_token_ids=tuple(loaded.stop_token_ids))
+        except LowbitError as exc:
+            raise ApiError(400, str(exc)) from exc
+
+    def _submit(req: CompletionRequest | ChatRequest, prompts: list[list[int]], max_tokens: int | None,
+                param: str) -> _Pending:
+        context = served.loop.engine.max_len
+        params = [_params(req, max_new_tokens(max_tokens, len(p), context, param)) for p in prompts]
+        queue: asyncio.Queue = asyncio.Queue()
+        rids = served.loop.submit(prompts, params, queue)
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        choices = {rid: _Choice(i, rid, _TextTracker(tokenizer, stops)) for i, rid in enumerate(rids)}
+        prompt_tokens = sum(len(p) for p in prompts)
+        served.metrics.prompt_tokens.inc(prompt_tokens)
+        return _Pending(choices, queue, time.perf_counter(), prompt_tokens)
+
+    def _cancel(pending: _Pending) -> None:
+        for rid, c in pending.choices.items():
+            if rid not in pending.finished:
+                served.loop.cancel(rid)
+
+    async def _next(pending: _Pending, request: Request | None) -> tuple[_Choice, str, str | None]:
+        """The next piece of text of one of the request's choices: (choice, text, finish reason or None).
+
+        Raises ApiError when the engine failed the request. With ``request`` (non-streaming), a client
+        that went away cancels the request instead of letting it run to its end.
+        """
+        while True:
+            if request is None:
+                rid, ev = await pending.queue.get()
+            else:
+                try:
+                    rid, ev = await asyncio.wait_for(pending.queue.get(), _DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        _cancel(pending)
+                        # nginx's "client closed request": nobody reads it, /metrics counts it
+                        raise ApiError(499, "the client disconnected before the response was ready") from None
+                    continue
+            if isinstance(ev, RequestFailed):
+                raise ApiError(ev.status, ev.message, kind=ev.kind)
+            choice = pending.choices[rid]
+            if choice.finish is not None:
+                continue  # a stop string already ended it; this is its cancellation
+            assert isinstance(ev, TokenEvent)
+            now = time.perf_counter()
+            text = ""
+            if ev.token is not None:
+                served.metrics.generation_tokens.inc()
+                if choice.last_token_at is None:
+                    served.metrics.ttft.observe(now - pending.submitted_at)
+                else:
+                    served.metrics.itl.observe(now - choice.last_token_at)
+                choice.last_token_at = now
+                choice.tokens += 1
+                if ev.token not in loaded.stop_token_ids:
+                    text = choice.tracker.push(ev.token)
+            reason = None
+            if choice.tracker.stopped:
+                reason = "stop"
+                if ev.finish_reason is None:
+                    served.loop.cancel(rid)
+            elif ev.finish_reason is not None:
+                reason = "stop" if ev.finish_reason in ("stop", "cancelled") else "length"
+                text += choice.tracker.flush()
+            if reason is not None:
+                choice.finish = reason
+                pending.finished.add(rid)
+                if pending.done:
+                    served.metrics.duration.observe(now - pending.submitted_at)
+            if text or reason is not None:
+                return choice, text, reason
+
+    def _usage(pending: _Pending) -> dict:
+        out = sum(c.tokens for c in pending.choices.values())
+        return {"prompt_tokens": pending.prompt_tokens, "completion_tokens": out,
+                "total_tokens": pending.prompt_tokens + out}
+
+    async def _respond(req: CompletionRequest | ChatRequest, pending: _Pending, chat: bool, request: Request) -> Any:
+        rid_text = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        obj = ("chat.completion.chunk" if req.stream else "chat.completion") if chat else "text_completion"
+
+        def envelope(choices: list[dict]) -> dict:
+            return {"id": rid_text, "object": obj, "created": created, "model": req.model, "choices": choices}
+
+        def chunk(choice: _Choice, text: str, reason: str | None) -> dict:
+            if not chat:
+                return {"index": choice.index, "text": text, "finish_reason": reason, "logprobs": None}
+            return {"index": choice.index, "delta": {"content": text} if text or reason is None else {},
+                    "finish_reason": reason}
+
+        if not req.stream:
+            texts: dict[int, list[str]] = {c.index: [] for c in pending.choices.values()}
+            try:
+                while not pending.done:
+                    choice, text, _ = await _next(pending, request)
+                    texts[choice.index].append(text)
+            except BaseException:
+                _cancel(pending)
+                raise
+            choices = []
+            for c in sorted(pending.choices.values(), key=lambda c: c.index):
+                text = "".join(texts[c.index])
+                body = {"index": c.index, "finish_reason": c.finish}
+                body |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
+                choices.append(body)
+            return envelope(choices) | {"usage": _usage(pending)}
+
+        try:  # the first event before the headers: an error up to here still gets its status code
+            first = await _next(pending, request)
+        except BaseException:
+            _cancel(pending)
+            raise
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def sse() -> AsyncIterator[str]:
+            try:
+                if chat:
+                    for c in sorted(pending.choices.values(), key=lambda c: c.index):
+                        opening = {"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                   "finish_reason": None}
+                        yield f"data: {json.dumps(envelope([opening]))}\n\n"
+                yield f"data: {json.dumps(envelope([chunk(*first)]))}\n\n"
+                while not pending.done:
+                    try:
+                        piece = await _next(pending, None)
+                    except ApiError as exc:
+                        yield f"data: {json.dumps(exc.body())}\n\n"
+                        break
+                    if await request.is_disconnected():
+                        break
+                    yield f"data: {json.dumps(envelope([chunk(*piece)]))}\n\n"
+                if include_usage and pending.done:
+                    yield f"data: {json.dumps(envelope([]) | {'usage': _usage(pending)})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                _cancel(pending)  # client gone or an error: free the slots of what still runs
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        _check_model(req.model)
+        check_unsupported(req)
+        prompts = prompt_token_lists(req.prompt, lambda text: tokenizer(text)["input_ids"], vocab)
+        pending = _submit(req, prompts, req.max_tokens, "max_tokens")
+        return await _respond(req, pending, False, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request) -> Any:
+        _check_model(req.model)
+        check_unsupported(req)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ApiError(400, f"{served.name} has no chat template; use /v1/completions", "messages")
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            rendered = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - the template's own rule (e.g. roles must alternate)
+            raise ApiError(400, f"the model's chat template refused these messages: {exc}", "messages") from exc
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ApiError(400, "the messages render to an empty prompt", "messages")
+        if req.max_completion_tokens is not None:
+            max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
+        else:
+            max_tokens, param = req.max_tokens, "max_tokens"
+        pending = _submit(req, [ids], max_tokens, param)
+        return await _respond(req, pending, True, request)
+
+    app.state.served = served
+    return app
 
 
 class _TextTracker:
@@ -188,157 +471,15 @@ class _TextTracker:
         return out
 
 
-def create_app(loaded: Any, engine: Engine, name: str) -> FastAPI:
-    """The FastAPI app serving ``loaded`` (a LoadedModel with a tokenizer) through ``engine`` as ``name``."""
-    if loaded.tokenizer is None:
-        raise LowbitError(f"{loaded.path} ships no tokenizer; serving needs tokenizer files beside the weights")
-    served = _Served(name, loaded, EngineLoop(engine))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        served.loop.start()
-        yield
-        served.loop.stop()
-
-    app = FastAPI(title="lowbit", description="OpenAI-compatible API for a low-bit model", lifespan=lifespan)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return _error(400, f"invalid request: {first.get('msg', 'bad input')}", param)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.param, exc.kind)
-
-    @app.get("/health")
-    async def health() -> dict:
-        if served.loop.error is not None:
-            return JSONResponse(status_code=503, content={"status": "error", "detail": repr(served.loop.error)})
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "lowbit"}]}
-
-    def _check_model(model: str) -> None:
-        if model != name:
-            raise ApiError(404, f"model {model!r} is not served here; this server serves {name!r}", "model",
-                           "model_not_found")
-
-    def _submit_ids(ids: list[int], params: SamplingParams) -> tuple[int, asyncio.Queue]:
-        try:
-            return served.loop.submit(ids, params)
-        except LowbitError as exc:
-            raise ApiError(400, str(exc), "prompt") from exc
-
-    async def _run(ids: list[int], params: SamplingParams, stops: list[str], chat: bool, stream: bool,
-                   request: Request) -> Any:
-        rid, queue = _submit_ids(ids, params)
-        rid_text = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        tracker = _TextTracker(loaded.tokenizer, stops)
-        stop_ids = set(params.stop_token_ids)
-
-        async def events() -> AsyncIterator[tuple[str, str | None]]:
-            """(new text, finish reason or None) per engine event."""
-            while True:
-                ev = await queue.get()
-                if isinstance(ev, BaseException):
-                    raise ApiError(500, f"the engine failed: {ev!r}", kind="server_error")
-                assert isinstance(ev, TokenEvent)
-                text = ""
-                if ev.token is not None and ev.token not in stop_ids:
-                    text = tracker.push(ev.token)
-                if tracker.stopped and ev.finish_reason is None:
-                    served.loop.cancel(rid)
-                    yield text, "stop"
-                    return
-                if ev.finish_reason is not None:
-                    reason = "stop" if ev.finish_reason in ("stop", "cancelled") else "length"
-                    yield text + tracker.flush(), reason
-                    return
-                yield text, None
-
-        def payload(text: str, reason: str | None, final: bool) -> dict:
-            if chat:
-                body = {"index": 0, "finish_reason": reason}
-                if stream:
-                    body["delta"] = {"content": text} if not final or text else {}
-                else:
-                    body["message"] = {"role": "assistant", "content": text}
-                obj = "chat.completion.chunk" if stream else "chat.completion"
-            else:
-                body = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-                obj = "text_completion"
-            return {"id": rid_text, "object": obj, "created": created, "model": name, "choices": [body]}
-
-        if not stream:
-            parts, reason = [], "length"
-            try:
-                async for text, r in events():
-                    parts.append(text)
-                    reason = r or reason
-            except asyncio.CancelledError:
-                served.loop.cancel(rid)
-                raise
-            out = payload("".join(parts), reason, True)
-            n_out = len(tracker.ids)
-            out["usage"] = {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}
-            return out
-
-        async def sse() -> AsyncIterator[str]:
-            finished = False
-            try:
-                if chat:
-                    first = payload("", None, False)
-                    first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-                    yield f"data: {json.dumps(first)}\n\n"
-                async for text, r in events():
-                    if await request.is_disconnected():
-                        break
-                    yield f"data: {json.dumps(payload(text, r, r is not None))}\n\n"
-                    if r is not None:
-                        finished = True
-                yield "data: [DONE]\n\n"
-            finally:
-                if not finished:  # client gone (or error): free the slot
-                    served.loop.cancel(rid)
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Any:
-        _check_model(req.model)
-        ids = loaded.tokenizer(req.prompt)["input_ids"]
-        params = _sampling(req, req.max_tokens, tuple(loaded.stop_token_ids))
-        return await _run(ids, params, _stops(req.stop), False, req.stream, request)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest, request: Request) -> Any:
-        _check_model(req.model)
-        tok = loaded.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise ApiError(400, f"{name} has no chat template; use /v1/completions", "messages")
-        msgs = [m.model_dump() for m in req.messages]
-        rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        ids = tok(rendered, add_special_tokens=False)["input_ids"]
-        max_tokens = req.max_completion_tokens or req.max_tokens or 256
-        params = _sampling(req, max_tokens, tuple(loaded.stop_token_ids))
-        return await _run(ids, params, _stops(req.stop), True, req.stream, request)
-
-    app.state.served = served
-    return app
-
-
-def load_app(model: str | Path, *, device: str = "auto", dtype: str = "auto", name: str | None = None,
-             max_slots: int | None = None, max_len: int | None = None, prefill_chunk: int = 256) -> FastAPI:
+def load_app(model: str | Path, *, device: str = "auto", dtype: str = "auto", name: str | Sequence[str] | None = None,
+             max_slots: int | None = None, max_len: int | None = None, prefill_chunk: int = 256,
+             api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+             max_queue: int | None = None) -> FastAPI:
     """Load ``model`` (a directory, a .gguf file or a known name) and build the app serving it.
 
     What ``lowbit serve`` runs: quantized checkpoints use the GPU kernels on CUDA; ``max_slots`` and
-    ``max_len`` (tokens) default as in :class:`Engine`. ``app.state.served`` holds the served ``name``,
-    the ``loaded`` model and the engine (``loop.engine``).
+    ``max_len`` (tokens) default as in :class:`Engine`. The model id defaults to ``model`` exactly as
+    given (as vLLM's does), so a client asks for the name the server was started with.
     """
     from lowbit.model.loader import load_model
 
@@ -353,40 +494,5 @@ def load_app(model: str | Path, *, device: str = "auto", dtype: str = "auto", na
         if getattr(loaded.model, "quant_scheme", None) is not None:
             use_kernels(loaded.model)
     engine = Engine(loaded.model, max_slots=max_slots, max_len=max_len, prefill_chunk=prefill_chunk)
-    return create_app(loaded, engine, name or loaded.path.name)
-
-
-class BackgroundServer:
-    """Serves ``app`` with uvicorn on a daemon thread of this process; ``with`` yields its base URL.
-
-    Port 0 (the default) takes a free port from the OS. For tests and ``lowbit bench serve MODEL``;
-    ``lowbit serve`` runs uvicorn on the main thread instead.
-    """
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 60.0) -> None:
-        self.app, self.host, self.port, self.start_timeout_s = app, host, port, start_timeout_s
-        self.url = ""
-
-    def __enter__(self) -> str:
-        try:
-            import uvicorn
-        except ImportError as exc:
-            raise LowbitError(f"serving needs uvicorn ({exc}); pip install uvicorn") from exc
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning"))
-        self._thread = threading.Thread(target=self._server.run, name="lowbit-uvicorn", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + self.start_timeout_s
-        while not self._server.started:
-            # uvicorn ends its thread (logging why) when it cannot bind or the app's startup fails
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self._server.should_exit = True
-                raise LowbitError(f"the server did not start on {self.host}:{self.port} within "
-                                  f"{self.start_timeout_s:.0f} s; see uvicorn's log above")
-            time.sleep(0.02)
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://{self.host}:{port}"
-        return self.url
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
+    return create_app(loaded, engine, name or str(model), api_key=api_key, max_body_bytes=max_body_bytes,
+                      max_queue=max_queue)
