@@ -175,3 +175,57 @@ def test_unseeded_sampling_leaves_the_global_rng_alone(model):
     draws = {tuple(generate(model, [_prompts()[2]], SamplingParams(max_new_tokens=8, temperature=2.0))[0].token_ids)
              for _ in range(4)}
     assert len(draws) > 1
+
+
+def _cuda_model():
+    from lowbit.model.config import ModelConfig
+    from lowbit.model.llama import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig("llama", vocab_size=61, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=32, max_position_embeddings=64)
+    return Transformer(cfg).to("cuda", torch.float16).eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rebuilt_engine_on_cuda_graphs_frees_the_old_one_and_serves_the_queued_requests():
+    """What the server does after a failed step, on the real path (CUDA graphs, decode kernel): the old
+    engine's cache and graphs are freed, the rebuilt one captures its own, and the requests that were
+    only queued complete under their ids with the tokens they get alone."""
+    m = _cuda_model()
+    engine = Engine(m, max_slots=2, max_len=48, prefill_chunk=4)
+    assert engine.graphs is not None
+    prompts = [[3, 4, 5, 6, 7], [10, 11], [12, 13, 14], [20, 21, 22, 23]]
+    ids = [engine.add(p, SamplingParams(max_new_tokens=6)) for p in prompts]
+    engine.step()
+    engine.step()  # two admitted and running, two waiting
+    carried = engine.unstarted()
+    assert [rid for rid, _, _ in carried] == ids[2:]
+    import gc
+
+    def allocated() -> int:
+        gc.collect()
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+
+    before, cache_bytes = allocated(), engine.cache.nbytes
+    engine.close()
+    closed = allocated()
+    new = engine.rebuilt()
+    del engine
+    rebuilt = allocated()
+    print(f"allocated: {before} with the engine, {closed} closed, {rebuilt} rebuilt; cache {cache_bytes}")
+    assert closed <= before - cache_bytes  # the old cache is gone before the new one is allocated
+    assert rebuilt <= before + (1 << 20)  # and the rebuilt engine takes no more than the first did
+    for rid, p, params in carried:
+        assert new.add(p, params, request_id=rid) == rid
+    fresh = new.add(prompts[0], SamplingParams(max_new_tokens=6))
+    assert fresh > max(ids)  # new ids continue past the old engine's
+    out = new.run()
+    # a never-failed engine given the same requests in the same order computes the same batches
+    reference = Engine(m, max_slots=2, max_len=48, prefill_chunk=4)
+    ref_ids = [reference.add(p, SamplingParams(max_new_tokens=6)) for p in [*prompts[2:], prompts[0]]]
+    ref_out = reference.run()
+    assert [out[rid] for rid in [*ids[2:], fresh]] == [ref_out[rid] for rid in ref_ids]
+    assert all(len(out[rid][0]) > 0 for rid in out) and new.stats().slots_used == 0

@@ -89,3 +89,23 @@ def test_disconnect_cancels_the_request(tiny_server):
             break
         time.sleep(0.05)
     assert not engine.has_work and engine.stats().slots_used == 0  # the slot came back
+
+
+def test_a_non_streaming_client_that_leaves_cancels_its_request(serve_tiny, monkeypatch):
+    import httpx
+
+    with serve_tiny(slots=1, max_len=64) as s:
+        step = s.engine.step
+        monkeypatch.setattr(s.engine, "step", lambda: (time.sleep(0.05), step())[1])  # 58 tokens: ~3 s
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 58, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(s.url + "/v1/completions", json=body, timeout=0.3)
+        t0 = time.monotonic()
+        while s.served.loop.in_flight and time.monotonic() - t0 < 5:
+            time.sleep(0.02)
+        assert s.served.loop.in_flight == 0 and time.monotonic() - t0 < 2.5  # cancelled, not run to its end
+        for _ in range(100):
+            if s.engine.stats().slots_used == 0:
+                break
+            time.sleep(0.02)
+        assert s.engine.stats().slots_used == 0

@@ -111,6 +111,23 @@ def test_only_started_requests_fail_queued_ones_move_to_the_new_engine(serve_tin
         _wait_for(lambda: s.served.loop.in_flight == 0 and s.engine.stats().slots_used == 0)
 
 
+def test_requests_that_arrive_during_a_rebuild_wait_for_the_new_engine(serve_tiny):
+    with serve_tiny(slots=2) as s:
+        loop = s.served.loop
+        loop._rebuild = lambda old: (time.sleep(1.0), old.rebuilt())[1]  # as slow as capturing CUDA graphs
+        _Fault(s.engine, at=2)
+        c = _client(s.url)
+        first = threading.Thread(target=lambda: pytest.raises(openai.InternalServerError, c.completions.create,
+                                                              model="tiny", prompt=PROMPT, max_tokens=8))
+        first.start()
+        _wait_for(lambda: loop.state == "restarting")
+        assert httpx.get(s.url + "/health").json()["status"] == "restarting"
+        r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0)  # held, then served
+        assert r.choices[0].text == greedy_text(s.loaded, PROMPT, 8) and loop.restarts == 1
+        first.join(10)
+        _wait_for(lambda: loop.in_flight == 0)
+
+
 def test_an_engine_that_cannot_be_rebuilt_ends_the_server_with_exit_code_1(serve_tiny):
     with serve_tiny(slots=2) as s:
         loop = s.served.loop

@@ -152,18 +152,37 @@ class Engine:
 
         ``request_id``: keep an id given by an earlier engine (``unstarted`` of a failed one, re-queued
         in its ``rebuilt`` successor, whose own ids start past the old ones)."""
-        if not prompt:
-            raise LowbitError("a prompt needs at least one token")
-        if len(prompt) >= self.max_len:
-            raise LowbitError(f"the prompt has {len(prompt)} tokens; this engine's context is {self.max_len}")
+        self.check_prompt(prompt)
         max_new = min(params.max_new_tokens, self.max_len - len(prompt))
         gen = None if params.greedy else request_generator(self.device, params.seed)
         with self._lock:
             if request_id is None:
-                request_id, self._next_id = self._next_id, self._next_id + 1
+                request_id = self._take_id()
             req = _Request(request_id, list(prompt), params, max_new, gen)
             self._inbox.append(req)
         return req.id
+
+    def check_prompt(self, prompt: list[int]) -> None:
+        """Raise LowbitError if ``prompt`` can never run here (what ``add`` refuses)."""
+        if not prompt:
+            raise LowbitError("a prompt needs at least one token")
+        if len(prompt) >= self.max_len:
+            raise LowbitError(f"the prompt has {len(prompt)} tokens; this engine's context is {self.max_len}")
+
+    def reserve_id(self) -> int:
+        """A request id no request of this engine (or of its ``rebuilt`` successor) will get, for a
+        request to ``add`` later under it: what a server hands out while the engine is being rebuilt."""
+        with self._lock:
+            return self._take_id()
+
+    def continue_ids(self, after: Engine) -> None:
+        """Give out only ids past every id ``after`` gave out or reserved."""
+        with self._lock:
+            self._next_id = max(self._next_id, after._next_id)
+
+    def _take_id(self) -> int:
+        rid, self._next_id = self._next_id, self._next_id + 1
+        return rid
 
     def cancel(self, request_id: int) -> None:
         """Stop a request (queued or running); its slot is freed at the next step."""
@@ -183,7 +202,7 @@ class Engine:
         CUDA graphs captured again. What a server does after ``step`` raised (its state is then unknown).
         Its request ids continue this engine's, so that ``unstarted`` requests keep theirs."""
         new = Engine(self.model, **self._settings)
-        new._next_id = self._next_id
+        new.continue_ids(self)
         return new
 
     def unstarted(self) -> list[tuple[int, list[int], SamplingParams]]:

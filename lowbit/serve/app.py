@@ -174,6 +174,8 @@ class _Pending:
     submitted_at: float
     prompt_tokens: int
     finished: set[int] = field(default_factory=set)
+    getter: asyncio.Future | None = None  # a queue.get() in flight across disconnect polls
+    checked_at: float = 0.0  # when the client's connection was last checked (non-streaming)
 
     @property
     def done(self) -> bool:
@@ -277,6 +279,8 @@ def create_app(loaded: Any, engine: Engine, name: str | Sequence[str], *, api_ke
         return _Pending(choices, queue, time.perf_counter(), prompt_tokens)
 
     def _cancel(pending: _Pending) -> None:
+        if pending.getter is not None:
+            pending.getter.cancel()
         for rid, c in pending.choices.items():
             if rid not in pending.finished:
                 served.loop.cancel(rid)
@@ -291,14 +295,22 @@ def create_app(loaded: Any, engine: Engine, name: str | Sequence[str], *, api_ke
             if request is None:
                 rid, ev = await pending.queue.get()
             else:
-                try:
-                    rid, ev = await asyncio.wait_for(pending.queue.get(), _DISCONNECT_POLL_S)
-                except TimeoutError:
+                # one getter task kept across polls: asyncio.wait leaves it running on a timeout, where
+                # wait_for would cancel it and (Python 3.11) could drop an event that arrived meanwhile
+                if pending.getter is None:
+                    pending.getter = asyncio.ensure_future(pending.queue.get())
+                done, _ = await asyncio.wait({pending.getter}, timeout=_DISCONNECT_POLL_S)
+                now = time.perf_counter()
+                if not done or now - pending.checked_at >= _DISCONNECT_POLL_S:  # also while tokens flow
+                    pending.checked_at = now
                     if await request.is_disconnected():
                         _cancel(pending)
                         # nginx's "client closed request": nobody reads it, /metrics counts it
-                        raise ApiError(499, "the client disconnected before the response was ready") from None
+                        raise ApiError(499, "the client disconnected before the response was ready")
+                if not done:
                     continue
+                rid, ev = pending.getter.result()
+                pending.getter = None
             if isinstance(ev, RequestFailed):
                 raise ApiError(ev.status, ev.message, kind=ev.kind)
             choice = pending.choices[rid]

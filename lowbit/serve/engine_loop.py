@@ -10,8 +10,9 @@ guarantees about faults and load live:
 - **Faults.** When ``step`` raises, the engine's state is unknown: every request it had started is
   failed with a ``RequestFailed`` (a 500 naming the cause), the engine is closed and rebuilt over the
   same model (``Engine.rebuilt``: empty queues, every KV slot free, graphs captured again), the
-  requests that were only queued (``Engine.unstarted``: nothing of them computed) are queued again in
-  the new engine under the same ids, and serving goes on.
+  requests that were only queued (``Engine.unstarted``: nothing of them computed), and those that
+  arrived during the rebuild (seconds on a GPU: CUDA graphs are captured again), are queued in the new
+  engine under their ids, and serving goes on.
   If the rebuild raises too (a CUDA error that poisoned the context, say), the loop is *failed*: new
   requests get 503 and ``on_fatal`` is called, which in ``lowbit serve`` makes the process exit
   non-zero so that a supervisor restarts it. No request is left waiting for an event that never comes.
@@ -66,6 +67,7 @@ class EngineLoop:
         self.error: BaseException | None = None  # the last engine failure
         self.draining = False
         self._cancel_later: set[int] = set()  # cancels of re-queued requests that came during a rebuild
+        self._held: list[tuple[int, list[int], SamplingParams]] = []  # for the rebuilt engine to take
         self._routes: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Condition()
         self._stop = False
@@ -96,20 +98,23 @@ class EngineLoop:
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], queue: asyncio.Queue) -> list[int]:
         """Queue one engine request per prompt, all or none; their events go to ``queue``.
 
-        Raises ApiError: 503 while draining, restarting or failed, 429 when the server is full, 400 for
-        a prompt the engine refuses.
+        While the engine is being rebuilt the requests are held, under ids reserved from the old one,
+        and the new engine takes them. Raises ApiError: 503 while draining or failed, 429 when the
+        server is full, 400 for a prompt the engine refuses.
         """
         loop = asyncio.get_running_loop()
         with self._wake:
             self._check_open(len(prompts))
-            rids: list[int] = []
             try:
-                for ids, p in zip(prompts, params, strict=True):
-                    rids.append(self.engine.add(ids, p))
+                for ids in prompts:
+                    self.engine.check_prompt(ids)
             except LowbitError as exc:
-                for rid in rids:
-                    self.engine.cancel(rid)
                 raise ApiError(400, str(exc), "prompt") from exc
+            if self.state == "restarting":
+                rids = [self.engine.reserve_id() for _ in prompts]
+                self._held += [(rid, ids, p) for rid, ids, p in zip(rids, prompts, params, strict=True)]
+            else:
+                rids = [self.engine.add(ids, p) for ids, p in zip(prompts, params, strict=True)]
             for rid in rids:
                 self._routes[rid] = (loop, queue)
             self._wake.notify()
@@ -146,10 +151,7 @@ class EngineLoop:
         if self.draining:
             raise ApiError(503, "the server is shutting down and takes no new requests; retry on another "
                                 "replica", kind="server_error", headers=retry | {"Connection": "close"})
-        if self.state == "restarting":
-            raise ApiError(503, "the engine is restarting after a failure; retry in a moment", kind="server_error",
-                           headers=retry)
-        if self.state != "ok":
+        if self.state not in ("ok", "restarting"):
             raise ApiError(503, f"the engine failed and could not be restarted ({self.error!r}); the server is "
                                 "exiting", kind="server_error")
         if len(self._routes) + n > self.capacity:
@@ -204,8 +206,8 @@ class EngineLoop:
         with self._wake:
             self.error = exc
             self.state = "restarting"
-            carried = [u for u in unstarted if u[0] in self._routes]
-            keep = {u[0] for u in carried}
+            self._held = [u for u in unstarted if u[0] in self._routes]
+            keep = {u[0] for u in self._held}
             failed = {rid: t for rid, t in self._routes.items() if rid not in keep}
             self._routes = {rid: t for rid, t in self._routes.items() if rid in keep}
         self._post_failure(failed, RequestFailed(500, f"the engine failed while running this request "
@@ -223,12 +225,13 @@ class EngineLoop:
                 self.on_fatal(fatal)
             return False
         with self._wake:
-            for rid, prompt, params in carried:
+            new.continue_ids(old)  # past the ids reserved during the rebuild
+            for rid, prompt, params in self._held:
                 if rid in self._routes:
                     new.add(prompt, params, request_id=rid)
                     if rid in self._cancel_later:
                         new.cancel(rid)
-            self._cancel_later.clear()
+            self._held, self._cancel_later = [], set()
             self.engine, self.state = new, "ok"
             self.restarts += 1
         if self.on_restart is not None:
