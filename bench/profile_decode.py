@@ -110,8 +110,7 @@ def gemm_rows(M: int) -> list[tuple[str, str, float, float]]:
 
 def main() -> None:
     from lowbit.bench.synthetic import LLAMA3_8B, quantize_rtn, random_model
-    from lowbit.model.fuse import fuse_projections
-    from lowbit.model.qlinear import use_kernels
+    from lowbit.engine.inference import prepare_for_inference
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schemes", default="fp16,w4a8")
@@ -131,8 +130,7 @@ def main() -> None:
         if scheme != "fp16":
             quantize_rtn(model, scheme, progress=False)
         torch.cuda.empty_cache()
-        fuse_projections(model)
-        use_kernels(model)
+        prepare_for_inference(model)
         wall, fams = profile_step(model, args.batch, args.context, args.steps)
         busy = sum(us for _, us in fams.values())
         print(f"\n{scheme} batch {args.batch}: {wall:.3f} ms/step wall, {busy / 1e3:.3f} ms of kernels "

@@ -22,6 +22,7 @@ _LAZY = {
     "SamplingParams": "lowbit.engine.sampling",
     "generate": "lowbit.engine.generate",
     "generate_text": "lowbit.engine.generate",
+    "prepare_for_inference": "lowbit.engine.inference",
     "LowbitError": "lowbit.errors",
     "quantize": "lowbit.quant.api",
     "QuantScheme": "lowbit.formats",

@@ -370,27 +370,11 @@ def _cmd_fetch(args: argparse.Namespace) -> None:
             raise LowbitError(f"unknown asset {name!r}; known: {', '.join([*MODELS, 'wiki'])}")
 
 
-class _TextStream:
-    """Prints the text of a growing token list as it grows (handles multi-token UTF-8 characters)."""
-
-    def __init__(self, tokenizer) -> None:  # noqa: ANN001
-        self.tokenizer, self.ids, self.printed = tokenizer, [], 0
-
-    def push(self, token: int) -> None:
-        from lowbit.engine.generate import decode
-
-        self.ids.append(token)
-        text = decode(self.tokenizer, self.ids)
-        if text.endswith("\ufffd"):
-            return  # half of a multi-byte character: wait for the rest
-        sys.stdout.write(text[self.printed :])
-        sys.stdout.flush()
-        self.printed = len(text)
-
-
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from lowbit.engine.generate import decode, encode_prompt, generate, generate_stream
+    from lowbit.engine.generate import generate_stream
+    from lowbit.engine.inference import engine_for, prepare_for_inference
     from lowbit.engine.sampling import SamplingParams
+    from lowbit.engine.text import IncrementalDetokenizer, encode_prompt
     from lowbit.model.loader import load_model
 
     params = SamplingParams(  # checked before the (slow) model load
@@ -403,35 +387,44 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     if loaded.tokenizer is None:
         raise LowbitError(f"{loaded.path} ships no tokenizer files; generation needs one beside the weights")
-    kernels = ""
-    if getattr(loaded.model, "quant_scheme", None) is not None:
-        from lowbit.model.qlinear import cache_dequantized_weights, use_kernels
-
-        on, total = use_kernels(loaded.model, enabled=loaded.device.type == "cuda" and not args.reference)
-        kernels = f", {on}/{total} quantized layers on GPU kernels" if loaded.device.type == "cuda" else ""
-        # the layers left on the reference path keep their dequantized weights between steps
-        cache_dequantized_weights(loaded.model)
+    setup = prepare_for_inference(loaded.model, kernels=not args.reference)
     params = replace(params, stop_token_ids=loaded.stop_token_ids)
     prompts = [encode_prompt(loaded.tokenizer, p, chat=not args.no_chat, system=args.system) for p in args.prompt]
+    context = loaded.config.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        raise LowbitError(f"the prompt has {longest} tokens, but the model's context is {context}; shorten the prompt")
+    t0 = time.perf_counter()
+    engine = engine_for(loaded.model, len(prompts), min(context, longest + params.max_new_tokens))
     dtype = str(loaded.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    print(f"[{loaded.path.name} on {loaded.device} in {dtype}{kernels}]", file=sys.stderr)
+    how = ", ".join(x for x in (setup.describe(), "CUDA graphs" if engine.graphs is not None else "") if x)
+    print(f"[{loaded.path.name} on {loaded.device} in {dtype}{', ' + how if how else ''}; engine ready in "
+          f"{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    texts = [IncrementalDetokenizer(loaded.tokenizer) for _ in prompts]
+    n, first_at = 0, None
     start = time.perf_counter()
+    for ev in generate_stream(loaded.model, prompts, params):
+        if ev.token is None or ev.finish_reason == "stop":
+            continue
+        n += 1
+        first_at = first_at or time.perf_counter()
+        piece = texts[ev.index].push(ev.token)
+        if len(prompts) == 1:  # one prompt streams to the terminal; a batch is printed at the end
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     if len(prompts) == 1:
-        stream, stops, n = _TextStream(loaded.tokenizer), set(params.stop_token_ids), 0
-        for (token,) in generate_stream(loaded.model, prompts, params):
-            if token is None or token in stops:
-                break
-            stream.push(token)
-            n += 1
-        print()
+        print(texts[0].flush())
     else:
-        completions = generate(loaded.model, prompts, params)
-        n = sum(len(c.token_ids) for c in completions)
-        for i, (prompt, c) in enumerate(zip(args.prompt, completions)):
+        for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
+            text.flush()
             print(f"--- [{i}] {prompt}")
-            print(decode(loaded.tokenizer, c.token_ids))
-    elapsed = time.perf_counter() - start
-    print(f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s]", file=sys.stderr)
+            print(text.text)
+    end = time.perf_counter()
+    rate = ""
+    if first_at is not None and n > len(prompts):
+        rate = (f": first token after {(first_at - start) * 1e3:.0f} ms, then "
+                f"{(n - 1) / (end - first_at):.1f} tokens/s")
+    print(f"[{n} tokens in {end - start:.2f} s{rate}]", file=sys.stderr)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001

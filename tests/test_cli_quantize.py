@@ -39,7 +39,8 @@ def test_quantize_eval_generate_round_trip(capsys, tmp_path):
     import torch
 
     import lowbit
-    from lowbit.engine.generate import decode, encode_prompt, generate
+    from lowbit.engine.generate import generate
+    from lowbit.engine.text import decode, encode_prompt
     from lowbit.engine.sampling import SamplingParams
 
     out = tmp_path / "q"

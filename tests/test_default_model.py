@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lowbit.cli import main
-from lowbit.engine.generate import encode_prompt, generate
+from lowbit.engine.generate import generate
+from lowbit.engine.text import encode_prompt
 from lowbit.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.asset
@@ -67,7 +68,7 @@ def test_greedy_continuations_match_transformers_token_for_token(ours, reference
 def test_cli_generate_streams_the_greedy_text(ours, capsys):
     """What `lowbit generate` streams is the library's greedy generation, decoded (the tokens themselves
     are checked against transformers above)."""
-    from lowbit.engine.generate import decode
+    from lowbit.engine.text import decode
 
     prompt = "What is the capital of France?"
     assert main(["generate", "smollm2-135m", "-p", prompt, "-n", "20", "--device", "cpu"]) == 0

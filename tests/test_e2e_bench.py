@@ -11,7 +11,7 @@ import torch
 from lowbit.bench import e2e
 from lowbit.bench.synthetic import LLAMA3_8B, quantize_rtn, random_model
 from lowbit.cli import main
-from lowbit.engine.generate import generate
+from lowbit.engine.reference import reference_generate as generate
 from lowbit.engine.sampling import SamplingParams
 from lowbit.engine.scheduler import Engine
 from lowbit.errors import LowbitError

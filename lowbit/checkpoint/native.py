@@ -43,7 +43,7 @@ QUANT_METHOD = "lowbit"
 def save_quantized(model: Transformer, out: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False) -> Path:
     """Write ``model`` (quantized by ``lowbit.quantize``) to the directory ``out``."""
     out = Path(out)
-    scheme: QuantScheme | None = getattr(model, "quant_scheme", None)
+    scheme: QuantScheme | None = model.quant_scheme
     if scheme is None:
         raise LowbitError("this model is not quantized; run lowbit.quantize(model, scheme, calib) first")
     if out.exists() and not overwrite:

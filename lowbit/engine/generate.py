@@ -1,8 +1,13 @@
-"""Batched generation over a preallocated KV cache.
+"""``lowbit.generate``: batched generation through the engine, the one inference path.
 
-Prompts of different lengths are left-padded to the longest, so one prefill call fills the cache and
-every decode step writes the same cache slot for the whole batch; ``key_valid`` hides the padding and
-rotary positions restart at 0 for each prompt, so a padded prompt computes what it computes alone.
+The prompts go to the continuous-batching engine (``lowbit.engine.scheduler``) that ``lowbit serve``
+runs: on CUDA its decode steps replay CUDA graphs and read the KV cache in place, so a Python call
+decodes as fast as the server does. The eager forward (``lowbit.engine.reference``) is what the
+engine is tested against, not a path users take.
+
+Each prompt is its own engine request: with sampling and a ``seed``, prompt ``i`` draws from a
+generator seeded with ``seed + i`` (the same answer for the same call; different prompts do not share
+one random stream), and without a seed from the OS's entropy.
 """
 
 from __future__ import annotations
@@ -10,108 +15,80 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from lowbit.engine.kv_cache import KVCache
-from lowbit.engine.sampling import SamplingParams, request_generator, sample
+from lowbit.engine.inference import engine_for
+from lowbit.engine.reference import Completion
+from lowbit.engine.sampling import SamplingParams
+from lowbit.engine.text import decode, encode_prompt
 from lowbit.errors import LowbitError
 from lowbit.model.llama import Transformer
 
+__all__ = ["Completion", "GeneratedToken", "generate", "generate_stream", "generate_text"]
 
-@dataclass
-class Completion:
-    prompt_tokens: int
-    token_ids: list[int]  # generated tokens, without the stop token
-    finish_reason: Literal["stop", "length"]
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    """One token of one prompt, as the engine makes it."""
+
+    index: int  # which prompt
+    token: int | None  # None when the request ended without a token
+    finish_reason: str | None  # "stop" (a stop token: ``token`` is it), "length", or None while it goes on
+
+
+def _checked(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams) -> int:
+    """The longest prompt + output, after the checks ``generate`` promises; warns when output is cut."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise LowbitError("every prompt must have at least one token")
+    context = model.config.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        raise LowbitError(f"the prompt has {longest} tokens, but the model's context is {context}; shorten the prompt")
+    if longest + params.max_new_tokens > context:
+        warnings.warn(f"max_new_tokens cut to {context - longest} to stay within the model's context of {context}",
+                      stacklevel=3)
+    return min(context, longest + params.max_new_tokens)
 
 
 @torch.inference_mode()
-def generate_stream(
-    model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams
-) -> Iterator[list[int | None]]:
-    """Yield, at each decode step, one entry per prompt: the new token id, or None once that prompt stopped.
-
-    A stop token is yielded (so callers see why a row ended) and nothing after it.
-    """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise LowbitError("every prompt must have at least one token")
-    config = model.config
-    device = model.embed_tokens.weight.device
-    lengths = [len(p) for p in prompts]
-    longest = max(lengths)
-    context = config.max_position_embeddings
-    if longest >= context:
-        raise LowbitError(
-            f"the prompt has {longest} tokens, but the model's context is {context}; shorten the prompt"
-        )
-    max_new = params.max_new_tokens
-    if longest + max_new > context:
-        max_new = context - longest
-        warnings.warn(f"max_new_tokens cut to {max_new} to stay within the model's context of {context}", stacklevel=2)
-
-    B = len(prompts)
-    pads = torch.tensor([longest - n for n in lengths], device=device)
-    input_ids = torch.zeros(B, longest, dtype=torch.long, device=device)
+def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]],
+                    params: SamplingParams) -> Iterator[GeneratedToken]:
+    """Yield each prompt's tokens as the engine makes them (prompts interleave; a stop token is yielded
+    with ``finish_reason="stop"``, and nothing of that prompt after it). Closing the iterator early
+    cancels what still runs."""
+    max_len = _checked(model, prompts, params)
+    engine = engine_for(model, len(prompts), max_len)
+    index = {}
     for i, p in enumerate(prompts):
-        input_ids[i, longest - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-    slots = torch.arange(longest + max_new, device=device)
-    key_valid = slots[None, :] >= pads[:, None]  # (B, S): False on left padding
-    positions = (slots[None, :longest] - pads[:, None]).clamp(min=0)  # (B, T)
-
-    cache = KVCache(config, B, longest + max_new, device=device, dtype=model.embed_tokens.weight.dtype)
-    generator = None if params.greedy else request_generator(device, params.seed)
-    stops = torch.tensor(params.stop_token_ids or [-1], device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-
-    logits = model(input_ids, positions, cache, 0, key_valid, last_only=True)
-    next_pos = positions[:, -1:] + 1
-    for step in range(max_new):
-        tokens = sample(logits[:, -1], params, generator)  # (B,)
-        out = tokens.tolist()
-        yield [None if d else t for t, d in zip(out, done.tolist())]
-        done |= torch.isin(tokens, stops)
-        if bool(done.all()) or step == max_new - 1:
-            return
-        logits = model(tokens[:, None], next_pos, cache, longest + step, key_valid)
-        next_pos = next_pos + 1
+        own = params if params.seed is None or params.greedy else replace(params, seed=params.seed + i)
+        index[engine.add(list(p), own)] = i
+    done: set[int] = set()
+    try:
+        while engine.has_work:
+            for ev in engine.step():
+                if ev.finish_reason is not None:
+                    done.add(ev.request_id)
+                yield GeneratedToken(index[ev.request_id], ev.token, ev.finish_reason)
+    finally:
+        if len(done) < len(index):  # closed early: leave the cached engine idle
+            for rid in set(index) - done:
+                engine.cancel(rid)
+            while engine.has_work:
+                engine.step()
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
-    """Generate for every prompt (token ids); returns the completions in prompt order."""
+    """Generate for every prompt (token ids) through the engine; returns the completions in prompt order."""
     outs: list[list[int]] = [[] for _ in prompts]
-    stopped = [False] * len(prompts)
-    stops = set(params.stop_token_ids)
-    for step in generate_stream(model, prompts, params):
-        for i, t in enumerate(step):
-            if t is None or stopped[i]:
-                continue
-            if t in stops:
-                stopped[i] = True
-            else:
-                outs[i].append(t)
-    return [
-        Completion(len(p), o, "stop" if s else "length") for p, o, s in zip(prompts, outs, stopped)
-    ]
-
-
-def encode_prompt(tokenizer: Any, text: str, *, chat: bool = True, system: str | None = None) -> list[int]:
-    """Token ids for a user prompt: through the tokenizer's chat template when it has one and ``chat``."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    return tokenizer(text)["input_ids"]
-
-
-def decode(tokenizer: Any, token_ids: Sequence[int]) -> str:
-    """Text of generated tokens, special tokens dropped.
-
-    ``clean_up_tokenization_spaces`` is a WordPiece-era post-process that deletes the space before
-    punctuation; it corrupts byte-level BPE output (and some transformers versions warn on every call).
-    """
-    return tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    reasons = ["length"] * len(prompts)
+    for ev in generate_stream(model, prompts, params):
+        if ev.finish_reason == "stop":
+            reasons[ev.index] = "stop"
+        elif ev.token is not None:
+            outs[ev.index].append(ev.token)
+    return [Completion(len(p), o, r) for p, o, r in zip(prompts, outs, reasons)]
 
 
 def generate_text(

@@ -55,7 +55,7 @@ def run_eval(
     first = None
     for name in models:
         loaded = load_model(name, device=device, dtype=dtype)
-        scheme = getattr(loaded.model, "quant_scheme", None)
+        scheme = loaded.model.quant_scheme
         label = scheme.name if scheme else "unquantized"
         rows.append(_row(label if len(models) == 1 else f"{label} ({loaded.path.name})", loaded, None, settings))
         if first is None:

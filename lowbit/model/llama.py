@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.engine.kv_cache import KVCache, SlotKVCache, sdpa
-from lowbit.formats import KVCacheFormat
+from lowbit.formats import KVCacheFormat, QuantScheme
 from lowbit.kernels.activations import ActQuantSpec, QuantizedActivations
 from lowbit.model.config import ModelConfig, RopeConfig
 from lowbit.model.qlinear import input_quant
@@ -199,6 +199,8 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config.rope, config.head_dim), persistent=False)
+        # the scheme its QuantLinears were made with (lowbit.quantize, or a quantized checkpoint); None: float
+        self.quant_scheme: QuantScheme | None = None
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device and ``to_empty``)."""

@@ -35,7 +35,7 @@ def quantize(
     transformer = getattr(model, "model", model)
     if not isinstance(transformer, Transformer):
         raise LowbitError("quantize() takes a LoadedModel (lowbit.load_model) or a lowbit Transformer")
-    if getattr(transformer, "quant_scheme", None) is not None:
+    if transformer.quant_scheme is not None:
         raise LowbitError("this model is already quantized; load the float model again to quantize it differently")
     cfg = CalibrationConfig(samples=samples, seq_len=seq_len, seed=seed)
     if isinstance(calib, torch.Tensor):

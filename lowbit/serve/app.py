@@ -36,9 +36,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from lowbit.engine.generate import decode
 from lowbit.engine.sampling import SamplingParams
 from lowbit.engine.scheduler import Engine, TokenEvent
+from lowbit.engine.text import IncrementalDetokenizer, chat_prompt
 from lowbit.errors import LowbitError
 from lowbit.serve.engine_loop import EngineLoop, RequestFailed
 from lowbit.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -159,7 +159,7 @@ class _Choice:
 
     index: int
     rid: int
-    tracker: _TextTracker
+    tracker: IncrementalDetokenizer
     tokens: int = 0
     finish: str | None = None
     last_token_at: float | None = None
@@ -273,7 +273,7 @@ def create_app(loaded: Any, engine: Engine, name: str | Sequence[str], *, api_ke
         queue: asyncio.Queue = asyncio.Queue()
         rids = served.loop.submit(prompts, params, queue)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        choices = {rid: _Choice(i, rid, _TextTracker(tokenizer, stops)) for i, rid in enumerate(rids)}
+        choices = {rid: _Choice(i, rid, IncrementalDetokenizer(tokenizer, stops)) for i, rid in enumerate(rids)}
         prompt_tokens = sum(len(p) for p in prompts)
         served.metrics.prompt_tokens.inc(prompt_tokens)
         return _Pending(choices, queue, time.perf_counter(), prompt_tokens)
@@ -425,14 +425,11 @@ def create_app(loaded: Any, engine: Engine, name: str | Sequence[str], *, api_ke
     async def chat_completions(req: ChatRequest, request: Request) -> Any:
         _check_model(req.model)
         check_unsupported(req)
-        if not getattr(tokenizer, "chat_template", None):
-            raise ApiError(400, f"{served.name} has no chat template; use /v1/completions", "messages")
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
-            rendered = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # noqa: BLE001 - the template's own rule (e.g. roles must alternate)
-            raise ApiError(400, f"the model's chat template refused these messages: {exc}", "messages") from exc
-        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+            ids = chat_prompt(tokenizer, msgs)
+        except LowbitError as exc:  # no template, or the template's own rule (e.g. roles must alternate)
+            raise ApiError(400, f"{served.name}: {exc}", "messages") from exc
         if not ids:
             raise ApiError(400, "the messages render to an empty prompt", "messages")
         if req.max_completion_tokens is not None:
@@ -446,43 +443,6 @@ def create_app(loaded: Any, engine: Engine, name: str | Sequence[str], *, api_ke
     return app
 
 
-class _TextTracker:
-    """Incremental detokenization: the new text of each token, held back while a UTF-8 character or a
-    stop string may still be incomplete."""
-
-    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
-        self.tokenizer, self.stops, self.ids, self.sent = tokenizer, stops, [], 0
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = decode(self.tokenizer, self.ids)
-        for s in self.stops:
-            at = text.find(s)
-            if at >= 0:
-                self.stopped = True
-                out, self.sent = text[self.sent:at], at
-                return out
-        safe = len(text)
-        if text.endswith("\ufffd"):
-            safe = len(text) - 1
-        for s in self.stops:  # keep back a tail that could be the start of a stop string
-            for k in range(min(len(s) - 1, safe), 0, -1):
-                if text[:safe].endswith(s[:k]):
-                    safe -= k
-                    break
-        out = text[self.sent:safe] if safe > self.sent else ""
-        self.sent = max(self.sent, safe)
-        return out
-
-    def flush(self) -> str:
-        if self.stopped:
-            return ""
-        text = decode(self.tokenizer, self.ids)
-        out, self.sent = text[self.sent:], len(text)
-        return out
-
-
 def load_app(model: str | Path, *, device: str = "auto", dtype: str = "auto", name: str | Sequence[str] | None = None,
              max_slots: int | None = None, max_len: int | None = None, prefill_chunk: int = 256,
              api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -493,18 +453,13 @@ def load_app(model: str | Path, *, device: str = "auto", dtype: str = "auto", na
     ``max_len`` (tokens) default as in :class:`Engine`. The model id defaults to ``model`` exactly as
     given (as vLLM's does), so a client asks for the name the server was started with.
     """
+    from lowbit.engine.inference import prepare_for_inference
     from lowbit.model.loader import load_model
 
     loaded = load_model(model, device=device, dtype=dtype)
     if loaded.tokenizer is None:  # checked before the engine allocates its KV cache
         raise LowbitError(f"{loaded.path} ships no tokenizer files; serving needs one beside the weights")
-    if loaded.device.type == "cuda":
-        from lowbit.model.fuse import fuse_projections
-        from lowbit.model.qlinear import use_kernels
-
-        fuse_projections(loaded.model)  # q/k/v and gate/up as one GEMM each
-        if getattr(loaded.model, "quant_scheme", None) is not None:
-            use_kernels(loaded.model)
+    prepare_for_inference(loaded.model)  # on CUDA: fused projections, quantized layers on their kernels
     engine = Engine(loaded.model, max_slots=max_slots, max_len=max_len, prefill_chunk=prefill_chunk)
     return create_app(loaded, engine, name or str(model), api_key=api_key, max_body_bytes=max_body_bytes,
                       max_queue=max_queue)
