@@ -371,7 +371,7 @@ def _cmd_fetch(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from lowbit.engine.generate import generate_stream
+    from lowbit.engine.generate import generate_stream, generation_length
     from lowbit.engine.inference import engine_for, prepare_for_inference
     from lowbit.engine.sampling import SamplingParams
     from lowbit.engine.text import IncrementalDetokenizer, encode_prompt
@@ -390,12 +390,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     setup = prepare_for_inference(loaded.model, kernels=not args.reference)
     params = replace(params, stop_token_ids=loaded.stop_token_ids)
     prompts = [encode_prompt(loaded.tokenizer, p, chat=not args.no_chat, system=args.system) for p in args.prompt]
-    context = loaded.config.max_position_embeddings
-    longest = max(len(p) for p in prompts)
-    if longest >= context:
-        raise LowbitError(f"the prompt has {longest} tokens, but the model's context is {context}; shorten the prompt")
     t0 = time.perf_counter()
-    engine = engine_for(loaded.model, len(prompts), min(context, longest + params.max_new_tokens))
+    engine = engine_for(loaded.model, len(prompts), generation_length(loaded.model, prompts, params))
     dtype = str(loaded.model.embed_tokens.weight.dtype).removeprefix("torch.")
     how = ", ".join(x for x in (setup.describe(), "CUDA graphs" if engine.graphs is not None else "") if x)
     print(f"[{loaded.path.name} on {loaded.device} in {dtype}{', ' + how if how else ''}; engine ready in "

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lowbit.bench import load_faults
 from lowbit.errors import LowbitError
 from lowbit.report_files import write_json
 
@@ -165,11 +166,9 @@ class LoadReport:
         """Every request sent and completed (or hung up on purpose, or failed with the expected error),
         every alone run completed, none mixed up (drift allowed), every bad request got its status, and
         the server fine afterwards when that was checked."""
-        from lowbit.bench.load_faults import after_ok
-
         return (self.not_sent == 0 and self.failed == self.failed_expected and self.alone_failed == 0
                 and not self.mixed_up and all(b["ok"] for b in self.bad)
-                and (self.after is None or after_ok(self.after)))
+                and (self.after is None or load_faults.after_ok(self.after)))
 
     def to_json(self) -> dict:
         return asdict(self) | {"not_sent": self.not_sent, "mixed_up": len(self.mixed_up),
@@ -330,8 +329,6 @@ async def run_load(cfg: LoadConfig) -> LoadReport:
             finally:
                 slots.release()
             return res
-
-        from lowbit.bench import load_faults
 
         bad_cases = load_faults.bad_requests(model, cfg.max_body_bytes) if cfg.bad_requests else []
         every = max(1, cfg.requests // (len(bad_cases) + 1))  # bad requests spread over the load

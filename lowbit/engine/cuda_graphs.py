@@ -82,7 +82,7 @@ class GraphedDecode:
         self._copies = 0
         self._last: tuple[int, int] | None = None  # (graph size, rows) of the last launch
         with torch.inference_mode():
-            stream = _warmup_stream(torch.device("cuda", torch.device(device).index or 0))
+            stream = _warmup_stream(device)  # the cache's device: "cuda:N", with its index
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for B in self.sizes:  # warm-up (capture may not compile or allocate workspaces)

@@ -38,17 +38,15 @@ class GeneratedToken:
     finish_reason: str | None  # "stop" (a stop token: ``token`` is it), "length", or None while it goes on
 
 
-def _checked(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams) -> int:
-    """The longest prompt + output, after the checks ``generate`` promises; warns when output is cut."""
+def generation_length(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams) -> int:
+    """The longest prompt + output, at most the model's context (what an engine for these prompts needs).
+    Raises LowbitError for an empty prompt or one that fills the context."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise LowbitError("every prompt must have at least one token")
     context = model.config.max_position_embeddings
     longest = max(len(p) for p in prompts)
     if longest >= context:
         raise LowbitError(f"the prompt has {longest} tokens, but the model's context is {context}; shorten the prompt")
-    if longest + params.max_new_tokens > context:
-        warnings.warn(f"max_new_tokens cut to {context - longest} to stay within the model's context of {context}",
-                      stacklevel=3)
     return min(context, longest + params.max_new_tokens)
 
 
@@ -58,7 +56,11 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]],
     """Yield each prompt's tokens as the engine makes them (prompts interleave; a stop token is yielded
     with ``finish_reason="stop"``, and nothing of that prompt after it). Closing the iterator early
     cancels what still runs."""
-    max_len = _checked(model, prompts, params)
+    max_len = generation_length(model, prompts, params)
+    longest = max(len(p) for p in prompts)
+    if longest + params.max_new_tokens > max_len:
+        warnings.warn(f"max_new_tokens cut to {max_len - longest} to stay within the model's context of {max_len}",
+                      stacklevel=2)
     engine = engine_for(model, len(prompts), max_len)
     index = {}
     for i, p in enumerate(prompts):

@@ -14,8 +14,6 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
-import torch
-
 from lowbit.engine.scheduler import Engine, plan_slots
 from lowbit.model.llama import Transformer
 from lowbit.model.qlinear import QuantLinear, cache_dequantized_weights, use_kernels
@@ -98,6 +96,4 @@ def release_engine(model: Transformer) -> None:
     """Free the engine ``generate`` keeps for ``model`` (its KV cache and CUDA graphs)."""
     cached = _ENGINES.pop(model, None)
     if cached is not None:
-        cached[1].close()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        cached[1].close()  # which also hands the freed CUDA memory back

@@ -111,8 +111,7 @@ class _Gate:
 
     def _refusal(self, scope: dict) -> ApiError | None:
         if self.served.loop.draining:
-            return ApiError(503, "the server is shutting down and takes no new requests", kind="server_error",
-                            headers={"Retry-After": "1", "Connection": "close"})
+            return self.served.loop.draining_error()
         key = self.served.api_key
         if key is not None:
             given = dict(scope["headers"]).get(b"authorization", b"")
@@ -158,7 +157,6 @@ class _Choice:
     """One prompt of a request: its engine request, text so far and how it ended."""
 
     index: int
-    rid: int
     tracker: IncrementalDetokenizer
     tokens: int = 0
     finish: str | None = None
@@ -198,10 +196,9 @@ def create_app(loaded: Any, engine: Engine, name: str | Sequence[str], *, api_ke
         raise LowbitError("the served model needs a non-empty name (--name)")
     if max_body_bytes < 1:
         raise LowbitError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
-    metrics_box: list[ServerMetrics] = []
-    loop = EngineLoop(engine, max_queue=max_queue, on_restart=lambda: metrics_box[0].restarts.inc())
+    loop = EngineLoop(engine, max_queue=max_queue)
     metrics = ServerMetrics(lambda: loop.engine.stats())
-    metrics_box.append(metrics)
+    loop.on_restart = metrics.restarts.inc
     served = Served(names, loaded, loop, metrics, api_key or None, max_body_bytes)
     tokenizer = loaded.tokenizer
     vocab = loaded.config.vocab_size
@@ -273,7 +270,7 @@ def create_app(loaded: Any, engine: Engine, name: str | Sequence[str], *, api_ke
         queue: asyncio.Queue = asyncio.Queue()
         rids = served.loop.submit(prompts, params, queue)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        choices = {rid: _Choice(i, rid, IncrementalDetokenizer(tokenizer, stops)) for i, rid in enumerate(rids)}
+        choices = {rid: _Choice(i, IncrementalDetokenizer(tokenizer, stops)) for i, rid in enumerate(rids)}
         prompt_tokens = sum(len(p) for p in prompts)
         served.metrics.prompt_tokens.inc(prompt_tokens)
         return _Pending(choices, queue, time.perf_counter(), prompt_tokens)

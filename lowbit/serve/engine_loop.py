@@ -145,12 +145,17 @@ class EngineLoop:
         self._post_failure(routes, RequestFailed(status, message))
         return len(routes)
 
+    @staticmethod
+    def draining_error() -> ApiError:
+        """The answer to a request that comes while the server drains for shutdown."""
+        return ApiError(503, "the server is shutting down and takes no new requests; retry on another replica",
+                        kind="server_error", headers={"Retry-After": "1", "Connection": "close"})
+
     # ---- internals ---------------------------------------------------------------------------------
     def _check_open(self, n: int) -> None:
         retry = {"Retry-After": "1"}
         if self.draining:
-            raise ApiError(503, "the server is shutting down and takes no new requests; retry on another "
-                                "replica", kind="server_error", headers=retry | {"Connection": "close"})
+            raise self.draining_error()
         if self.state not in ("ok", "restarting"):
             raise ApiError(503, f"the engine failed and could not be restarted ({self.error!r}); the server is "
                                 "exiting", kind="server_error")

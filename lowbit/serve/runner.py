@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from functools import lru_cache
 from types import FrameType
 from typing import Any
 
@@ -35,6 +36,7 @@ def _uvicorn() -> Any:
     return uvicorn
 
 
+@lru_cache(maxsize=1)
 def _draining_server_class() -> type:
     uvicorn = _uvicorn()
 
