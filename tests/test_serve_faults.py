@@ -80,7 +80,8 @@ def test_a_fault_mid_stream_ends_the_stream_with_an_error_event(serve_tiny):
         assert texts and greedy_text(s.loaded, PROMPT, 40).startswith("".join(texts))
         with pytest.raises(openai.APIError, match="injected fault"):  # what the official client raises
             _Fault(s.engine, at=3)
-            list(_client(s.url).completions.create(model="tiny", prompt=PROMPT, max_tokens=40, stream=True))
+            list(_client(s.url).completions.create(model="tiny", prompt=PROMPT, max_tokens=40, stream=True,
+                                                           temperature=0))
 
 
 def test_only_started_requests_fail_queued_ones_move_to_the_new_engine(serve_tiny, monkeypatch):
@@ -118,7 +119,7 @@ def test_requests_that_arrive_during_a_rebuild_wait_for_the_new_engine(serve_tin
         _Fault(s.engine, at=2)
         c = _client(s.url)
         first = threading.Thread(target=lambda: pytest.raises(openai.InternalServerError, c.completions.create,
-                                                              model="tiny", prompt=PROMPT, max_tokens=8))
+                                                              model="tiny", prompt=PROMPT, max_tokens=8, temperature=0))
         first.start()
         _wait_for(lambda: loop.state == "restarting")
         assert httpx.get(s.url + "/health").json()["status"] == "restarting"
@@ -138,7 +139,7 @@ def test_an_engine_that_cannot_be_rebuilt_ends_the_server_with_exit_code_1(serve
         loop._rebuild = broken
         _Fault(s.engine, at=2)  # after the request was admitted
         with pytest.raises(openai.InternalServerError, match="injected fault"):
-            _client(s.url).completions.create(model="tiny", prompt=PROMPT, max_tokens=8)
+            _client(s.url).completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0)
         assert s.background.wait(15), "the server did not stop"
         assert s.background.exit_code == 1 and loop.state == "failed"
 
