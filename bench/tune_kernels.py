@@ -7,7 +7,7 @@ medians of CUDA-graph replays: kernel time without Python launch overhead, as th
 
     python bench/tune_kernels.py [--ops w4a16,w4a8] [--shapes llama3-8b,llama3-70b:gateup] [--ms 1,16] [--out FILE]
 
-The QUIK, COMET and 2:4 ops (``NEW_OPS``: "w4a4", "w4ax", "sparse24") are timed through their
+The QUIK, COMET and 2:4 ops (``NEW_OPS``: "w4a4", "w4ax", "w4a16-2:4") are timed through their
 ``lowbit bench kernels`` paths (``OP_PATH``; "w4a4" with QUIK's 256 outlier columns, the preset that
 uses it) on Triton tiles each kernel accepts (``accepts``), and written as the same table entries.
 """
@@ -32,7 +32,7 @@ from lowbit.report_files import write_json
 TUNE_SHAPES = "llama3-8b:qkv,llama3-8b:gateup,llama3-70b:gateup,llama3-70b:down"
 TUNE_MS = (1, 16, 32, 64, 128, 256, 1024, 4096)
 # the QUIK / COMET / 2:4 ops and the `lowbit bench kernels` path that times each
-OP_PATH = {"w4a4": "w4a4-quik", "w4ax": "w4ax", "sparse24": "w4a16-2:4"}
+OP_PATH = {"w4a4": "w4a4-quik", "w4ax": "w4ax", "w4a16-2:4": "w4a16-2:4"}
 NEW_OPS = tuple(OP_PATH)
 ALL_OPS = OPS + tuple(op for op in NEW_OPS if op not in OPS)
 
@@ -54,7 +54,7 @@ def accepts(op: str, config: TileConfig, K: int | None = None, tile_k: int = 128
     4 columns per thread to expand (``lowbit.kernels.sparse24.sparse24_matmul``):
     block_n * tile_k / 8 >= 128 * num_warps.
     """
-    if op == "sparse24" and config.block_n * (tile_k // 8) < 128 * config.num_warps:
+    if op == "w4a16-2:4" and config.block_n * (tile_k // 8) < 128 * config.num_warps:
         return False
     step = 128 if op == "w4ax" else tile_k
     return K is None or config.split_k <= -(-K // step)

@@ -24,10 +24,10 @@ _LAZY = {
     "generate_text": "lowbit.engine.generate",
     "prepare_for_inference": "lowbit.engine.inference",
     "LowbitError": "lowbit.errors",
-    "quantize": "lowbit.quant.api",
+    "quantize": "lowbit.eval.calibration",
     "QuantScheme": "lowbit.formats",
     "get_scheme": "lowbit.formats",
-    "save_quantized": "lowbit.checkpoint.native",
+    "save_quantized": "lowbit.model.native_checkpoint",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         "quantize",
         help="quantize a model with a scheme and save it",
         description="Quantize MODEL with a scheme (calibrating layer by layer on text) and write a lowbit "
-        "checkpoint directory. Schemes: " + ", ".join(PRESETS) + "; add +kv8, +kv4 or +kvfp8 for a "
+        "checkpoint directory. Schemes: " + ", ".join(PRESETS) + "; add +kv8, +kv4, +kv4-head or +kvfp8 for a "
         "quantized KV cache (e.g. w4a8+kv4), +head to quantize the lm_head too (faster decode, less accurate).",
     )
     q.add_argument("model", metavar="MODEL", help=MODEL_HELP)
@@ -186,11 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama3-8b-random (default), or a checkpoint directory / GGUF file / known model name")
     e.add_argument("--schemes", default="fp16,w4a16,w4a8,w8a8-fp8",
                    help="comma-separated: fp16 and presets (w4a16, w4a16-rtn, w4a8, w4a8-g128, w8a8-fp8, w8a8-int8, "
-                   "w4a4-quik, w4a4, w4a4kv4-comet, w4a16-2:4), each optionally +kv8, +kv4 or +kvfp8 and +head; a scheme with "
+                   "w4a4-quik, w4a4, w4a4kv4-comet, w4a16-2:4), each optionally +kv8, +kv4, +kv4-head or +kvfp8 and +head; a scheme with "
                    "a layer that has no GPU kernel is refused (default: fp16,w4a16,w4a8,w8a8-fp8)")
     e.add_argument("--batch", default="1,4,16,64,256", help="batch sizes, comma-separated (default: 1,4,16,64,256)")
-    e.add_argument("--kv", default="fp16", help="KV cache formats, comma-separated: fp16, int8, int4 (one scale per token and head), int4-g32, "
-                   "fp8 (default: fp16)")
+    e.add_argument("--kv", default="fp16", help="KV cache formats, comma-separated: fp16, int8, int4 (scales per 32 "
+                   "channels, as +kv4), int4-head (one scale per token and head, as COMET and +kv4-head), fp8 "
+                   "(default: fp16)")
     e.add_argument("--context", type=int, default=512, help="tokens in each sequence's cache during decode (default: 512)")
     e.add_argument("--prompt-len", type=int, default=512, help="prefill length in tokens (default: 512)")
     e.add_argument("--steps", type=int, default=32, help="decode steps timed per configuration (default: 32)")
@@ -324,10 +325,12 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
-    from lowbit.checkpoint.native import save_quantized
+    from lowbit.model.native_checkpoint import save_quantized
     from lowbit.formats import get_scheme
     from lowbit.model.loader import load_model
-    from lowbit.quant.api import Stopwatch, linear_bits_per_weight, quantize
+    from lowbit.eval.calibration import quantize
+    from lowbit.eval.report import Stopwatch
+    from lowbit.model.qlinear import linear_bits_per_weight
 
     scheme = get_scheme(args.scheme)  # checked before the (slow) model load
     out = Path(args.output)

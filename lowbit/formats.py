@@ -3,7 +3,7 @@
 One scheme object travels from the CLI to the algorithms, the checkpoint (``to_dict`` /
 ``from_dict`` in ``config.json``'s ``quantization_config``) and, later, the kernels.
 
-Conventions (the numerics, bit for bit, are in ``lowbit.quant.primitives``):
+Conventions (the numerics, bit for bit, are in ``lowbit.numerics.primitives``):
 
 - Weights are quantized along the input dimension K, one scale per output channel and group of
   ``group_size`` consecutive input channels (``None`` = one group spanning K, "per-channel"). When
@@ -207,10 +207,21 @@ PRESETS: dict[str, QuantScheme] = {
         QuantScheme("w4a16-2:4", WeightFormat(sparsity="2:4")),
     )
 }
+# The named KV cache formats: ``bench e2e --kv`` takes these names, the ``+kv...`` modifiers map to
+# them. int4 is grouped (32 head_dim channels per scale, as KIVI); int4-head has one scale per token
+# and head (COMET's 4-bit cache, the w4a4kv4-comet preset's).
+KV_FORMATS: dict[str, KVCacheFormat] = {
+    "fp16": KVCacheFormat(),
+    "int8": KVCacheFormat("int8"),
+    "int4": KVCacheFormat("int4", group_size=32),
+    "int4-head": KVCacheFormat("int4", group_size=None),
+    "fp8": KVCacheFormat("fp8_e4m3"),
+}
 KV_MODIFIERS: dict[str, KVCacheFormat] = {
-    "kv8": KVCacheFormat("int8"),
-    "kv4": KVCacheFormat("int4", group_size=32),
-    "kvfp8": KVCacheFormat("fp8_e4m3"),
+    "kv8": KV_FORMATS["int8"],
+    "kv4": KV_FORMATS["int4"],
+    "kv4-head": KV_FORMATS["int4-head"],
+    "kvfp8": KV_FORMATS["fp8"],
 }
 
 
@@ -219,7 +230,7 @@ MODIFIERS = tuple(KV_MODIFIERS) + (HEAD_MODIFIER,)
 
 
 def get_scheme(spec: str | QuantScheme) -> QuantScheme:
-    """A preset by name, with optional ``+kv8`` / ``+kv4`` / ``+kvfp8`` and ``+head`` (e.g. ``w4a8+kv4+head``)."""
+    """A preset by name, with optional ``+kv8`` / ``+kv4`` / ``+kv4-head`` / ``+kvfp8`` and ``+head`` (e.g. ``w4a8+kv4+head``)."""
     if isinstance(spec, QuantScheme):
         return spec
     base, *mods = spec.strip().split("+")

@@ -2,7 +2,7 @@
 tests/test_requirements.py checks it), and the checks that say so instead of an obscure failure.
 
 Why these versions:
-- torch 2.5: ``F.scaled_dot_product_attention(..., enable_gqa=...)`` (lowbit.engine.kv_cache) first
+- torch 2.5: ``F.scaled_dot_product_attention(..., enable_gqa=...)`` (lowbit.model.kv_cache) first
   appeared in torch 2.5; older versions raise a TypeError at the first attention call.
 - Triton 3.4: ``triton.language.extra.cuda.gdc_wait`` / ``gdc_launch_dependents`` and the ``launch_pdl``
   launch option (lowbit.kernels.pdl) came with triton-lang/triton#6394 (merged April 2025, after the

@@ -1,5 +1,5 @@
 """Decode attention over a quantized KV cache: the Triton kernel against its reference, and the cache
-layout against the KV fake-quant numerics of issue 3 (lowbit.quant.kv)."""
+layout against the KV fake-quant numerics of issue 3 (lowbit.numerics.kv)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import KVCacheFormat
-from lowbit.quant.kv import fake_quantize_kv
+from lowbit.numerics.kv import fake_quantize_kv
 
 triton = pytest.importorskip("triton")
 from lowbit.kernels.attention import (  # noqa: E402

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ from lowbit.errors import LowbitError
 from lowbit.kernels import dispatch
 from lowbit.kernels.config import TileConfig
 from lowbit.model.qlinear import QuantLinear
-from lowbit.quant.primitives import fake_quantize_weight
+from lowbit.numerics.primitives import fake_quantize_weight
 from lowbit.quant.sparse import is_2of4
 from lowbit.report_files import write_json
 
@@ -189,7 +188,7 @@ def test_weight_bytes_count_the_kernel_layout():
         if isinstance(m, QuantLinear):
             layout = pack_sparse24(m.qweight, m.scales, m.in_features, 128)
             saved += m.qweight.nbytes + m.scales.nbytes - layout.nbytes()
-            m._kernel = SimpleNamespace(op="sparse24", w_scale=None, sparse=layout)  # the field name is the op's
+            m.use_packed(layout)
     assert e2e.weight_bytes_per_step(model) == dense - saved and saved > 0
 
 
@@ -311,7 +310,7 @@ def tuner():
     return tune_kernels
 
 
-@pytest.mark.parametrize("op", ["w4a4", "w4ax", "sparse24"])
+@pytest.mark.parametrize("op", ["w4a4", "w4ax", "w4a16-2:4"])
 @pytest.mark.parametrize("M", [1, 16, 32, 64, 128, 4096])
 def test_tuner_candidates_for_the_new_ops(tuner, op, M):
     assert op in tuner.ALL_OPS and tuner.OP_PATH[op] in kb.PRESET_PATHS
@@ -325,13 +324,13 @@ def test_tuner_candidates_for_the_new_ops(tuner, op, M):
         tk = tuner.layout_tile(op, tile_k)
         steps = -(-K // (128 if op == "w4ax" else tk))
         assert all(c.config.split_k <= steps for c in cands)
-        if op == "sparse24":  # each thread expands 4 groups (sparse24_matmul's check)
+        if op == "w4a16-2:4":  # each thread expands 4 groups (sparse24_matmul's check)
             assert all(c.config.block_n * tk // 8 >= 128 * c.config.num_warps for c in cands)
         if M <= 64:
             assert any(c.config.swap for c in cands)  # small M: weights on the MMA's wide side
-    assert tuner.layout_tile("w4ax", 256) == 128 and tuner.layout_tile("sparse24", None) == 256
+    assert tuner.layout_tile("w4ax", 256) == 128 and tuner.layout_tile("w4a16-2:4", None) == 256
     assert tuner.layout_tile("w4a4", None) == 128 and tuner.layout_tile("w4a8", 256) == 256
-    assert not tuner.accepts("sparse24", TileConfig(16, 32, num_warps=8), None, 128)
+    assert not tuner.accepts("w4a16-2:4", TileConfig(16, 32, num_warps=8), None, 128)
 
 
 def test_tuner_keeps_the_old_ops_candidates(tuner):

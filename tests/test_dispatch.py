@@ -161,22 +161,22 @@ def test_new_ops_get_default_choices_and_layout_tiles(monkeypatch):
     assert set(dispatch.UNTUNED_OPS) <= set(dispatch.OPS)
     for op in dispatch.UNTUNED_OPS:
         assert dispatch.KERNELS[op][0] == "triton"
-    assert dispatch.KERNELS["sparse24"] == dispatch.KERNELS["w4ax"] == ("triton", "dequant-cublas")
+    assert dispatch.KERNELS["w4a16-2:4"] == dispatch.KERNELS["w4ax"] == ("triton", "dequant-cublas")
     for M in (1, 16, 65, 1023):
         assert dispatch.default_choice("w4ax", M, 4096, 4000, 132).config == w4ax.default_config(M, 4096, 32, 132)
     # from M = 1024: fake-quantized activations on cuBLAS (lowbit.kernels.w4ax_dequant)
     assert dispatch.default_choice("w4ax", 1024, 4096, 4000, 132) == dispatch.Choice("dequant-cublas")
     for M in (1, 16, 65):  # from M = 128 the 2:4 weights are widened for cuBLAS instead
-        assert dispatch.default_choice("sparse24", M, 4096, 4000, 132).config == sparse24.default_config(
+        assert dispatch.default_choice("w4a16-2:4", M, 4096, 4000, 132).config == sparse24.default_config(
             M, 4096, 4000, 132)
-    assert dispatch.default_choice("sparse24", 128, 4096, 4000, 132) == dispatch.Choice("dequant-cublas")
+    assert dispatch.default_choice("w4a16-2:4", 128, 4096, 4000, 132) == dispatch.Choice("dequant-cublas")
     for M in (1, 16, 65, 4096):
         # the W4A4 kernel's own default is dispatch's heuristic (off the GPU it assumes 8 SMs)
         assert dispatch.default_choice("w4a4", M, 4096, 4000, 8).config == w4a4.default_config(
             M, 4096, 4000, torch.device("cpu"))
     assert dispatch.default_choice("w4ax", 1, 64, 300, 132).config.split_k <= 3  # never more splits than blocks
     cpu = torch.device("cpu")
-    assert dispatch.layout_tile(cpu, "w4a4") == TILE_K and dispatch.layout_tile(cpu, "sparse24") == sparse24.TILE_K
+    assert dispatch.layout_tile(cpu, "w4a4") == TILE_K and dispatch.layout_tile(cpu, "w4a16-2:4") == sparse24.TILE_K
     monkeypatch.setattr(dispatch, "_device_info", lambda index: ("NVIDIA H200", 132, (9, 0)))
     monkeypatch.delenv("LOWBIT_KERNEL_TABLE", raising=False)
     dispatch._choose_cached.cache_clear()
@@ -184,7 +184,7 @@ def test_new_ops_get_default_choices_and_layout_tiles(monkeypatch):
         h200 = torch.device("cuda", 0)
         for op in dispatch.UNTUNED_OPS:
             assert dispatch.choose(op, 3, 4096, 4096, h200) == dispatch.default_choice(op, 3, 4096, 4096, 132)
-        assert dispatch.layout_tile(h200, "sparse24") == sparse24.TILE_K
+        assert dispatch.layout_tile(h200, "w4a16-2:4") == sparse24.TILE_K
         assert dispatch.layout_tile(h200, "w4a4") == TILE_K
     finally:
         dispatch._choose_cached.cache_clear()

@@ -41,7 +41,7 @@ def test_rtn_random_model_in_the_schemes_formats(scheme):
     quantize_rtn(model, scheme, progress=False)
     q = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(q) == 7 * 2 and model.quant_scheme.name == scheme
-    assert all(m.kernel_op() is not None for m in q)  # every layer has a GPU kernel
+    assert all(m.kernel_format() is not None for m in q)  # every layer has a GPU kernel
     after = e2e.weight_bytes_per_step(model)
     lm_head = model.lm_head.weight.nbytes
     bits = 4 if scheme.startswith("w4") else 8
@@ -58,7 +58,7 @@ def test_rtn_quantizes_the_head_with_head_modifier():
     head_bytes = model.lm_head.weight.nbytes
     before = e2e.weight_bytes_per_step(model)
     quantize_rtn(model, "w4a8+head", progress=False)
-    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.kernel_op() is not None
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.kernel_format() is not None
     assert not isinstance(model.embed_tokens, QuantLinear)
     # every Linear, the head included, now reads ~4/32 of its fp32 bytes
     assert e2e.weight_bytes_per_step(model) < (before - head_bytes) * 4 / 32 * 1.3 + head_bytes * 4 / 32 * 1.3

@@ -18,8 +18,8 @@ from lowbit.quant.gptq import (
     make_empty_hessian,
     rtn_quantize,
 )
-from lowbit.quant.primitives import int_range, num_groups, quantize_weight
-from lowbit.quant.quantized import QuantizedWeight
+from lowbit.numerics.primitives import int_range, num_groups, quantize_weight
+from lowbit.numerics.quantized import QuantizedWeight
 from lowbit.quant.sparse import is_2of4, select_n_of_m
 
 N, TOKENS = 64, 2000

@@ -52,7 +52,7 @@ def test_opcheck_all_ops():
 def test_pre_quantized_ops_equal_the_ops_that_quantize(op):
     """lowbit::w4a8_quantized / w8a8_quantized on quantize_activation's codes give what lowbit::w4a8 / w8a8
     give on the unquantized input (the fused norm / SiLU kernels hand them those codes)."""
-    from lowbit.quant.primitives import quantize_activation
+    from lowbit.numerics.primitives import quantize_activation
 
     wfmt = WeightFormat(bits=4 if op == "w4a8" else 8, group_size=None, method="rtn")
     layer = _layer(wfmt, ActivationFormat(bits=8), smooth=True)
@@ -76,17 +76,17 @@ def test_ops_compile_fullgraph_and_match_reference_forward():
     cases = [
         (WeightFormat(bits=4, group_size=128, method="rtn"), ActivationFormat(), "w4a16"),
         (WeightFormat(bits=4, group_size=None, symmetric=False, method="rtn"), ActivationFormat(bits=8), "w4a8"),
-        (WeightFormat(bits=8, group_size=None, method="rtn"), ActivationFormat(bits=8), "w8a8"),
+        (WeightFormat(bits=8, group_size=None, method="rtn"), ActivationFormat(bits=8), "w8a8-int8"),
     ]
     for wfmt, afmt, op in cases:
         layer = _layer(wfmt, afmt, smooth=afmt.bits is not None)
-        assert layer.kernel_op() == op
+        assert layer.kernel_format() == op
         t = layer
         x = torch.randn(2, 3, 256).half()
         ref = layer(x)
         for tile in (128, 256):  # the op must read the layout the weights were packed in
             p = None
-            if op != "w8a8":
+            if op != "w8a8-int8":
                 p = pack_for_kernels(t.qweight, t.scales, t.zeros, wfmt.group_size, 256, tile_k=tile)
 
             # defaults bind this iteration's values (the function is called within the iteration anyway)
@@ -106,11 +106,11 @@ def test_ops_compile_fullgraph_and_match_reference_forward():
 
 def test_formats_with_and_without_kernels():
     """QUIK W4A4, COMET W4Ax and 2:4 W4A16 now have kernels (tests/test_new_format_ops.py runs them);
-    formats no kernel takes keep kernel_op() None, and prepare_kernels leaves them on the reference."""
+    formats no kernel takes keep kernel_format() None, and prepare_kernels leaves them on the reference."""
     from lowbit.quant.fmpq import assign_fmpq_blocks
 
     w4a4 = _layer(WeightFormat(bits=4, group_size=None, method="rtn"), ActivationFormat(bits=4))
-    assert w4a4.kernel_op() == "w4a4"
+    assert w4a4.kernel_format() == "w4a4"
     absmax = torch.rand(256, generator=torch.Generator().manual_seed(0)) + 0.5
     absmax[3] = 50.0  # one outlier channel: its block (the first after sorting) is 8-bit
     perm, high = assign_fmpq_blocks(absmax, 128, 0.25)
@@ -122,7 +122,7 @@ def test_formats_with_and_without_kernels():
                                           fmpq_high=high)
 
     comet = ActivationFormat(bits=4, fmpq_block=128, fmpq_high_fraction=0.25)
-    assert fmpq(WeightFormat(bits=4, group_size=128, method="rtn"), comet).kernel_op() == "w4ax"
+    assert fmpq(WeightFormat(bits=4, group_size=128, method="rtn"), comet).kernel_format() == "w4ax"
     no_kernel = {
         # W4A4 with group-wise weights: the W4A4 kernel takes per-channel scales only, and without
         # FMPQ the activations are quantized over the whole row, which the W4Ax kernel does not do
@@ -138,12 +138,12 @@ def test_formats_with_and_without_kernels():
                              ActivationFormat(bits=4, fmpq_block=64, fmpq_high_fraction=0.25)),
     }
     for name, layer in no_kernel.items():
-        assert layer.kernel_op() is None, name
-        assert not layer.prepare_kernels() and layer._kernel is None, name
+        assert layer.kernel_format() is None, name
+        assert not layer.prepare_kernels() and layer.kernel is None, name
     # 8-bit blocks that are not a prefix of the blocks: the W4Ax kernel's two-phase loop cannot run them
     scattered = fmpq(WeightFormat(bits=4, group_size=128, method="rtn"), comet)
     scattered.fmpq_high = torch.tensor([False, True])
-    assert scattered.kernel_op() is None
+    assert scattered.kernel_format() is None
     assert not w4a4.prepare_kernels()  # CPU tensors: the reference path, kernel or not
 
 

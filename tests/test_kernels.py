@@ -15,7 +15,7 @@ from lowbit.formats import WeightFormat
 from lowbit.kernels.config import TileConfig
 from lowbit.kernels.layout import pack_for_kernels, unpack_kernel_codes
 from lowbit.kernels.reference import w4a8_reference, w4a16_reference, w8a8_reference
-from lowbit.quant.primitives import compute_scales, pack_int4, quantize_activation, quantize_weight
+from lowbit.numerics.primitives import compute_scales, pack_int4, quantize_activation, quantize_weight
 
 triton = pytest.importorskip("triton")
 from lowbit.kernels.act_quant import quantize_activations  # noqa: E402
@@ -60,7 +60,7 @@ def _x(M, K, seed, dtype=torch.float16):
 @pytest.mark.parametrize("tile_k", [128, 256])
 def test_layout_round_trips_codes_and_pads_with_zero_value(K, group, symmetric, tile_k):
     qw, s, z, p = _weights(24, K, group, symmetric, tile_k=tile_k)
-    from lowbit.quant.primitives import unpack_int4
+    from lowbit.numerics.primitives import unpack_int4
 
     ref = unpack_int4(qw, K, signed=symmetric).to(torch.int16) + (8 if symmetric else 0)
     assert torch.equal(unpack_kernel_codes(p), ref)
@@ -104,7 +104,7 @@ def test_w4a16_act_order_and_bias():
     g_idx = torch.randperm(K, generator=torch.Generator().manual_seed(1)) // group  # shuffled groups
     qw, s, z, p = _weights(40, K, group, g_idx=g_idx)
     assert p.perm is not None
-    from lowbit.quant.primitives import dequantize_weight, unpack_int4
+    from lowbit.numerics.primitives import dequantize_weight, unpack_int4
 
     w = dequantize_weight(unpack_int4(qw, K, True), s, z, WeightFormat(group_size=group, method="rtn"), g_idx.to(DEVICE))
     x, bias = _x(5, K, 0), torch.randn(40).to(DEVICE, torch.float16)
@@ -213,7 +213,8 @@ def test_w4a8_gemv_matches_reference(M, K, symmetric, tile_k):
         assert _rel(yb, ref.float() + bias.float()) < 1e-3, cfg
     assert _rel(w4a8_gemv(xq, xs, p, torch.float16), ref) < 1e-3  # the default launch
     # what dispatch runs for a table entry naming it
-    from lowbit.kernels.dispatch import Choice, run_w4a8_quantized
+    from lowbit.kernels.dispatch import Choice
+    from lowbit.kernels.run import run_w4a8_quantized
 
     y = run_w4a8_quantized(xq, xs, p, torch.float16, Choice("gemv", TileConfig(block_n=32, block_k=64)))
     assert _rel(y, ref) < 1e-3
@@ -272,7 +273,7 @@ def test_w8a8_errors():
 @pytest.mark.parametrize("tile_k", [128, 256])
 def test_widen_matches_dequantized_weights(K, group, symmetric, tile_k):
     from lowbit.kernels.widen import widen_int4
-    from lowbit.quant.primitives import dequantize_weight, unpack_int4
+    from lowbit.numerics.primitives import dequantize_weight, unpack_int4
 
     qw, s, z, p = _weights(40, K, group, symmetric, seed=3, tile_k=tile_k)
     codes = unpack_int4(qw, K, signed=symmetric)

@@ -11,6 +11,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.model.config import ModelConfig
 from lowbit.model.loader import load_model
+from lowbit.model.qlinear import QuantLinear
 from tests.tiny_models import make_hf_model
 
 
@@ -239,3 +240,41 @@ def test_device_and_dtype_errors(hf_dir):
     if not torch.cuda.is_available():
         with pytest.raises(LowbitError, match="no CUDA GPU"):
             load_model(hf_dir, device="cuda", with_tokenizer=False)
+
+
+def test_a_quantized_checkpoint_streams_into_a_meta_model(tmp_path, monkeypatch):
+    """Issue 17 item 3 on the CPU: the model is built on the meta device (no float allocation of the
+    Linears a W4 checkpoint replaces: ``to_empty`` never runs), and each quantized layer is built as
+    soon as its own tensors have arrived, so at most one layer's tensors wait at a time. Loaded, it
+    holds exactly the saved tensors. (The GPU figure, peak allocated bytes against the checkpoint's,
+    is bench/load_memory.py's.)"""
+    from lowbit.bench.synthetic import LLAMA3_8B, quantize_rtn, random_model
+    from lowbit.model import native_checkpoint
+    from lowbit.model.loader import load_model
+    from lowbit.model.native_checkpoint import save_quantized
+
+    cfg = {**LLAMA3_8B, "vocab_size": 97, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64}
+    model = quantize_rtn(random_model(cfg, "cpu", torch.float16), "w4a8+kv8", progress=False)
+    save_quantized(model, tmp_path / "q")
+
+    def no_to_empty(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise AssertionError("the loader allocated a float model first")
+
+    waiting: list[int] = []
+    take = native_checkpoint.QuantizedLayerStager.take
+
+    def spy(self, key, tensor):  # noqa: ANN001, ANN202
+        consumed = take(self, key, tensor)
+        waiting.append(sum(t.nbytes for own in self._staged.values() for t in own.values()))
+        return consumed
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", no_to_empty)
+    monkeypatch.setattr(native_checkpoint.QuantizedLayerStager, "take", spy)
+    loaded = load_model(tmp_path / "q", device="cpu", dtype="fp16", with_tokenizer=False).model
+    largest = max(sum(b.nbytes for b in m.buffers()) for m in model.modules() if isinstance(m, QuantLinear))
+    assert waiting and 0 < max(waiting) <= largest
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    saved, got = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == got.keys() and all(torch.equal(saved[k], got[k]) for k in saved)
+    assert loaded.layers[0].self_attn.kv_format == model.layers[0].self_attn.kv_format

@@ -4,7 +4,7 @@ Layers come from the repo's quantization API on fresh random data (outlier colum
 ``select_outlier_columns``, FMPQ blocks by ``assign_fmpq_blocks``, 2:4 pruning by SparseGPT in
 ``gptq_quantize``), with odd shapes: M = 1, 3, 17; K = 300 (not a multiple of 128, a partial last
 block / group). On the CPU the Triton kernels run in the interpreter (tests/conftest.py) on weights
-packed by the same function ``prepare_kernels`` calls on the GPU (``QuantLinear._pack_kernel_weights``);
+packed by the same function ``prepare_kernels`` calls on the GPU (``QuantLinear.pack_kernels``);
 the custom ops' CPU path is the kernel modules' reference. A calibrated tiny model checks routing and
 projection fusion; a GPU section (skipped without CUDA) runs the whole kernel path.
 """
@@ -18,7 +18,7 @@ import torch
 
 import lowbit
 from lowbit.formats import PRESETS, ActivationFormat, WeightFormat
-from lowbit.kernels import dispatch, ops
+from lowbit.kernels import dispatch, ops, run
 from lowbit.kernels.config import TileConfig
 from lowbit.model.qlinear import QuantLinear, use_kernels
 from lowbit.quant.fmpq import assign_fmpq_blocks
@@ -36,7 +36,7 @@ triton = pytest.importorskip("triton")
 CUDA = torch.cuda.is_available()
 # where the kernels run: the GPU if there is one, else Triton's interpreter on CPU tensors
 DEVICE = "cuda" if CUDA else "cpu"
-FORMATS = ("w4a4", "w4ax", "sparse24")
+FORMATS = ("w4a4", "w4ax", "w4a16-2:4")
 M_ODD = (1, 3, 17)
 N, K = 40, 300
 # small tiles keep the interpreter quick while N and K still end mid-tile; split-K over 3 programs
@@ -132,42 +132,41 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 def _run(fmt: str, x: torch.Tensor, kw, choice: dispatch.Choice, bias: torch.Tensor | None) -> torch.Tensor:
     """The Triton kernel through dispatch's run_* function (in the interpreter on the CPU)."""
     if fmt == "w4a4":
-        return dispatch.run_w4a4(x, kw.quik, choice, bias)
+        return run.run_w4a4(x, kw, choice, bias)
     if fmt == "w4ax":
         from dataclasses import replace
 
-        return dispatch.run_w4ax(x, replace(kw.w4ax, bias=bias), choice)
-    return dispatch.run_sparse24(x, kw.sparse, choice, bias)
+        return run.run_w4ax(x, replace(kw, bias=bias), choice)
+    return run.run_sparse24(x, kw, choice, bias)
 
 
 # ---- routing ------------------------------------------------------------------------------------
 
 def test_kernel_op_takes_each_new_format():
-    assert _quik().kernel_op() == "w4a4"
-    assert _quik(n_out=0).kernel_op() == "w4a4"  # the w4a4 preset: no outlier columns
-    assert _comet().kernel_op() == "w4ax"
-    assert _comet(bits=8).kernel_op() == "w4ax"  # every block 8-bit
-    assert _comet(symmetric=False).kernel_op() == "w4ax"  # zero points
-    assert _sparse().kernel_op() == "sparse24"
-    assert _sparse(group=None).kernel_op() == "sparse24"
+    assert _quik().kernel_format() == "w4a4"
+    assert _quik(n_out=0).kernel_format() == "w4a4"  # the w4a4 preset: no outlier columns
+    assert _comet().kernel_format() == "w4ax"
+    assert _comet(bits=8).kernel_format() == "w4ax"  # every block 8-bit
+    assert _comet(symmetric=False).kernel_format() == "w4ax"  # zero points
+    assert _sparse().kernel_format() == "w4a16-2:4"
+    assert _sparse(group=None).kernel_format() == "w4a16-2:4"
     for layer in (_quik(), _comet(), _sparse()):
-        assert not layer.prepare_kernels() and layer._kernel is None  # CPU: the reference path
+        assert not layer.prepare_kernels() and layer.kernel is None  # CPU: the reference path
 
 
 def test_packing_for_the_kernels_follows_the_buffer_conventions():
     """Outlier columns removed first, then act_perm order: the packed forms carry exactly that."""
     q = _quik()
-    p = q._pack_kernel_weights().quik
+    p = q.pack_kernels()
     assert torch.equal(p.kept_idx, q.kept_idx()) and torch.equal(p.outlier_idx, q.outlier_idx)
     assert p.Kq == q.quantized_in_features == K - 20 and p.weight.tile_k == 128
-    assert p.dtype == torch.float16 and q._pack_kernel_weights(256).quik.weight.tile_k == 256
+    assert p.dtype == torch.float16 and q.pack_kernels(256).weight.tile_k == 256
     c = _comet()
-    w = c._pack_kernel_weights().w4ax
+    w = c.pack_kernels()
     assert torch.equal(w.perm.long(), c.act_perm) and w.n_hi == int(c.fmpq_high.sum()) == 1
     assert w.bias is None  # QuantLinear passes its own bias to the op
-    s = _sparse()._pack_kernel_weights()
-    assert s.sparse.tile_k == 256 == dispatch.layout_tile(torch.device("cpu"), "sparse24")
-    assert s.quik is None and s.w4ax is None and s.packed is None
+    s = _sparse().pack_kernels()
+    assert s.tile_k == 256 == dispatch.layout_tile(torch.device("cpu"), "w4a16-2:4")
 
 
 # ---- the custom ops' CPU path against the reference forward ---------------------------------------
@@ -180,11 +179,11 @@ def test_op_cpu_path_matches_reference_forward(fmt, M):
     layer, chan = _layer(fmt, seed=M)
     for x in (_x(chan, M, M), _x(chan, M, M, lead=(2,))):
         ref = layer(x)
-        layer._kernel = layer._pack_kernel_weights()
-        y = layer._kernel_forward(x)
-        layer._kernel = None
+        layer.use_packed(layer.pack_kernels())
+        y = layer.kernel_forward(x)
+        layer.use_packed(None)
         assert y.shape == ref.shape and y.dtype == torch.float16
-        if fmt == "sparse24":
+        if fmt == "w4a16-2:4":
             # the same dequantized weights times the same x in fp32: bit for bit
             assert torch.equal(y, ref)
         elif fmt == "w4ax":
@@ -204,14 +203,15 @@ def test_op_fake_impl_and_compile(fmt):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     layer, chan = _layer(fmt)
-    kw = layer._pack_kernel_weights()
-    call = {"w4a4": lambda x: ops.apply_w4a4(x, kw.quik, layer.bias),
-            "w4ax": lambda x: ops.apply_w4ax(x, kw.w4ax, layer.bias),
-            "sparse24": lambda x: ops.apply_sparse24(x, kw.sparse, layer.bias)}[fmt]
-    op = {"w4a4": ops.w4a4, "w4ax": ops.w4ax, "sparse24": ops.sparse24}[fmt]
-    with mock.patch.object(ops, fmt, wraps=op) as spy:  # the op's arguments, as apply_* passes them
+    kw = layer.pack_kernels()
+    call = {"w4a4": lambda x: ops.apply_w4a4(x, kw, layer.bias),
+            "w4ax": lambda x: ops.apply_w4ax(x, kw, layer.bias),
+            "w4a16-2:4": lambda x: ops.apply_sparse24(x, kw, layer.bias)}[fmt]
+    op = {"w4a4": ops.w4a4, "w4ax": ops.w4ax, "w4a16-2:4": ops.sparse24}[fmt]
+    with mock.patch.object(ops, "run_op", wraps=ops.run_op) as spy:  # the op's arguments, as apply_* passes them
         call(_x(chan, 3, 0))
-    args = spy.call_args.args
+    assert spy.call_args.args[0] is op
+    args = spy.call_args.args[1:]
     torch.library.opcheck(op, args)
     with FakeTensorMode() as mode:
         fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
@@ -236,7 +236,7 @@ def test_kernel_on_packed_layer_matches_reference_forward(fmt, M):
     x = _x(chan, M, M + 10).to(DEVICE)
     ref = layer(x)
     for tile in ((128, 256) if fmt != "w4ax" else (None,)):
-        y = _run(fmt, x, layer._pack_kernel_weights(tile), SMALL_SPLIT, layer.bias)
+        y = _run(fmt, x, layer.pack_kernels(tile), SMALL_SPLIT, layer.bias)
         assert y.shape == (M, N) and y.dtype == torch.float16
         # w4a4: outlier activations in fp16 + fp16 outlier MMA; w4ax: exact int32 per block, fp32 sums;
         # 2:4: exact products, fp32 accumulation; all then rounded to fp16 (the kernel tests' bounds)
@@ -254,7 +254,7 @@ def test_default_choice_runs_in_the_interpreter(op, M):
 
     layer, chan = _layer(op, seed=M)
     layer = layer.to(DEVICE)
-    kw = layer._pack_kernel_weights()
+    kw = layer.pack_kernels()
     x = _x(chan, M, M).to(DEVICE)
     for sms in (4, 132):  # few SMs: little split-K; an H100's: as many splits as the rules allow
         choice = dispatch.default_choice(op, M, N, K, sms)
@@ -262,14 +262,14 @@ def test_default_choice_runs_in_the_interpreter(op, M):
         assert choice.config.swap == (M <= 64)
         y = _run(op, x, kw, choice, layer.bias)
         if op == "w4a4":
-            ref = w4a4_reference(split_quantize_reference(x, kw.quik), kw.quik, x.dtype, layer.bias)
+            ref = w4a4_reference(split_quantize_reference(x, kw), kw, x.dtype, layer.bias)
         elif op == "w4ax":
             from dataclasses import replace
 
-            w = replace(kw.w4ax, bias=layer.bias)
+            w = replace(kw, bias=layer.bias)
             ref = w4ax_gemm_reference(quantize_mixed_reference(x, w.perm, w.n_hi, w.smooth), w, x.dtype)
         else:
-            ref = sparse24_reference(x, kw.sparse, layer.bias)
+            ref = sparse24_reference(x, kw, layer.bias)
         assert _rel(y, ref) < 2e-3, (sms, choice)
 
 
@@ -283,7 +283,7 @@ def test_concat_merges_layers_sharing_outliers_and_fmpq_blocks(fmt):
     mods = [build(seed) for seed in range(3)]
     x = _x(_channels(0) if fmt == "w4a4" else _channels(1, n_big=5), 5, 3)
     fused = QuantLinear.concat(mods)
-    assert fused is not None and fused.out_features == 3 * N and fused.kernel_op() == fmt
+    assert fused is not None and fused.out_features == 3 * N and fused.kernel_format() == fmt
     torch.testing.assert_close(fused(x), torch.cat([m(x) for m in mods], -1), rtol=1e-3, atol=1e-3)
     if fmt == "w4a4":
         assert fused.outlier_weight.shape == (3 * N, 20)
@@ -298,8 +298,8 @@ def test_concat_merges_layers_sharing_outliers_and_fmpq_blocks(fmt):
         flipped.fmpq_high = ~flipped.fmpq_high  # same order, other 8-bit blocks
         assert QuantLinear.concat([mods[0], flipped]) is None
     # and the fused layer's CPU op path still equals its reference forward
-    fused._kernel = fused._pack_kernel_weights()
-    assert _rel(fused._kernel_forward(x), fused.forward(x)) < 1e-3
+    fused.use_packed(fused.pack_kernels())
+    assert _rel(fused.kernel_forward(x), fused.forward(x)) < 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -322,10 +322,10 @@ def _scheme(name: str):
 
 
 @pytest.mark.parametrize("scheme, ops_used", [
-    ("w4a4-quik", {"w4a4", "w8a8"}),  # down_proj: W8A8 int8 (the preset's override)
+    ("w4a4-quik", {"w4a4", "w8a8-int8"}),  # down_proj: W8A8 int8 (the preset's override)
     ("w4a4", {"w4a4"}),
     ("w4a4kv4-comet", {"w4ax"}),
-    ("w4a16-2:4", {"sparse24"}),
+    ("w4a16-2:4", {"w4a16-2:4"}),
 ])
 def test_calibrated_model_routes_to_kernels_and_fuses(tiny_dir, scheme, ops_used):
     """A model quantized by lowbit.quantize: every layer has a kernel, each layer's CPU op path equals
@@ -338,20 +338,20 @@ def test_calibrated_model_routes_to_kernels_and_fuses(tiny_dir, scheme, ops_used
     calib = torch.randint(3, 97, (8, 32), generator=_gen(0))
     model = lowbit.quantize(loaded, _scheme(scheme), calib, progress=False).to(torch.float16)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    assert {m.kernel_op() for m in layers} == ops_used
+    assert {m.kernel_format() for m in layers} == ops_used
     x = torch.randn(3, 192, generator=_gen(1)).half()
     attn = model.layers[0].self_attn
     for m in (attn.q_proj, attn.v_proj):
-        m._kernel = m._pack_kernel_weights()
-        y = m._kernel_forward(x)
-        m._kernel = None
+        m.use_packed(m.pack_kernels())
+        y = m.kernel_forward(x)
+        m.use_packed(None)
         assert _rel(y, m(x)) < 1e-3
     ids = torch.randint(3, 97, (2, 7), generator=_gen(2))
     with torch.no_grad():
         before = model(ids).float()
         assert fuse_projections(model) == 2 * len(model.layers)
         after = model(ids).float()
-    assert {m.kernel_op() for m in model.modules() if isinstance(m, QuantLinear)} == ops_used
+    assert {m.kernel_format() for m in model.modules() if isinstance(m, QuantLinear)} == ops_used
     assert _rel(after, before) < 1e-3  # fp16 model: the fused GEMMs sum in another order
 
 
@@ -366,7 +366,7 @@ def test_kernel_path_matches_reference_on_gpu(fmt, M):
     layer = layer.cuda()
     x = _x(chan, M, M).cuda()
     ref = layer(x)
-    assert use_kernels(torch.nn.Sequential(layer)) == (1, 1) and layer._kernel.op == fmt
+    assert use_kernels(torch.nn.Sequential(layer)) == (1, 1) and layer.kernel_format() == fmt and layer.kernel is not None
     y = layer(x)
     assert y.shape == ref.shape and y.dtype == torch.float16
     assert _rel(y, ref) < 5e-3
@@ -376,9 +376,10 @@ def test_kernel_path_matches_reference_on_gpu(fmt, M):
     # bf16 activations on a layer packed while fp16 (QUIK casts its outlier weights per call)
     xb = _x(chan, M, M, dtype=torch.bfloat16, lead=(2,)).cuda()
     yb = layer(xb)
-    kernel, layer._kernel = layer._kernel, None
+    kernel = layer.kernel
+    layer.use_packed(None)
     refb = layer(xb)
-    layer._kernel = kernel
+    layer.use_packed(kernel)
     assert yb.shape == refb.shape and yb.dtype == torch.bfloat16 and _rel(yb, refb) < 1e-2
 
 
@@ -435,7 +436,7 @@ def test_quantized_model_on_new_kernels_on_gpu(tiny_dir, scheme):
 @pytest.mark.parametrize("scheme", ["w4a4-quik", "w4a4kv4-comet", "w4a16-2:4"])
 def test_saved_checkpoint_loads_and_generates_on_kernels_on_gpu(tiny_dir, tmp_path, scheme):
     """The presets' user path: quantize, save, load on the GPU, every layer on its kernel, generate."""
-    from lowbit.checkpoint.native import save_quantized
+    from lowbit.model.native_checkpoint import save_quantized
     from lowbit.engine.generate import generate
     from lowbit.engine.sampling import SamplingParams
     from lowbit.model.loader import load_model

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowbit.engine.generate import generate
-from lowbit.engine.kv_cache import KVCache
+from lowbit.model.kv_cache import KVCache
 from lowbit.engine.sampling import SamplingParams
 from lowbit.model.loader import load_model
 from tests.tiny_models import make_hf_model

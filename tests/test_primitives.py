@@ -7,7 +7,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import ActivationFormat, WeightFormat
-from lowbit.quant.primitives import (
+from lowbit.numerics.primitives import (
     compute_scales,
     dequantize_weight,
     fake_quantize_activation,

@@ -20,7 +20,7 @@ def _layer(N: int = 8, K: int = 16) -> QuantLinear:
 
 def test_pre_quantized_activations_without_kernels_are_a_clear_error():
     layer = _layer()
-    assert layer._kernel is None  # on the CPU prepare_kernels() never packs
+    assert layer.kernel is None  # on the CPU prepare_kernels() never packs
     x = QuantizedActivations(q=torch.zeros(2, 16, dtype=torch.int8), scale=torch.ones(2), dtype=torch.float16)
     with pytest.raises(LowbitError, match="pre-quantized activations reached a layer without an 8-bit-activation"):
         layer(x)

@@ -9,9 +9,9 @@ from lowbit.errors import LowbitError
 from lowbit.formats import ActivationFormat, KVCacheFormat, WeightFormat
 from lowbit.quant.clip import clip_error, search_clip
 from lowbit.quant.fmpq import assign_fmpq_blocks, fmpq_fake_quantize
-from lowbit.quant.kv import calibrate_kv_scales, fake_quantize_kv
+from lowbit.numerics.kv import calibrate_kv_scales, fake_quantize_kv
 from lowbit.quant.outliers import select_outlier_columns, split_columns
-from lowbit.quant.primitives import fake_quantize_activation, fake_quantize_weight, quantize_activation
+from lowbit.numerics.primitives import fake_quantize_activation, fake_quantize_weight, quantize_activation
 from lowbit.quant.smooth import DEFAULT_ALPHAS, fold_into_norm, search_smooth_alpha, smooth_factors
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.checkpoint.native import save_quantized
+from lowbit.model.native_checkpoint import save_quantized
 from lowbit.engine.generate import generate
 from lowbit.engine.sampling import SamplingParams
 from lowbit.errors import LowbitError

@@ -9,7 +9,7 @@ import torch
 from lowbit.engine.reference import reference_generate as generate  # what the engine must match
 from lowbit.engine.sampling import SamplingParams
 from lowbit.engine.scheduler import Engine
-from lowbit.engine.kv_cache import SlotKVCache
+from lowbit.model.kv_cache import SlotKVCache
 from lowbit.errors import LowbitError
 from lowbit.formats import KVCacheFormat
 from lowbit.model.loader import load_model

@@ -19,8 +19,8 @@ from lowbit.formats import ActivationFormat, WeightFormat
 from lowbit.kernels.config import TileConfig
 from lowbit.kernels.layout import pack_for_kernels
 from lowbit.model.qlinear import QuantLinear
-from lowbit.quant.primitives import num_groups, pack_int4
-from lowbit.quant.quantized import QuantizedWeight
+from lowbit.numerics.primitives import num_groups, pack_int4
+from lowbit.numerics.quantized import QuantizedWeight
 from lowbit.quant.sparse import is_2of4
 
 triton = pytest.importorskip("triton")
@@ -253,19 +253,19 @@ def test_widen_sparse24_matches_dequantized_reference(K, group, tile_k, dtype):
 def test_dispatch_widens_2of4_weights_at_large_m():
     """dispatch's sparse24 choice: the fused kernel at small M, widen + matmul from M = 128, both
     within fp16 rounding of the reference."""
-    from lowbit.kernels import dispatch
+    from lowbit.kernels import dispatch, run
 
     _, _, _, p = _layer(40, 300, 128, seed=6)
-    assert dispatch.default_choice("sparse24", 16, 40, 300, 132).kernel == "triton"
-    big = dispatch.default_choice("sparse24", 128, 40, 300, 132)
+    assert dispatch.default_choice("w4a16-2:4", 16, 40, 300, 132).kernel == "triton"
+    big = dispatch.default_choice("w4a16-2:4", 128, 40, 300, 132)
     assert big == dispatch.Choice("dequant-cublas")
     x = _x(130, 300, 6)
     bias = _x(1, 40, 7)[0]
-    y = dispatch.run_sparse24(x, p, big, bias)
+    y = run.run_sparse24(x, p, big, bias)
     assert y.shape == (130, 40) and y.dtype == x.dtype
     assert _rel(y, sparse24_reference(x, p, bias)) < 2e-3
     # a bias kept in another dtype (a layer packed in fp16, called in bf16) must not promote the output
-    assert dispatch.run_sparse24(x, p, big, bias.to(torch.bfloat16)).dtype == x.dtype
+    assert run.run_sparse24(x, p, big, bias.to(torch.bfloat16)).dtype == x.dtype
 
 
 @pytest.mark.parametrize("M", [1, 3, 17])

@@ -17,7 +17,7 @@ from lowbit.kernels.config import TileConfig
 from lowbit.kernels.layout import PackedInt4, unpack_kernel_codes
 from lowbit.model.qlinear import QuantLinear
 from lowbit.quant.gptq import rtn_quantize
-from lowbit.quant.primitives import quantize_activation, unpack_int4
+from lowbit.numerics.primitives import quantize_activation, unpack_int4
 
 triton = pytest.importorskip("triton")
 from lowbit.kernels.w4a4 import (

@@ -19,7 +19,7 @@ from lowbit.kernels.config import TileConfig
 from lowbit.model.qlinear import QuantLinear
 from lowbit.quant.fmpq import assign_fmpq_blocks
 from lowbit.quant.gptq import rtn_quantize
-from lowbit.quant.primitives import pack_int4, quantize_activation
+from lowbit.numerics.primitives import pack_int4, quantize_activation
 
 triton = pytest.importorskip("triton")
 import triton.language as tl
@@ -253,7 +253,7 @@ def test_fake_quantize_mixed_is_the_dequantized_layout(M, K, n_hi, smooth):
 @pytest.mark.parametrize("M, K, n_hi, symmetric", [(3, 300, 1, True), (17, 384, 1, False), (64, 256, 0, True)])
 def test_w4ax_dequant_matmul_matches_reference(M, K, n_hi, symmetric):
     """The cuBLAS path dispatch takes at large M: W4Ax's numerics with fp16-rounded operands."""
-    from lowbit.kernels import dispatch
+    from lowbit.kernels import dispatch, run
     from lowbit.kernels.w4ax_dequant import w4ax_dequant_matmul
 
     buf = _buffers(40, K, n_hi, seed=M + K, symmetric=symmetric, smooth=True, bias=True)
@@ -263,7 +263,7 @@ def test_w4ax_dequant_matmul_matches_reference(M, K, n_hi, symmetric):
     y = w4ax_dequant_matmul(x, w)
     assert y.shape == (M, 40) and y.dtype == torch.float16
     assert _rel(y, ref) < 2e-3
-    assert torch.equal(dispatch.run_w4ax(x, w, dispatch.Choice("dequant-cublas")), y)
+    assert torch.equal(run.run_w4ax(x, w, dispatch.Choice("dequant-cublas")), y)
     with pytest.raises(LowbitError, match="x must be"):
         w4ax_dequant_matmul(x[:, :-1], w)
 

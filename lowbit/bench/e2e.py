@@ -31,14 +31,12 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats import KV_MODIFIERS, KVCacheFormat
+from lowbit.formats import KV_FORMATS as NAMED_KV
+from lowbit.formats import KVCacheFormat
 from lowbit.report_files import pyplot, save_figure
 
-# int8 and int4: one scale per token and head (COMET's 4-bit cache); int4-g32: the +kv4 modifier's groups of 32
-KV_FORMATS: dict[str, KVCacheFormat | None] = {
-    "fp16": None, "int8": KV_MODIFIERS["kv8"], "int4": KVCacheFormat("int4"), "int4-g32": KV_MODIFIERS["kv4"],
-    "fp8": KV_MODIFIERS["kvfp8"],
-}
+# --kv takes lowbit.formats.KV_FORMATS' names (fp16: the model's own cache, no kv_format)
+KV_FORMATS: dict[str, KVCacheFormat | None] = {k: (None if f.dtype == "fp16" else f) for k, f in NAMED_KV.items()}
 
 
 @dataclass
@@ -114,13 +112,9 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
     total = 0
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            # the kernel layout, whichever field holds it (PackedInt4, or the QUIK / COMET / 2:4 layouts):
-            # each counts the bytes its GEMM reads (a tensor's nbytes is a number, a layout's a method)
-            layouts = [] if m._kernel is None else [v for v in vars(m._kernel).values()
-                                                    if v is not None and callable(getattr(v, "nbytes", None))]
-            if layouts:
-                total += layouts[0].nbytes()
-            else:  # the checkpoint buffers (w8a8 reads its codes as stored; QUIK's fp16 outlier columns too)
+            if m.kernel is not None:  # the kernel layout, as its format method counts it
+                total += m._method.weight_bytes(m, m.kernel)
+            else:  # the checkpoint buffers (QUIK's fp16 outlier columns too)
                 parts = [m.qweight, m.scales, m.zeros, m.outlier_weight]
                 total += sum(t.nbytes for t in parts if t is not None)
         elif isinstance(m, torch.nn.Linear):
@@ -138,11 +132,11 @@ def require_kernels(model: torch.nn.Module, scheme: str) -> None:
     setup = prepare_for_inference(model)  # as lowbit serve and generate run it: fused, on the kernels
     on, total = setup.kernel_layers, setup.quantized_layers
     if on < total:
-        name, m = next((n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m._kernel is None)
+        name, m = next((n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.kernel is None)
         raise LowbitError(
             f"{total - on} of {total} quantized layers of {scheme} have no GPU kernel (first: {name}, "
             f"{m.extra_repr()}); timing them would measure the reference path. Pick schemes whose formats "
-            "have kernels (lowbit.model.qlinear.QuantLinear.kernel_op), on a CUDA device")
+            "have kernels (lowbit.methods.registry), on a CUDA device")
 
 
 def _fill_random(cache: Any) -> None:

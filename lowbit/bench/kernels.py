@@ -47,7 +47,7 @@ PRESET_PATHS: dict[str, tuple[str, str]] = {
     "w4a4-quik": ("w4a4", "w4a4-quik"),
     "w4a4": ("w4a4", "w4a4"),
     "w4ax": ("w4ax", "w4a4kv4-comet"),
-    "w4a16-2:4": ("sparse24", "w4a16-2:4"),
+    "w4a16-2:4": ("w4a16-2:4", "w4a16-2:4"),
 }
 
 
@@ -154,7 +154,7 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None) 
     The weight bytes are what one call reads of the weight side (codes, scales, zero points, and for
     ``PRESET_PATHS`` fp16 outlier columns, weight sums, 2:4 patterns).
     """
-    from lowbit.kernels import dispatch
+    from lowbit.kernels import dispatch, run
 
     x16 = torch.randn(M, K, device=device, dtype=torch.float16)
     if path == "fp16":
@@ -184,7 +184,7 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None) 
 
         def make(choice=None):
             c = pick(choice)
-            return _rotating(lambda w: dispatch.run_w8a8(x16, w, wsc, adtype, c), wq), f"{c.kernel} {c.config_str()}"
+            return _rotating(lambda w: run.run_w8a8(x16, w, wsc, adtype, c), wq), f"{c.kernel} {c.config_str()}"
 
         return make, N * K + 2 * N
     groups = {"w4a16": 128, "w4a8": None, "w4a8-g128": 128, "w4a8-fp8": None}
@@ -197,9 +197,9 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None) 
     def make(choice=None):
         c = pick(choice)
         if path == "w4a16":
-            fn = lambda p: dispatch.run_w4a16(x16, p, c)
+            fn = lambda p: run.run_w4a16(x16, p, c)
         else:
-            fn = lambda p: dispatch.run_w4a8(x16, p, adtype, c)
+            fn = lambda p: run.run_w4a8(x16, p, adtype, c)
         return _rotating(fn, packs), f"{c.kernel} {c.config_str()}"
 
     return make, packs[0].nbytes()
@@ -220,7 +220,7 @@ def _random_scales(N: int, G: int, device) -> torch.Tensor:
 def _random_2of4_codes(N: int, K: int, device) -> torch.Tensor:
     """(N, ceil(K/2)) uint8 packed signed codes, 2 non-zero (|q| in 1..7) in every 4 columns at random positions."""
     from lowbit.kernels.sparse24 import PATTERNS
-    from lowbit.quant.primitives import pack_int4
+    from lowbit.numerics.primitives import pack_int4
 
     if K % 4:
         raise LowbitError(f"the 2:4 path needs K a multiple of 4 (groups of 4 input columns), got {K}")
@@ -287,7 +287,7 @@ def preset_weights(path: str, N: int, K: int, device, tile_k: int | None = None)
         return pack_w4ax(_random_codes(N, K, device), _random_scales(N, G, device), torch.randperm(K, device=device),
                          high, in_features=K, group_size=wfmt.group_size, block=afmt.fmpq_block)
     from lowbit.kernels.sparse24 import pack_sparse24
-    from lowbit.quant.primitives import num_groups
+    from lowbit.numerics.primitives import num_groups
 
     return pack_sparse24(_random_2of4_codes(N, K, device), _random_scales(N, num_groups(K, wfmt.group_size), device),
                          K, wfmt.group_size, tile_k)
@@ -296,7 +296,7 @@ def preset_weights(path: str, N: int, K: int, device, tile_k: int | None = None)
 def run_preset(path: str, x: torch.Tensor, w: Any, choice=None) -> torch.Tensor:
     """x (M, K) fp16 -> (M, N) fp16 through ``path``'s kernel, activation quantization included;
     ``choice`` a ``dispatch.Choice`` (None: the kernel's default)."""
-    from lowbit.kernels import dispatch
+    from lowbit.kernels import dispatch, run
 
     choice = choice or dispatch.Choice("triton")
     if PRESET_PATHS[path][0] == "w4a4":
@@ -304,8 +304,8 @@ def run_preset(path: str, x: torch.Tensor, w: Any, choice=None) -> torch.Tensor:
 
         return quik_matmul(x, w, None, choice.config)
     if path == "w4ax":
-        return dispatch.run_w4ax(x, w, choice)
-    return dispatch.run_sparse24(x, w, choice)
+        return run.run_w4ax(x, w, choice)
+    return run.run_sparse24(x, w, choice)
 
 
 def kernel_default(path: str, M: int, N: int, K: int, w: Any, device) -> Any:
@@ -355,7 +355,7 @@ def _build_preset(path: str, x16: torch.Tensor, N: int, K: int, device, tile_k: 
     def make(choice=None):
         c, dispatched = (choice, True) if choice is not None else pick_choice(
             op, M, N, K, device, lambda: kernel_default(path, M, N, K, first, device))
-        if c.kernel != "triton" and op not in ("sparse24", "w4ax"):
+        if c.kernel != "triton" and op not in ("w4a16-2:4", "w4ax"):
             raise LowbitError(f"lowbit bench kernels runs {op} on its Triton kernel only; dispatch chose {c.kernel!r}")
         how = f"{c.kernel} {c.config_str()}" + ("" if dispatched else " (kernel default: no dispatch entry)")
         return _rotating(lambda w: run_preset(path, x16, w, c), packs), how
@@ -364,7 +364,7 @@ def _build_preset(path: str, x16: torch.Tensor, N: int, K: int, device, tile_k: 
 
 
 def _quant_ref(x: torch.Tensor, adtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from lowbit.quant.primitives import quantize_activation
+    from lowbit.numerics.primitives import quantize_activation
 
     q, s = quantize_activation(x, 8, adtype)
     return q, s[:, 0].float()

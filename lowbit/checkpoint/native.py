@@ -25,7 +25,6 @@ import shutil
 import socket
 import tempfile
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +33,16 @@ from safetensors.torch import save_file
 
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantScheme
-from lowbit.model.llama import Transformer
-from lowbit.model.qlinear import QuantLinear
 
 QUANT_METHOD = "lowbit"
 
 
-def save_quantized(model: Transformer, out: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False) -> Path:
-    """Write ``model`` (quantized by ``lowbit.quantize``) to the directory ``out``."""
+def write_checkpoint(out: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor], *,
+                     tokenizer: Any = None, overwrite: bool = False) -> Path:
+    """Write ``config`` (config.json), ``tensors`` (model.safetensors, under the names given) and the
+    tokenizer's files to the directory ``out``, atomically (module docstring). Tensors are made
+    contiguous CPU copies here. ``lowbit.model.native_checkpoint.save_quantized`` builds both from a model."""
     out = Path(out)
-    scheme: QuantScheme | None = model.quant_scheme
-    if scheme is None:
-        raise LowbitError("this model is not quantized; run lowbit.quantize(model, scheme, calib) first")
     if out.exists() and not overwrite:
         raise LowbitError(f"{out} already exists; choose another output directory or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -55,15 +52,9 @@ def save_quantized(model: Transformer, out: str | os.PathLike, *, tokenizer: Any
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the checkpoint gets ordinary permissions
     try:
-        config = model.config.to_hf()
-        config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-        config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": scheme.version,
-                                         "scheme": scheme.to_dict()}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tensors = {_hf_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            tensors.pop("lm_head.weight", None)
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt", "quant_method": QUANT_METHOD})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():  # overwrite: swap, then delete the old one
@@ -77,6 +68,11 @@ def save_quantized(model: Transformer, out: str | os.PathLike, *, tokenizer: Any
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def quantization_config(scheme: QuantScheme) -> dict[str, Any]:
+    """config.json's ``quantization_config`` for ``scheme`` (read back by ``scheme_from_config``)."""
+    return {"quant_method": QUANT_METHOD, "format_version": scheme.version, "scheme": scheme.to_dict()}
 
 
 def _partial_prefix(out: Path) -> str:
@@ -122,7 +118,8 @@ def _remove_stale_partials(out: Path) -> None:
                           RuntimeWarning, stacklevel=3)
 
 
-def _hf_name(name: str) -> str:
+def hf_name(name: str) -> str:
+    """The checkpoint (Hugging Face) name of a lowbit module's tensor: ``layers.0.x`` -> ``model.layers.0.x``."""
     return name if name.startswith("lm_head.") else f"model.{name}"
 
 
@@ -137,47 +134,3 @@ def scheme_from_config(config: dict[str, Any]) -> QuantScheme | None:
             "checkpoints (GPTQ/AWQ/compressed-tensors import is planned)"
         )
     return QuantScheme.from_dict(qc.get("scheme") or {})
-
-
-def install_quantized_layers(
-    model: Transformer,
-    scheme: QuantScheme,
-    tensors: dict[str, torch.Tensor],
-    dtype: torch.dtype,
-    files: Mapping[str, str | os.PathLike] | None = None,
-) -> None:
-    """Swap each Linear that has ``<name>.qweight`` (or ``.scales``) in ``tensors`` for a QuantLinear
-    built from them, each buffer checked against the layer's formats (``QuantLinear.from_tensors``).
-
-    The tensors it consumes are removed from ``tensors``; the rest are float parameters. ``files``
-    maps tensor names to the file holding them, for the errors.
-    """
-    files = files or {}
-    for name, module in list(model.named_modules()):
-        prefix = _hf_name(f"{name}.")  # model.layers.N.<proj>. or, for a quantized head, lm_head.
-        quantized = any(f"{prefix}{k}" in tensors for k in ("qweight", "scales"))
-        if not isinstance(module, torch.nn.Linear) or not quantized:
-            continue
-        own = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
-        # a missing buffer's error names the file that holds the layer's other tensors
-        home = next((files[f"{prefix}{k}"] for k in own if f"{prefix}{k}" in files), "checkpoint")
-
-        def describe(k: str, prefix: str = prefix, home: str | os.PathLike = home) -> str:
-            return f"{files.get(prefix + k, home)}: tensor '{prefix}{k}'"
-
-        wfmt, afmt = scheme.for_layer(name)
-        qlin = QuantLinear.from_tensors(own, module.in_features, wfmt, afmt, out_features=module.out_features,
-                                        describe=describe)
-        for k in ("bias", "outlier_weight"):  # these follow the model's dtype (checked as floats first)
-            if getattr(qlin, k) is not None:
-                setattr(qlin, k, getattr(qlin, k).to(dtype))
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, qlin)
-    if scheme.kv_cache.dtype != "fp16":
-        for i, layer in enumerate(model.layers):
-            layer.self_attn.kv_format = scheme.kv_cache
-            for which in ("k_scale", "v_scale"):
-                t = tensors.pop(f"model.layers.{i}.self_attn.{which}", None)
-                if t is not None:
-                    setattr(layer.self_attn, which, t)
-    model.quant_scheme = scheme

@@ -29,7 +29,7 @@ from functools import lru_cache
 
 import torch
 
-from lowbit.engine.kv_cache import SlotKVCache
+from lowbit.model.kv_cache import SlotKVCache
 from lowbit.errors import LowbitError
 from lowbit.model.llama import Transformer
 

@@ -51,7 +51,7 @@ def prepare_for_inference(model: Transformer, *, kernels: bool = True) -> Infere
         on, total = use_kernels(model, enabled=on_cuda and kernels)
         # the layers left on the reference path keep their dequantized weights between steps
         for m in model.modules():
-            if isinstance(m, QuantLinear) and m._kernel is None:
+            if isinstance(m, QuantLinear) and m.kernel is None:
                 cache_dequantized_weights(m)
     return InferenceSetup(fused, on, total)
 
@@ -63,7 +63,7 @@ def _fingerprint(model: Transformer) -> tuple:
     """What an engine's CUDA graphs depend on: every module, its packed kernel weights, and where each
     parameter and buffer lives. Changed by fusion, repacking, quantization or a device move; not by
     in-place writes to the weights (a replay reads them where they are)."""
-    mods = tuple((id(m), id(getattr(m, "_kernel", None))) for m in model.modules())
+    mods = tuple((id(m), id(m.kernel if isinstance(m, QuantLinear) else None)) for m in model.modules())
     tensors = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
     return mods, tensors
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from lowbit.engine.kv_cache import KVCache
+from lowbit.model.kv_cache import KVCache
 from lowbit.engine.sampling import SamplingParams, request_generator, sample
 from lowbit.errors import LowbitError
 from lowbit.model.llama import Transformer

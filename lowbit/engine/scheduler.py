@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from lowbit.engine.kv_cache import SlotKVCache
+from lowbit.model.kv_cache import SlotKVCache
 from lowbit.engine.sampling import SamplingParams, greedy_tokens, request_generator, sample
 from lowbit.errors import LowbitError
 from lowbit.formats import KVCacheFormat

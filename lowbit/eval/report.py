@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,20 @@ from lowbit import __version__
 from lowbit.eval.perplexity import evaluate
 from lowbit.formats import QuantScheme
 from lowbit.model.loader import load_model
-from lowbit.quant.api import Stopwatch, linear_bits_per_weight, quantize
+from lowbit.eval.calibration import quantize
+from lowbit.model.qlinear import linear_bits_per_weight
 from lowbit.report_files import write_json as write_json_file
+
+
+class Stopwatch:
+    """Wall time of a block, for the CLI's reports."""
+
+    def __enter__(self) -> "Stopwatch":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
 
 
 @dataclass

@@ -4,7 +4,7 @@ One program per token (row): the whole row is loaded once into registers (K up t
 the SmoothQuant factors if the layer kept them at run time, reduced to its absmax, quantized and
 stored, so the activations are read once and written once (as 8-bit codes) before the 8-bit GEMM.
 
-Numerics (``lowbit.quant.primitives.quantize_activation``): int8 ``scale = absmax / 127``,
+Numerics (``lowbit.numerics.primitives.quantize_activation``): int8 ``scale = absmax / 127``,
 ``q = round_half_even(x / scale)`` clamped to [-127, 127]; fp8 e4m3 ``scale = absmax / 448``,
 ``q = (x / scale)`` rounded to nearest e4m3. Scales are fp32 and at least 1e-12. Divisions are
 IEEE (``div_rn``) so that codes match the reference bit for bit.

@@ -12,7 +12,7 @@ Layout of one layer's cache (``QuantizedKV``), for ``slots`` sequences of up to 
   (low nibble) and channel j + head_dim/2 (high nibble), two's complement. So each nibble plane
   pairs with one contiguous half of the query (as the int4 weights in ``lowbit.kernels.layout``).
 - scales (slots, kv_heads, max_len, head_dim / group) fp32 for int caches (dynamic, per token, head
-  and group, the numerics of ``lowbit.quant.kv.fake_quantize_kv``); for fp8 one static scale per
+  and group, the numerics of ``lowbit.numerics.kv.fake_quantize_kv``); for fp8 one static scale per
   head (kv_heads,) fp32, or per-token scales like the int caches when there is none.
 
 Work split: program (row, kv_head, split) computes, for the ``G`` query heads sharing that KV head
@@ -55,7 +55,7 @@ def quantize_kv(t: torch.Tensor, dtype: str, group: int | None = None,
     """Quantize K or V ``t`` (S, H, L, D) fp16/bf16/fp32 into the cache layout (reference code path).
 
     ``dtype`` "int8", "int4", "fp8_e4m3", or "fp16" for a plain cache that keeps ``t`` as it is."""
-    from lowbit.quant.primitives import FP8_MAX, quantize_activation
+    from lowbit.numerics.primitives import FP8_MAX, quantize_activation
 
     S, H, L, D = t.shape
     if dtype == "fp16":  # a plain cache: values kept in t's dtype (fp16 or bf16), no scales

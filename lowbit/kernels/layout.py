@@ -1,6 +1,6 @@
 """The int4 weight layout the kernels read, repacked once at load time from the checkpoint's layout.
 
-Checkpoint layout (``lowbit.quant.primitives.pack_int4``): ``qweight`` (N, ceil(K/2)) uint8, columns
+Checkpoint layout (``lowbit.numerics.primitives.pack_int4``): ``qweight`` (N, ceil(K/2)) uint8, columns
 2j and 2j+1 in the low and high nibble of byte j, signed codes as 4-bit two's complement; ``scales``
 (N, G) fp16; ``zeros`` (N, G) uint8 for asymmetric formats; ``g_idx`` for act-order.
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.quant.primitives import num_groups, unpack_int4
+from lowbit.numerics.primitives import num_groups, unpack_int4
 
 TILE_K = 128  # K columns per packed tile (default); each half (64) pairs with one MMA operand
 TILE_CHOICES = (128, 256)

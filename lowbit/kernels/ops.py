@@ -33,13 +33,24 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lowbit.kernels import dispatch
+from lowbit.kernels import dispatch, run
 from lowbit.kernels.layout import PackedInt4, unpack_kernel_codes
 
 if TYPE_CHECKING:
     from lowbit.kernels.sparse24 import PackedSparse24
     from lowbit.kernels.w4a4 import PackedQuik
     from lowbit.kernels.w4ax import PackedW4Ax
+
+
+# custom op -> its Python body, for eager calls (``run_op``)
+EAGER: dict[object, object] = {}
+
+
+def run_op(op, *args):  # noqa: ANN001, ANN201
+    """``op(*args)`` while ``torch.compile`` traces (the traced graph needs the op and its fake), its
+    Python body otherwise: eagerly and under CUDA-graph capture the custom-op layer adds only host
+    time, 40-85 us per call on the H200 (bench/host_time.py, cProfile of ``backend_impl``)."""
+    return op(*args) if torch.compiler.is_compiling() else EAGER[op](*args)
 
 
 def _packed(qweight, scales, zeros, perm, group_size, K, tile_k) -> PackedInt4:
@@ -57,7 +68,7 @@ def _dequant_reference(w: PackedInt4) -> Tensor:
 
 
 def _reference_act(x: Tensor, act_dtype: str | None, smooth: Tensor | None) -> Tensor:
-    from lowbit.quant.primitives import quantize_activation
+    from lowbit.numerics.primitives import quantize_activation
 
     xf = x.float() if smooth is None else x.float() / smooth
     if act_dtype is None:
@@ -70,8 +81,7 @@ def _finish(y: Tensor, bias: Tensor | None, like: Tensor) -> Tensor:
     return (y if bias is None else y + bias.float()).to(like.dtype)
 
 
-@torch.library.custom_op("lowbit::w4a16", mutates_args=())
-def w4a16(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, perm: Tensor | None,
+def _w4a16(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, perm: Tensor | None,
           bias: Tensor | None, group_size: int, K: int, tile_k: int) -> Tensor:
     w = _packed(qweight, scales, zeros, perm, group_size, K, tile_k)
     x2 = x.reshape(-1, K)
@@ -79,7 +89,11 @@ def w4a16(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, perm
         xs = x2 if perm is None else x2.index_select(1, perm)
         return _finish(xs.float() @ _dequant_reference(w).t(), bias, x).reshape(*x.shape[:-1], w.N)
     choice = dispatch.choose("w4a16", x2.shape[0], w.N, K, x.device)
-    return dispatch.run_w4a16(x2, w, choice, bias).reshape(*x.shape[:-1], w.N)
+    return run.run_w4a16(x2, w, choice, bias).reshape(*x.shape[:-1], w.N)
+
+
+w4a16 = torch.library.custom_op("lowbit::w4a16", _w4a16, mutates_args=())
+EAGER[w4a16] = _w4a16
 
 
 @w4a16.register_fake
@@ -105,8 +119,7 @@ def _w8a8_op_name(wq: Tensor) -> str:
     return "w8a8-fp8" if wq.dtype == torch.float8_e4m3fn else "w8a8-int8"
 
 
-@torch.library.custom_op("lowbit::w4a8", mutates_args=())
-def w4a8(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, perm: Tensor | None,
+def _w4a8(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, perm: Tensor | None,
          smooth: Tensor | None, bias: Tensor | None, group_size: int, K: int, tile_k: int,
          act_dtype: str) -> Tensor:
     w = _packed(qweight, scales, zeros, perm, group_size, K, tile_k)
@@ -116,7 +129,11 @@ def w4a8(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, perm:
         xa = xa if perm is None else xa.index_select(1, perm)
         return _finish(xa @ _dequant_reference(w).t(), bias, x).reshape(*x.shape[:-1], w.N)
     choice = _w4a8_choice(w, group_size, act_dtype, x2.shape[0], x.device)
-    return dispatch.run_w4a8(x2, w, act_dtype, choice, smooth, bias).reshape(*x.shape[:-1], w.N)
+    return run.run_w4a8(x2, w, act_dtype, choice, smooth, bias).reshape(*x.shape[:-1], w.N)
+
+
+w4a8 = torch.library.custom_op("lowbit::w4a8", _w4a8, mutates_args=())
+EAGER[w4a8] = _w4a8
 
 
 @w4a8.register_fake
@@ -124,8 +141,7 @@ def _(x, qweight, scales, zeros, perm, smooth, bias, group_size, K, tile_k, act_
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
-@torch.library.custom_op("lowbit::w8a8", mutates_args=())
-def w8a8(x: Tensor, wq: Tensor, w_scale: Tensor, smooth: Tensor | None, bias: Tensor | None) -> Tensor:
+def _w8a8(x: Tensor, wq: Tensor, w_scale: Tensor, smooth: Tensor | None, bias: Tensor | None) -> Tensor:
     act_dtype = "fp8_e4m3" if wq.dtype == torch.float8_e4m3fn else "int"
     N, K = wq.shape
     x2 = x.reshape(-1, K)
@@ -133,7 +149,11 @@ def w8a8(x: Tensor, wq: Tensor, w_scale: Tensor, smooth: Tensor | None, bias: Te
         xa = _reference_act(x2, act_dtype, smooth)
         return _finish(xa @ (wq.float() * w_scale.float()[:, None]).t(), bias, x).reshape(*x.shape[:-1], N)
     choice = dispatch.choose(_w8a8_op_name(wq), x2.shape[0], N, K, x.device)
-    return dispatch.run_w8a8(x2, wq, w_scale, act_dtype, choice, smooth, bias).reshape(*x.shape[:-1], N)
+    return run.run_w8a8(x2, wq, w_scale, act_dtype, choice, smooth, bias).reshape(*x.shape[:-1], N)
+
+
+w8a8 = torch.library.custom_op("lowbit::w8a8", _w8a8, mutates_args=())
+EAGER[w8a8] = _w8a8
 
 
 @w8a8.register_fake
@@ -145,8 +165,7 @@ def _dequant_act(xq: Tensor, xs: Tensor) -> Tensor:
     return xq.reshape(-1, xq.shape[-1]).float() * xs[:, None]
 
 
-@torch.library.custom_op("lowbit::w4a8_quantized", mutates_args=())
-def w4a8_quantized(xq: Tensor, xs: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
+def _w4a8_quantized(xq: Tensor, xs: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None,
                    bias: Tensor | None, group_size: int, K: int, tile_k: int, act_dtype: str,
                    out_dtype: torch.dtype) -> Tensor:
     w = _packed(qweight, scales, zeros, None, group_size, K, tile_k)
@@ -155,7 +174,11 @@ def w4a8_quantized(xq: Tensor, xs: Tensor, qweight: Tensor, scales: Tensor, zero
         like = torch.empty(0, dtype=out_dtype)
         return _finish(_dequant_act(x2, xs) @ _dequant_reference(w).t(), bias, like).reshape(*xq.shape[:-1], w.N)
     choice = _w4a8_choice(w, group_size, act_dtype, x2.shape[0], xq.device)
-    return dispatch.run_w4a8_quantized(x2, xs, w, out_dtype, choice, bias).reshape(*xq.shape[:-1], w.N)
+    return run.run_w4a8_quantized(x2, xs, w, out_dtype, choice, bias).reshape(*xq.shape[:-1], w.N)
+
+
+w4a8_quantized = torch.library.custom_op("lowbit::w4a8_quantized", _w4a8_quantized, mutates_args=())
+EAGER[w4a8_quantized] = _w4a8_quantized
 
 
 @w4a8_quantized.register_fake
@@ -163,8 +186,7 @@ def _(xq, xs, qweight, scales, zeros, bias, group_size, K, tile_k, act_dtype, ou
     return xq.new_empty(*xq.shape[:-1], qweight.shape[0], dtype=out_dtype)
 
 
-@torch.library.custom_op("lowbit::w8a8_quantized", mutates_args=())
-def w8a8_quantized(xq: Tensor, xs: Tensor, wq: Tensor, w_scale: Tensor, bias: Tensor | None,
+def _w8a8_quantized(xq: Tensor, xs: Tensor, wq: Tensor, w_scale: Tensor, bias: Tensor | None,
                    out_dtype: torch.dtype) -> Tensor:
     N, K = wq.shape
     x2 = xq.reshape(-1, K)
@@ -173,7 +195,11 @@ def w8a8_quantized(xq: Tensor, xs: Tensor, wq: Tensor, w_scale: Tensor, bias: Te
         y = _dequant_act(x2, xs) @ (wq.float() * w_scale.float()[:, None]).t()
         return _finish(y, bias, like).reshape(*xq.shape[:-1], N)
     choice = dispatch.choose(_w8a8_op_name(wq), x2.shape[0], N, K, xq.device)
-    return dispatch.run_w8a8_quantized(x2, xs, wq, w_scale, out_dtype, choice, bias).reshape(*xq.shape[:-1], N)
+    return run.run_w8a8_quantized(x2, xs, wq, w_scale, out_dtype, choice, bias).reshape(*xq.shape[:-1], N)
+
+
+w8a8_quantized = torch.library.custom_op("lowbit::w8a8_quantized", _w8a8_quantized, mutates_args=())
+EAGER[w8a8_quantized] = _w8a8_quantized
 
 
 @w8a8_quantized.register_fake
@@ -192,8 +218,7 @@ def _quik(qweight, scales, w_sum, kept_idx, gather_idx, gather_smooth, outlier_i
                       outlier_weight, smooth, K, out_k)
 
 
-@torch.library.custom_op("lowbit::w4a4", mutates_args=())
-def w4a4(x: Tensor, qweight: Tensor, scales: Tensor, w_sum: Tensor, kept_idx: Tensor, gather_idx: Tensor,
+def _w4a4(x: Tensor, qweight: Tensor, scales: Tensor, w_sum: Tensor, kept_idx: Tensor, gather_idx: Tensor,
          gather_smooth: Tensor | None, outlier_idx: Tensor, outlier_src: Tensor, outlier_smooth: Tensor | None,
          outlier_weight: Tensor | None, smooth: Tensor | None, bias: Tensor | None, K: int, tile_k: int,
          out_k: int) -> Tensor:
@@ -205,7 +230,11 @@ def w4a4(x: Tensor, qweight: Tensor, scales: Tensor, w_sum: Tensor, kept_idx: Te
 
         return w4a4_reference(split_quantize_reference(x2, p), p, x.dtype, bias).reshape(*x.shape[:-1], p.N)
     choice = dispatch.choose("w4a4", x2.shape[0], p.N, K, x.device)
-    return dispatch.run_w4a4(x2, p, choice, bias).reshape(*x.shape[:-1], p.N)
+    return run.run_w4a4(x2, p, choice, bias).reshape(*x.shape[:-1], p.N)
+
+
+w4a4 = torch.library.custom_op("lowbit::w4a4", _w4a4, mutates_args=())
+EAGER[w4a4] = _w4a4
 
 
 @w4a4.register_fake
@@ -217,21 +246,20 @@ def _(x, qweight, scales, w_sum, kept_idx, gather_idx, gather_smooth, outlier_id
 def apply_w4a4(x: Tensor, p: PackedQuik, bias: Tensor | None = None) -> Tensor:
     """``lowbit::w4a4`` on a layer packed by ``lowbit.kernels.w4a4.pack_quik``: x (..., K) -> (..., N)."""
     w = p.weight
-    return w4a4(x, w.qweight, w.scales, p.w_sum, p.kept_idx, p.gather_idx, p.gather_smooth, p.outlier_idx,
-                p.outlier_src, p.outlier_smooth, p.outlier_weight, p.smooth, bias, p.in_features, w.tile_k, p.out_k)
+    return run_op(w4a4, x, w.qweight, w.scales, p.w_sum, p.kept_idx, p.gather_idx, p.gather_smooth, p.outlier_idx,
+                  p.outlier_src, p.outlier_smooth, p.outlier_weight, p.smooth, bias, p.in_features, w.tile_k, p.out_k)
 
 
-def _w4ax(qweight, scales, zeros, wsum, perm, smooth, bias, K, n_hi) -> PackedW4Ax:
+def _w4ax_layout(qweight, scales, zeros, wsum, perm, smooth, bias, K, n_hi) -> PackedW4Ax:
     from lowbit.kernels.w4ax import BLOCK, PackedW4Ax
 
     # group = FMPQ block = packed tile = 128: one K-loop step per activation block
     return PackedW4Ax(PackedInt4(qweight, scales, zeros, BLOCK, K, None, BLOCK), wsum, perm, smooth, bias, n_hi)
 
 
-@torch.library.custom_op("lowbit::w4ax", mutates_args=())
-def w4ax(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, wsum: Tensor, perm: Tensor,
+def _w4ax(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, wsum: Tensor, perm: Tensor,
          smooth: Tensor | None, bias: Tensor | None, K: int, n_hi: int) -> Tensor:
-    w = _w4ax(qweight, scales, zeros, wsum, perm, smooth, bias, K, n_hi)
+    w = _w4ax_layout(qweight, scales, zeros, wsum, perm, smooth, bias, K, n_hi)
     x2 = x.reshape(-1, K)
     if x.device.type != "cuda":
         from lowbit.kernels.w4ax import quantize_mixed_reference, w4ax_gemm_reference
@@ -239,7 +267,11 @@ def w4ax(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, wsum:
         acts = quantize_mixed_reference(x2, perm, n_hi, smooth)
         return w4ax_gemm_reference(acts, w, x.dtype).reshape(*x.shape[:-1], w.N)
     choice = dispatch.choose("w4ax", x2.shape[0], w.N, K, x.device)
-    return dispatch.run_w4ax(x2, w, choice).reshape(*x.shape[:-1], w.N)
+    return run.run_w4ax(x2, w, choice).reshape(*x.shape[:-1], w.N)
+
+
+w4ax = torch.library.custom_op("lowbit::w4ax", _w4ax, mutates_args=())
+EAGER[w4ax] = _w4ax
 
 
 @w4ax.register_fake
@@ -251,11 +283,10 @@ def apply_w4ax(x: Tensor, p: PackedW4Ax, bias: Tensor | None = None) -> Tensor:
     """``lowbit::w4ax`` on a layer packed by ``lowbit.kernels.w4ax.pack_w4ax``: x (..., K) -> (..., N).
     ``bias`` replaces ``p.bias`` (QuantLinear packs without it and passes its own)."""
     w = p.weight
-    return w4ax(x, w.qweight, w.scales, w.zeros, p.wsum, p.perm, p.smooth, bias, p.K, p.n_hi)
+    return run_op(w4ax, x, w.qweight, w.scales, w.zeros, p.wsum, p.perm, p.smooth, bias, p.K, p.n_hi)
 
 
-@torch.library.custom_op("lowbit::sparse24", mutates_args=())
-def sparse24(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None, group_size: int, K: int,
+def _sparse24(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None, group_size: int, K: int,
              tile_k: int) -> Tensor:
     from lowbit.kernels.sparse24 import PackedSparse24, sparse24_reference
 
@@ -263,8 +294,12 @@ def sparse24(x: Tensor, data: Tensor, scales: Tensor, bias: Tensor | None, group
     x2 = x.reshape(-1, K)
     if x.device.type != "cuda":
         return sparse24_reference(x2, w, bias).reshape(*x.shape[:-1], w.N)
-    choice = dispatch.choose("sparse24", x2.shape[0], w.N, K, x.device)
-    return dispatch.run_sparse24(x2, w, choice, bias).reshape(*x.shape[:-1], w.N)
+    choice = dispatch.choose("w4a16-2:4", x2.shape[0], w.N, K, x.device)
+    return run.run_sparse24(x2, w, choice, bias).reshape(*x.shape[:-1], w.N)
+
+
+sparse24 = torch.library.custom_op("lowbit::sparse24", _sparse24, mutates_args=())
+EAGER[sparse24] = _sparse24
 
 
 @sparse24.register_fake
@@ -274,4 +309,4 @@ def _(x, data, scales, bias, group_size, K, tile_k):
 
 def apply_sparse24(x: Tensor, p: PackedSparse24, bias: Tensor | None = None) -> Tensor:
     """``lowbit::sparse24`` on a layer packed by ``lowbit.kernels.sparse24.pack_sparse24``: x (..., K) -> (..., N)."""
-    return sparse24(x, p.data, p.scales, bias, p.group_size or 0, p.K, p.tile_k)
+    return run_op(sparse24, x, p.data, p.scales, bias, p.group_size or 0, p.K, p.tile_k)

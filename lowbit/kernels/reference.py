@@ -1,6 +1,6 @@
 """The emulated path: what every kernel must compute, on any device.
 
-Built from ``lowbit.quant.primitives`` (the bit-exact building blocks, not the algorithms), with the
+Built from ``lowbit.numerics.primitives`` (the bit-exact building blocks, not the algorithms), with the
 math in fp32, as ``lowbit.model.qlinear.QuantLinear.forward`` does.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.formats import WeightFormat
-from lowbit.quant.primitives import dequantize_weight, unpack_int4
+from lowbit.numerics.primitives import dequantize_weight, unpack_int4
 
 
 def w4a16_reference(

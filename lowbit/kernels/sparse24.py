@@ -67,7 +67,7 @@ a fresh fp32 partial that is scaled and accumulated; smaller groups (32/64 with 
 are scaled per group of 4 columns (a group of 4 never straddles two scale groups). Split-K
 (``lowbit.kernels.splitk``) for small M; ``TileConfig.swap`` as in the dense kernel.
 
-Numerics: ``sparse24_reference`` (decompress, ``lowbit.quant.primitives.dequantize_weight``, fp32
+Numerics: ``sparse24_reference`` (decompress, ``lowbit.numerics.primitives.dequantize_weight``, fp32
 matmul), which equals ``QuantLinear.forward``'s reference path. The MMA products q * x are exact
 (|q| <= 8), accumulation is fp32, the scale is applied in fp32 (per-column mode: rounded to x's dtype).
 """
@@ -90,7 +90,7 @@ from lowbit.kernels.splitk import reserve, store_tile
 from lowbit.kernels.unpack import USE_ASM, nibbles_float
 from lowbit.kernels.w4a8 import _mma, _scale_w
 from lowbit.kernels.w4a16 import _MAGIC, check_activation, scale_mode
-from lowbit.quant.primitives import dequantize_weight, num_groups, unpack_int4
+from lowbit.numerics.primitives import dequantize_weight, num_groups, unpack_int4
 
 TILE_K = 256  # dense columns per tile: a half (128 columns) is one group-128 scale group
 TILE_CHOICES = (128, 256)
@@ -163,7 +163,7 @@ def pack_sparse24(
 ) -> PackedSparse24:
     """Compress checkpoint-layout 2:4 int4 weights into ``PackedSparse24``.
 
-    qweight (N, ceil(K/2)) uint8: ``lowbit.quant.primitives.pack_int4`` of signed codes (symmetric
+    qweight (N, ceil(K/2)) uint8: ``lowbit.numerics.primitives.pack_int4`` of signed codes (symmetric
     formats only); scales (N, G) fp16; K a multiple of 4. Raises a LowbitError if a row has more
     than 2 non-zero codes in some group of 4 columns.
     """

@@ -18,7 +18,7 @@ Two kernels, both with a plain-PyTorch reference below that defines their numeri
 1. ``split_quantize`` (one program per token): gathers the kept columns through a precomputed int32
    index vector (built once by ``pack_quik``), divides by the smoothing factors, quantizes per token
    (``scale = absmax / 7``, ``q = round_half_even(x / scale)`` clamped to [-7, 7], bit-exact to
-   ``lowbit.quant.primitives.quantize_activation(x, 4, "int")``) and stores the codes packed two per
+   ``lowbit.numerics.primitives.quantize_activation(x, 4, "int")``) and stores the codes packed two per
    byte; the outlier columns go out as a small (M, n_out) fp16/bf16 tensor.
 2. ``w4a4_matmul``: one K loop of int8 ``tl.dot`` over the packed tiles (int32 accumulation, exact),
    the zero points removed once, the scales applied, then a second loop of fp16/bf16 ``tl.dot`` over
@@ -77,7 +77,7 @@ from lowbit.kernels.splitk import reserve, store_tile
 from lowbit.kernels.unpack import USE_ASM, nibbles_int8
 from lowbit.kernels.w4a8 import _mma, _outer
 from lowbit.kernels.w4a16 import check_activation
-from lowbit.quant.primitives import (
+from lowbit.numerics.primitives import (
     dequantize_weight,
     fake_quantize_activation,
     quantize_activation,
@@ -457,7 +457,7 @@ def quik_matmul(
     return w4a4_matmul(split_quantize(x, p, split_config), p, x.dtype, bias, config)
 
 
-# ---- references (fp32, from lowbit.quant.primitives) ----------------------------------------------
+# ---- references (fp32, from lowbit.numerics.primitives) ----------------------------------------------
 
 def split_quantize_reference(x: torch.Tensor, p: PackedQuik) -> QuikActivations:
     """What ``split_quantize`` must write, bit for bit."""

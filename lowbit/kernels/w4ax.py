@@ -23,7 +23,7 @@ Two kernels, with PyTorch references that define their numerics:
      128i + 64 + j in its high nibble, so one AND or one shift gives a contiguous (.., 64) int8 MMA
      operand (``lowbit.kernels.unpack.nibbles_int8``), with no shuffle;
    - ``scales`` (M, n_blocks) fp32: ``absmax / 127`` for 8-bit blocks, ``absmax / 7`` for 4-bit ones
-     (``lowbit.quant.primitives.quantize_activation`` per block, bit for bit: IEEE divisions and
+     (``lowbit.numerics.primitives.quantize_activation`` per block, bit for bit: IEEE divisions and
      round-half-even). Stored block-major (strides (1, M)): the GEMM reads one block's scales for a
      tile of tokens as one contiguous load;
    - ``sums`` (M, n_blocks) int32, block-major: the sum of the *stored* codes of each block (int8
@@ -82,7 +82,7 @@ from lowbit.kernels.splitk import reserve, store_tile
 from lowbit.kernels.unpack import USE_ASM, nibbles_int8
 from lowbit.kernels.w4a8 import _mma
 from lowbit.kernels.w4a16 import check_activation, load_x_halves
-from lowbit.quant.primitives import dequantize_weight, quantize_activation, unpack_int4
+from lowbit.numerics.primitives import dequantize_weight, quantize_activation, unpack_int4
 
 BLOCK = 128  # FMPQ block = weight group = PackedInt4 tile: one K loop step
 HALF = BLOCK // 2  # the columns of one nibble of a packed tile
@@ -550,7 +550,7 @@ def w4ax_matmul(x: torch.Tensor, w: PackedW4Ax, config: TileConfig | None = None
     return w4ax_gemm(quantize_mixed(x, w.perm, w.n_hi, w.smooth), w, x.dtype, config)
 
 
-# ---- references (fp32, from lowbit.quant.primitives) ---------------------------------------------
+# ---- references (fp32, from lowbit.numerics.primitives) ---------------------------------------------
 
 def quantize_mixed_reference(
     x: torch.Tensor, perm: torch.Tensor, n_hi: int, smooth: torch.Tensor | None = None

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.engine.kv_cache import KVCache, SlotKVCache, sdpa
+from lowbit.model.kv_cache import KVCache, SlotKVCache, sdpa
 from lowbit.formats import KVCacheFormat, QuantScheme
 from lowbit.kernels.activations import ActQuantSpec, QuantizedActivations
 from lowbit.model.config import ModelConfig, RopeConfig
@@ -130,7 +130,7 @@ class Attention(nn.Module):
             k = k * c + rotate_half(k) * s
         v = v.transpose(1, 2)
         if fake_kv:
-            from lowbit.quant.kv import fake_quantize_kv
+            from lowbit.numerics.kv import fake_quantize_kv
 
             k = fake_quantize_kv(k, self.kv_format, self.k_scale)
             v = fake_quantize_kv(v, self.kv_format, self.v_scale)
@@ -202,9 +202,10 @@ class Transformer(nn.Module):
         # the scheme its QuantLinears were made with (lowbit.quantize, or a quantized checkpoint); None: float
         self.quant_scheme: QuantScheme | None = None
 
-    def reset_buffers(self) -> None:
-        """Recompute non-persistent buffers (after building on the meta device and ``to_empty``)."""
-        self.inv_freq = rope_inv_freq(self.config.rope, self.config.head_dim).to(self.inv_freq.device)
+    def reset_buffers(self, device: torch.device | None = None) -> None:
+        """Recompute non-persistent buffers on ``device`` (default: where they are), after building on
+        the meta device."""
+        self.inv_freq = rope_inv_freq(self.config.rope, self.config.head_dim).to(device or self.inv_freq.device)
 
     def forward(
         self,

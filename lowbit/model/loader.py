@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from lowbit.assets import cache_dir, resolve_model
-from lowbit.checkpoint.native import install_quantized_layers, scheme_from_config
+from lowbit.checkpoint.native import scheme_from_config
+from lowbit.model.native_checkpoint import QuantizedLayerStager
 from lowbit.device import pick_device, pick_dtype
 from lowbit.errors import LowbitError
 from lowbit.model import gguf as gguf_format
@@ -86,15 +87,16 @@ def load_model(
     else:
         raise LowbitError(f"{path} is neither a model directory (config.json + *.safetensors) nor a GGUF file")
 
-    model = build_empty(config, dev, dt)
-    if scheme is not None:  # a lowbit quantized checkpoint: swap in QuantLinears first
-        by_name, file_of = {}, {}
-        for f, k, t in located:
-            by_name[k], file_of[k] = t, str(f)
-        install_quantized_layers(model, scheme, by_name, dtype=dt, files=file_of)
-        model.to(dev)  # a device move only: QuantLinear keeps its buffers' dtypes
-        tensors = by_name.items()
-    load_hf_weights(model, tensors, source=source)
+    # Built on the meta device, each tensor then placed on ``dev`` as it is read: peak memory is the
+    # checkpoint's bytes (a W4 model never passes through an fp16 allocation of its Linears)
+    model = build_meta(config, dt)
+    if scheme is not None:  # a lowbit quantized checkpoint: QuantLinears built as their tensors arrive
+        names = {k: str(f) for f, k in _safetensors_names(files)}
+        stager = QuantizedLayerStager(model, scheme, names, dt, dev)
+        tensors = ((k, t) for _, k, t in located if not stager.take(k, t))
+    load_hf_weights(model, tensors, source=source, device=dev)
+    if scheme is not None:
+        stager.finish()
     model.eval()
     stops = list(config.eos_token_ids) + list(extra_eos)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -102,10 +104,16 @@ def load_model(
     return LoadedModel(model, tokenizer, config, path, tuple(dict.fromkeys(stops)))
 
 
+def build_meta(config: ModelConfig, dtype: torch.dtype) -> Transformer:
+    """A Transformer on the meta device in ``dtype`` (no memory): ``load_hf_weights`` places each
+    parameter on the target device as its tensor is read."""
+    with torch.device("meta"):
+        return Transformer(config).to(dtype)
+
+
 def build_empty(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
     """A Transformer with uninitialized weights on ``device``/``dtype`` (rotary tables stay fp32)."""
-    with torch.device("meta"):
-        model = Transformer(config).to(dtype)
+    model = build_meta(config, dtype)
     model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -114,11 +122,15 @@ def build_empty(config: ModelConfig, device: torch.device, dtype: torch.dtype) -
 
 
 @torch.no_grad()
-def load_hf_weights(model: Transformer, tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-    """Copy tensors named as in Hugging Face's Llama (``model.layers.0...``, ``lm_head.weight``) into ``model``.
+def load_hf_weights(model: Transformer, tensors: Iterable[tuple[str, torch.Tensor]], source: str,
+                    device: torch.device | None = None) -> None:
+    """Load tensors named as in Hugging Face's Llama (``model.layers.0...``, ``lm_head.weight``) into ``model``.
 
-    Every parameter must be given exactly once with the right shape; anything unknown is an error
-    (it usually means a checkpoint quantized in another format).
+    A parameter on the meta device (``build_meta``) becomes the tensor itself, moved to ``device`` in
+    the parameter's dtype (no copy when it is there already); others are copied into. Then the
+    rotary tables are made on ``device`` and a tied head is tied again. Every parameter must be
+    given exactly once with the right shape; anything unknown is an error (it usually means a
+    checkpoint quantized in another format).
     """
     params = dict(model.named_parameters())  # tied lm_head is listed once, as embed_tokens
     tied = model.config.tie_word_embeddings
@@ -140,13 +152,25 @@ def load_hf_weights(model: Transformer, tensors: Iterable[tuple[str, torch.Tenso
                 f"{source}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, but the config implies "
                 f"{tuple(param.shape)}; config.json and the weights disagree"
             )
-        param.copy_(tensor)
+        if param.is_meta:
+            parent, _, attr = name.rpartition(".")
+            module = model.get_submodule(parent)
+            module._parameters[attr] = torch.nn.Parameter(tensor.to(device=device, dtype=param.dtype),
+                                                          requires_grad=param.requires_grad)
+        else:
+            param.copy_(tensor)
         loaded.add(name)
-    missing = [n if n.startswith("lm_head.") else f"model.{n}" for n in sorted(set(params) - loaded)]
+    # asked of the model as it is now: quantized layers swapped in while the tensors streamed have no
+    # float weight to miss
+    now = {n for n, _ in model.named_parameters() if not (tied and n == "lm_head.weight")}
+    missing = [n if n.startswith("lm_head.") else f"model.{n}" for n in sorted(now - loaded)]
     if missing:  # named as in the file, where the user would look for them
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise LowbitError(f"{source} lacks tensor {', '.join(repr(n) for n in missing[:3])}{more}; "
                           "the checkpoint is incomplete")
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.reset_buffers(device)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -176,6 +200,18 @@ def _safetensors_files(directory: Path) -> list[Path]:
             )
         raise LowbitError(f"{directory} has config.json but no *.safetensors weights")
     return files
+
+
+def _safetensors_names(files: list[Path]) -> Iterator[tuple[Path, str]]:
+    """(file, name) for every tensor of ``files``, from their headers (no data read)."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        try:
+            with safe_open(f, framework="pt", device="cpu") as st:
+                yield from ((f, name) for name in st.keys())
+        except (SafetensorError, OSError) as exc:
+            raise LowbitError(f"{f} is corrupt or truncated{_cut_tensors(f)} ({exc}); download or re-create it") from exc
 
 
 def _safetensors_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:

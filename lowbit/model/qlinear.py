@@ -1,10 +1,10 @@
 """QuantLinear: a Linear layer whose weight is stored quantized, with the reference (emulated) forward.
 
-This is where ``lowbit.quant`` (the algorithms) and ``lowbit.kernels`` meet. The reference forward
-here defines the numerics every kernel must reproduce: it dequantizes the weight, quantizes the
-activations exactly as the scheme says, and multiplies in fp32, on any device. On the GPU,
-``prepare_kernels`` repacks the buffers for the op that runs the format (``kernel_op``; the table is
-in ``lowbit.model.kernel_weights``) and the forward calls it (``lowbit.kernels.ops``).
+The layer owns its tensors; its GPU behaviour belongs to its format method (``lowbit.methods``). The
+reference forward here defines the numerics every kernel must reproduce: it dequantizes the weight,
+quantizes the activations exactly as the scheme says, and multiplies in fp32, on any device. On the
+GPU, ``prepare_kernels`` asks the registry for the layer's method (``lowbit.methods.registry``), which
+packs the buffers into its kernel layout once; the forward then hands x to ``method.apply``.
 
 Buffers (all persistent, saved in the checkpoint under ``<layer>.<buffer>``):
   qweight        (N, ceil(Kq/2)) uint8, int4 codes packed two per byte (see primitives.pack_int4)
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,16 +34,16 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats import ActivationFormat, WeightFormat
 from lowbit.kernels.activations import ActQuantSpec, QuantizedActivations
-from lowbit.model import kernel_weights
-from lowbit.model.kernel_weights import KernelWeights
-from lowbit.quant.primitives import (
+from lowbit.methods.base import FormatMethod
+from lowbit.methods.registry import method_for
+from lowbit.numerics.primitives import (
     dequantize_weight,
     fake_quantize_activation,
     num_groups,
     pack_int4,
     unpack_int4,
 )
-from lowbit.quant.quantized import QuantizedWeight
+from lowbit.numerics.quantized import QuantizedWeight
 
 _OPTIONAL = ("zeros", "g_idx", "bias", "smooth", "outlier_idx", "outlier_weight", "act_perm", "fmpq_high")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # bias and outlier weights: cast to the model's dtype
@@ -60,8 +61,9 @@ class QuantLinear(nn.Module):
         # numbers, no per-call dequantization; costs 4 bytes per weight, so off by default.
         self.cache_weights = False
         self._weight_cache: torch.Tensor | None = None
-        # set by prepare_kernels() when a GPU kernel takes this format
-        self._kernel: KernelWeights | None = None
+        # set by prepare_kernels() when a GPU kernel takes this format: its method and packed weights
+        self._method: FormatMethod | None = None
+        self.kernel: Any = None
 
     @classmethod
     def from_quantized(
@@ -171,7 +173,7 @@ class QuantLinear(nn.Module):
         # integer, smoothing factors fp32. Only bias and outlier weights follow the model's dtype.
         dtypes = {k: b.dtype for k, b in self._buffers.items() if b is not None}
         self._weight_cache = None
-        self._kernel = None  # kernel tensors are derived on one device: prepare_kernels() again after a move
+        self.kernel = self._method = None  # derived on one device: prepare_kernels() again after a move
         super()._apply(fn, recurse)
         for k, dt in dtypes.items():
             b = self._buffers[k]
@@ -202,73 +204,53 @@ class QuantLinear(nn.Module):
         keep[self.outlier_idx] = False
         return keep.nonzero().squeeze(1)
 
-    def kernel_op(self) -> str | None:
-        """Which ``lowbit.kernels.ops`` op runs this layer's format on the GPU, or None (reference only).
+    @property
+    def method(self) -> FormatMethod | None:
+        """The format method whose GPU kernel runs this layer's formats and buffers, or None (reference
+        only): ``lowbit.methods.registry.method_for``."""
+        return method_for(self)
 
-        "w4a16" / "w4a8" / "w8a8" for plain int4 and 8-bit formats, "w4a4" for QUIK (per-channel
-        symmetric int4, per-token int4 activations, with or without outlier columns), "w4ax" for
-        COMET (int4 group 128, FMPQ blocks of 128 in act_perm order), "sparse24" for 2:4-sparse int4
-        W4A16. Other formats (group-wise W4A4 without FMPQ, 8-bit weights with 4-bit activations,
-        outlier columns beside 8-bit activations, ...) stay on the reference path
-        (``lowbit.model.kernel_weights`` has the table).
-        """
-        return kernel_weights.kernel_op(self)
+    def kernel_format(self) -> str | None:
+        """The format name of the method that runs this layer on the GPU (``lowbit.methods.registry.METHODS``;
+        the dispatch tables, bench paths and docs use the same names), or None."""
+        method = self.method
+        return None if method is None else method.name
 
-    def _pack_kernel_weights(self, tile_k: int | None = None) -> KernelWeights | None:
-        """This layer's weights in its kernel's layout, on the buffers' device (CPU too: the tests run
-        the kernels on it in Triton's interpreter); None when no kernel takes the format.
+    def pack_kernels(self, tile_k: int | None = None) -> Any:
+        """This layer's weights in its method's kernel layout, on the buffers' device (CPU too: the tests
+        run the kernels on it in Triton's interpreter); None when no method takes the format.
         ``tile_k``: the packed tile where the layout has a choice (None: its default)."""
-        op = self.kernel_op()
-        return None if op is None else kernel_weights.pack_kernel_weights(self, op, tile_k)
+        method = self.method
+        return None if method is None else method.pack(self, tile_k)
 
     def prepare_kernels(self) -> bool:
-        """Repack the weights into the kernel layout on their current device; False if no kernel applies."""
-        if self.qweight.device.type != "cuda" or (op := self.kernel_op()) is None:
-            self._kernel = None
+        """Pack the weights into the kernel layout on their current device; False if no kernel applies."""
+        method = None if self.qweight.device.type != "cuda" else self.method
+        if method is None:
+            self.kernel = self._method = None
             return False
         from lowbit.kernels.dispatch import layout_tile
 
-        table_op = kernel_weights.table_op(self, op)
-        tile_k = None if table_op is None else layout_tile(self.qweight.device, table_op)
-        self._kernel = kernel_weights.pack_kernel_weights(self, op, tile_k)
+        method.check_device(self.qweight.device)
+        tile_k = None if method.table_op is None else layout_tile(self.qweight.device, method.table_op)
+        self.kernel, self._method = method.pack(self, tile_k), method
         return True
+
+    def use_packed(self, packed: Any) -> None:
+        """Run on ``packed`` (``pack_kernels``' result, on any device) through this layer's method: what
+        ``prepare_kernels`` does on the GPU, for tests that run the kernels' CPU paths."""
+        self.kernel, self._method = packed, (None if packed is None else self.method)
 
     def input_quant(self) -> ActQuantSpec | None:
         """How this layer's GPU kernel quantizes its input, when a fused kernel before it may do that
-        instead (``lowbit.kernels.fused``): 8-bit per-token formats on kernels, without act-order."""
-        k = self._kernel
-        if k is None or k.op not in ("w4a8", "w8a8") or (k.packed is not None and k.packed.perm is not None):
-            return None
-        return ActQuantSpec(self.afmt.dtype, self.smooth)
+        instead (``lowbit.kernels.fused``): its method says (8-bit per-token formats, without act-order)."""
+        return None if self._method is None else self._method.input_quant(self, self.kernel)
 
-    def _quantized_forward(self, x: QuantizedActivations) -> torch.Tensor:
-        from lowbit.kernels import ops
-
-        k = self._kernel
-        if k is None or k.op not in ("w4a8", "w8a8"):
-            raise LowbitError("pre-quantized activations reached a layer without an 8-bit-activation kernel")
-        p = k.packed  # after the check: without kernels there is nothing to read it from
-        if k.op == "w4a8":
-            return ops.w4a8_quantized(x.q, x.scale, p.qweight, p.scales, p.zeros, self.bias, p.group_size or 0,
-                                      p.K, p.tile_k, self.afmt.dtype, x.dtype)
-        return ops.w8a8_quantized(x.q, x.scale, self.qweight, k.w_scale, self.bias, x.dtype)
-
-    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from lowbit.kernels import ops
-
-        k, p = self._kernel, self._kernel.packed
-        if k.op == "w4a4":
-            return ops.apply_w4a4(x, k.quik, self.bias)
-        if k.op == "w4ax":
-            return ops.apply_w4ax(x, k.w4ax, self.bias)
-        if k.op == "sparse24":
-            return ops.apply_sparse24(x, k.sparse, self.bias)
-        if k.op == "w4a16":
-            return ops.w4a16(x, p.qweight, p.scales, p.zeros, p.perm, self.bias, p.group_size or 0, p.K, p.tile_k)
-        if k.op == "w4a8":
-            return ops.w4a8(x, p.qweight, p.scales, p.zeros, p.perm, self.smooth, self.bias, p.group_size or 0,
-                            p.K, p.tile_k, self.afmt.dtype)
-        return ops.w8a8(x, self.qweight, k.w_scale, self.smooth, self.bias)
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x through the prepared kernel (``prepare_kernels`` / ``use_packed``)."""
+        if self._method is None:
+            raise LowbitError("this layer has no kernel prepared; call prepare_kernels() on the GPU first")
+        return self._method.apply(self, self.kernel, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N) in x's dtype.
@@ -278,9 +260,11 @@ class QuantLinear(nn.Module):
         ``x`` may also be ``QuantizedActivations`` made by a fused kernel as ``input_quant`` asked.
         """
         if isinstance(x, QuantizedActivations):
-            return self._quantized_forward(x)
-        if self._kernel is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            return self._kernel_forward(x)
+            if self._method is None:
+                raise LowbitError("pre-quantized activations reached a layer without an 8-bit-activation kernel")
+            return self._method.apply_quantized(self, self.kernel, x)
+        if self._method is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            return self._method.apply(self, self.kernel, x)
         xf = x.float()
         if self.smooth is not None:
             xf = xf / self.smooth
@@ -420,7 +404,7 @@ def use_kernels(model: nn.Module, enabled: bool = True) -> tuple[int, int]:
             if enabled:
                 on += m.prepare_kernels()
             else:
-                m._kernel = None
+                m.kernel = m._method = None
     return on, total
 
 
@@ -434,3 +418,17 @@ def cache_dequantized_weights(model: nn.Module, enabled: bool = True) -> None:
         if isinstance(m, QuantLinear):
             m.cache_weights = enabled
             m._weight_cache = None
+
+
+def linear_bits_per_weight(model: nn.Module) -> float:
+    """Average storage bits per weight of the decoder's Linear layers (scales, zeros, outliers included)."""
+    bits = weights = 0.0
+    for module in model.layers.modules():
+        if isinstance(module, QuantLinear):
+            n, kq = module.out_features, module.quantized_in_features
+            bits += n * kq * module.wfmt.bits_per_weight() + 16 * n * (module.in_features - kq)
+            weights += n * module.in_features
+        elif isinstance(module, torch.nn.Linear):
+            bits += 16 * module.weight.numel()
+            weights += module.weight.numel()
+    return bits / weights

@@ -30,7 +30,8 @@ from lowbit.errors import LowbitError
 from lowbit.formats import ActivationFormat, QuantScheme, WeightFormat, get_scheme
 from lowbit.model.llama import DecoderLayer, Transformer
 from lowbit.model.qlinear import QuantLinear
-from lowbit.quant import clip, fmpq, gptq, kv, outliers, smooth
+from lowbit.numerics import kv
+from lowbit.quant import clip, fmpq, gptq, outliers, smooth
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import WeightFormat
-from lowbit.quant.primitives import fake_quantize_weight
+from lowbit.numerics.primitives import fake_quantize_weight
 
 
 def _default_ratios() -> torch.Tensor:

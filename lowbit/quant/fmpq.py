@@ -22,7 +22,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import ActivationFormat
-from lowbit.quant.primitives import fake_quantize_activation
+from lowbit.numerics.primitives import fake_quantize_activation
 
 OUTLIER_FACTOR = 3.0
 

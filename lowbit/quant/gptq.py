@@ -33,8 +33,8 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import WeightFormat
-from lowbit.quant.primitives import compute_scales, dequantize_weight, num_groups, quantize_weight
-from lowbit.quant.quantized import QuantizedWeight
+from lowbit.numerics.primitives import compute_scales, dequantize_weight, num_groups, quantize_weight
+from lowbit.numerics.quantized import QuantizedWeight
 from lowbit.quant.sparse import select_n_of_m
 
 _CHOLESKY_RETRIES = 3  # each retry multiplies the dampening by 10

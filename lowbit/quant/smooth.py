@@ -18,7 +18,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import ActivationFormat, WeightFormat
-from lowbit.quant.primitives import fake_quantize_activation, fake_quantize_weight
+from lowbit.numerics.primitives import fake_quantize_activation, fake_quantize_weight
 
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(i / 10 for i in range(11))  # 0.0, 0.1, ..., 1.0
 _MIN = 1e-5  # SmoothQuant's clamp on weight magnitudes and on the factors

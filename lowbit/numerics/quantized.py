@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.formats import WeightFormat
-from lowbit.quant.primitives import dequantize_weight
+from lowbit.numerics.primitives import dequantize_weight
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import KVCacheFormat
-from lowbit.quant.primitives import FP8_MAX, quantize_activation
+from lowbit.numerics.primitives import FP8_MAX, quantize_activation
 
 
 def fake_quantize_kv(

@@ -81,7 +81,7 @@ class SlotKVCache:
     dtype, or a quantized one in the layout of ``lowbit.kernels.attention.QuantizedKV`` (int8 / fp8
     codes, int4 codes two per byte, fp32 scales per token, head and group), written quantized and read
     either by the decode-attention kernel, in place, or dequantized for the SDPA path. The quantized
-    numbers are those of ``lowbit.quant.kv.fake_quantize_kv`` (the model's reference path), so a
+    numbers are those of ``lowbit.numerics.kv.fake_quantize_kv`` (the model's reference path), so a
     quantized cache gives the tokens the reference gives.
 
     A forward pass runs any subset of slots, each writing its tokens at its own positions. Before it,

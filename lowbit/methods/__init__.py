@@ -1,0 +1,1 @@
+"""Format methods: one object per GPU format (``base.FormatMethod``), looked up in ``registry``."""

@@ -1,0 +1,93 @@
+"""Dense int4 weights in the int4 kernel layout (``lowbit.kernels.layout.PackedInt4``): W4A16 (MARLIN's
+format) and W4A8 (OdysseyLLM's FastGEMM: int4 widened to int8 in registers, INT8 tensor cores, or
+FP8 activations on FP8 tensor cores).
+
+Any group size, symmetric or not, act-order (``g_idx``: the layout carries the column permutation).
+The same int4 codes serve either activation format; 2:4-sparse codes are int4 codes too, so a 2:4
+layer with 8-bit activations runs here as a dense W4A8 layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels import ops
+from lowbit.kernels.activations import ActQuantSpec, QuantizedActivations
+from lowbit.kernels.layout import TILE_K, PackedInt4, pack_for_kernels
+from lowbit.methods.base import FormatMethod, QuantTensors
+
+
+def _int4(layer: QuantTensors) -> bool:
+    return layer.wfmt.bits == 4 and layer.wfmt.dtype == "int" and layer.outlier_idx is None \
+        and layer.act_perm is None and layer.fmpq_high is None and layer.afmt.fmpq_block is None
+
+
+def _pack(layer: QuantTensors, tile_k: int | None) -> PackedInt4:
+    return pack_for_kernels(layer.qweight, layer.scales, layer.zeros, layer.wfmt.group_size,
+                            layer.quantized_in_features, layer.g_idx, tile_k=tile_k or TILE_K)
+
+
+class W4A16(FormatMethod):
+    """int4 weights, fp16/bf16 activations: ``lowbit::w4a16``. Takes no smoothing divisor."""
+
+    name = table_op = "w4a16"
+
+    def takes(self, layer: QuantTensors) -> bool:
+        return _int4(layer) and layer.afmt.bits is None and layer.smooth is None
+
+    def pack(self, layer: QuantTensors, tile_k: int | None = None) -> PackedInt4:
+        return _pack(layer, tile_k)
+
+    def apply(self, layer: QuantTensors, p: PackedInt4, x: torch.Tensor) -> torch.Tensor:
+        return ops.run_op(ops.w4a16, x, p.qweight, p.scales, p.zeros, p.perm, layer.bias, p.group_size or 0, p.K,
+                          p.tile_k)
+
+
+class W4A8(FormatMethod):
+    """int4 weights per output channel, int8 activations per token: ``lowbit::w4a8`` (the dispatch
+    table picks the GEMV at one row, the INT8 tensor-core kernel, or widening at large M)."""
+
+    name = table_op = "w4a8"
+    act_dtype = "int"
+
+    def takes(self, layer: QuantTensors) -> bool:
+        a = layer.afmt
+        return _int4(layer) and a.bits == 8 and a.dtype == self.act_dtype and self._grouping(layer)
+
+    def _grouping(self, layer: QuantTensors) -> bool:
+        return layer.wfmt.group_size is None
+
+    def pack(self, layer: QuantTensors, tile_k: int | None = None) -> PackedInt4:
+        return _pack(layer, tile_k)
+
+    def apply(self, layer: QuantTensors, p: PackedInt4, x: torch.Tensor) -> torch.Tensor:
+        return ops.run_op(ops.w4a8, x, p.qweight, p.scales, p.zeros, p.perm, layer.smooth, layer.bias,
+                          p.group_size or 0, p.K, p.tile_k, layer.afmt.dtype)
+
+    def input_quant(self, layer: QuantTensors, p: PackedInt4) -> ActQuantSpec | None:
+        # with act-order the kernel permutes x's columns first: a fused producer cannot quantize for it
+        return None if p.perm is not None else ActQuantSpec(layer.afmt.dtype, layer.smooth)
+
+    def apply_quantized(self, layer: QuantTensors, p: PackedInt4, x: QuantizedActivations) -> torch.Tensor:
+        return ops.run_op(ops.w4a8_quantized, x.q, x.scale, p.qweight, p.scales, p.zeros, layer.bias,
+                          p.group_size or 0, p.K, p.tile_k, layer.afmt.dtype, x.dtype)
+
+
+class W4A8Grouped(W4A8):
+    """W4A8 with group-wise int4 scales (any group size; the table is tuned at 128)."""
+
+    name = table_op = "w4a8-g128"
+
+    def _grouping(self, layer: QuantTensors) -> bool:
+        return layer.wfmt.group_size is not None
+
+
+class W4A8FP8(W4A8):
+    """int4 weights (any grouping), FP8 e4m3 activations per token, on FP8 tensor cores."""
+
+    name = table_op = "w4a8-fp8"
+    act_dtype = "fp8_e4m3"
+    min_capability = (8, 9)
+
+    def _grouping(self, layer: QuantTensors) -> bool:
+        return True
