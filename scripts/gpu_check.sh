@@ -9,6 +9,8 @@
 #   bench-e2e: lowbit bench e2e $E2E_ARGS (Llama-3-8B shape, random weights; transformers baseline)
 #   profile: bench/profile_decode.py $PROFILE_ARGS (kernel time per decode step; GEMMs timed in CUDA graphs)
 #   load: lowbit bench serve smollm2-135m $LOAD_ARGS (the server's load test, on the default model)
+#   host: bench/host_time.py --profile (host time of one eager GEMM per format beside torch.matmul)
+#   loadmem: bench/load_memory.py (peak GPU memory loading a random 8B-shaped W4 checkpoint)
 #
 # The default model's GGUF (98 MB) is larger than what one call may carry (64 MiB), so it travels in
 # two parts over two calls to the same warm machine; parts are kept in /tmp/lowbit-parts in between.
@@ -98,6 +100,12 @@ if [ $have_model = yes ] && want load; then
   # the load test: lowbit serve in this process on loopback, concurrent streaming clients ($LOAD_ARGS)
   python3 -m lowbit.cli bench serve smollm2-135m --device cuda --dtype fp16 ${LOAD_ARGS:-} \
     --json "$OUTDIR/load.json" 2>&1 | tee "$OUTDIR/load.log"
+fi
+if want host; then
+  python3 bench/host_time.py --profile 2>&1 | tee "$OUTDIR/host_time.log"
+fi
+if want loadmem; then
+  python3 bench/load_memory.py 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUTDIR/load_memory.log"
 fi
 if want tune; then
   # TUNE_ARGS, e.g. "--ops w4a16 --ms 1,16": passed to the tuner; the table comes back under $OUT
