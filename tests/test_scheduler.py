@@ -229,3 +229,31 @@ def test_rebuilt_engine_on_cuda_graphs_frees_the_old_one_and_serves_the_queued_r
     ref_out = reference.run()
     assert [out[rid] for rid in [*ids[2:], fresh]] == [ref_out[rid] for rid in ref_ids]
     assert all(len(out[rid][0]) > 0 for rid in out) and new.stats().slots_used == 0
+
+
+def test_prefill_warmup_lengths_reach_every_bucket():
+    from lowbit.engine.scheduler import prefill_warmup_lengths
+
+    assert prefill_warmup_lengths(1) == [1]
+    assert prefill_warmup_lengths(256) == [1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 127, 128, 255, 256]
+    assert prefill_warmup_lengths(100) == [1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 99, 100]
+
+
+def test_prefill_warm_up_runs_each_length_and_changes_no_answer(model, monkeypatch):
+    """The warm-up prefills slot 0 at every warm-up length; a request that then lands in slot 0 gets
+    the tokens it gets alone (its own prefill overwrites what the warm-up wrote)."""
+    seen: list[int] = []
+    forward = Engine._forward
+
+    def spy(self, slots, ids, positions, contiguous=False):  # noqa: ANN001, ANN202
+        seen.append(ids.shape[1])
+        return forward(self, slots, ids, positions, contiguous)
+
+    monkeypatch.setattr(Engine, "_forward", spy)
+    engine = Engine(model, max_slots=2, max_len=64, prefill_chunk=16, warm_prefill=True)
+    assert seen == [1, 2, 3, 4, 7, 8, 15, 16] and engine.prefill_warmup_s > 0
+    assert Engine(model, max_slots=2, max_len=64, prefill_chunk=16).prefill_warmup_s == 0  # CPU: off by default
+    p = _prompts()[4]
+    rid = engine.add(p, SamplingParams(max_new_tokens=9))
+    alone = generate(model, [p], SamplingParams(max_new_tokens=9))[0].token_ids
+    assert engine.run()[rid] == (alone, "length")

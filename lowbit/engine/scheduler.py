@@ -22,6 +22,7 @@ which is dropped (its cache slot is freed anyway).
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
@@ -89,23 +90,39 @@ def model_kv_format(model: Transformer) -> tuple[KVCacheFormat, list[tuple[torch
     return fmt, [(a.k_scale, a.v_scale) for a in attn]
 
 
+def prefill_warmup_lengths(chunk: int) -> list[int]:
+    """Prefill chunk lengths (rows M of every GEMM) that reach each kernel a prompt may run: the
+    dispatch tables pick a kernel config per power-of-two M bucket (``kernels/dispatch.py``) and Triton
+    compiles one specialization per integer argument divisible by 16 or not (and ==1), so each bucket
+    is warmed by its top length 2**k and by 2**k - 1; ``chunk`` (the longest) and ``chunk - 1`` too."""
+    out = {1}
+    p = 2
+    while p <= chunk:
+        out |= {p, p - 1}
+        p *= 2
+    out |= {chunk, max(1, chunk - 1)}
+    return sorted(out)
+
+
 class Engine:
     """Continuous-batching generation over one model (module docstring)."""
 
     def __init__(self, model: Transformer, *, max_slots: int | None = None, max_len: int | None = None,
                  prefill_chunk: int = 256, decode_kernel: bool | None = None, cuda_graphs: bool | None = None,
-                 graph_batch_sizes: list[int] | None = None) -> None:
+                 graph_batch_sizes: list[int] | None = None, warm_prefill: bool | None = None) -> None:
         """``decode_kernel``: decode attention by the Triton kernel reading the cache in place (default:
         on CUDA, unless a sliding window shorter than ``max_len`` needs the masked path).
         ``cuda_graphs``: replay decode steps from CUDA graphs (default: on CUDA with the decode
         kernel), captured for ``graph_batch_sizes`` (default 1, 2, 4, ... up to the slot count).
+        ``warm_prefill``: run a prefill chunk of each of ``prefill_warmup_lengths`` once now, so that the
+        first prompts of each length do not pay for compiling kernels (default: on CUDA).
         """
         if prefill_chunk < 1:
             raise LowbitError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         # what rebuilt() needs to make a fresh engine over the same model
         self._settings = dict(max_slots=max_slots, max_len=max_len, prefill_chunk=prefill_chunk,
                               decode_kernel=decode_kernel, cuda_graphs=cuda_graphs,
-                              graph_batch_sizes=graph_batch_sizes)
+                              graph_batch_sizes=graph_batch_sizes, warm_prefill=warm_prefill)
         self.model = model
         self.device, self.dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
         self.max_len = max_len or model.config.max_position_embeddings
@@ -145,6 +162,22 @@ class Engine:
         self._cancelled: set[int] = set()
         # rows of the greedy graph step(s) launched but not yet collected (GraphedDecode.launch)
         self._pending: list[_Request] = []
+        self.prefill_warmup_s = 0.0
+        if on_cuda if warm_prefill is None else warm_prefill:
+            self._warm_up_prefill()
+
+    @torch.inference_mode()
+    def _warm_up_prefill(self) -> None:
+        """One prefill chunk of each warm-up length into slot 0 (free until the first request, which
+        overwrites what this writes: a row attends only to positions it has written itself)."""
+        t0 = time.perf_counter()
+        vocab = self.model.config.vocab_size
+        for T in prefill_warmup_lengths(min(self.prefill_chunk, self.max_len - 1)):
+            ids = torch.randint(0, vocab, (1, T), device=self.device)
+            self._forward([0], ids, torch.arange(T, device=self.device)[None], contiguous=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.prefill_warmup_s = time.perf_counter() - t0
 
     # ---- called from any thread ------------------------------------------------------------------
     def add(self, prompt: list[int], params: SamplingParams, *, request_id: int | None = None) -> int:
@@ -301,16 +334,28 @@ class Engine:
             self._free.append(req.slot)
             req.slot = -1
 
-    def _forward(self, slots: list[int], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Ragged forward: row b is slot slots[b], tokens ids[b] at positions[b] (B, T). Returns last logits (B, vocab)."""
+    def _forward(self, slots: list[int], ids: torch.Tensor, positions: torch.Tensor,
+                 contiguous: bool = False) -> torch.Tensor:
+        """Ragged forward: row b is slot slots[b], tokens ids[b] at positions[b] (B, T). Returns last logits (B, vocab).
+        ``contiguous``: one row whose positions run to the end of what its slot holds (a prefill chunk)."""
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
         if self.decode_kernel and positions.shape[1] == 1:  # the kernel limits each row to its own tokens
             self.cache.bind(slot_t, positions, kernel=True)
             return self.model(ids, positions, self.cache, 0, last_only=True)[:, -1]
+        window = self.model.config.sliding_window
+        if contiguous and (window is None or window >= self.max_len):
+            # a prefill chunk: keys and values are views of the slot, and causality is SDPA's own
+            # (lower-right aligned: the chunk's queries are the span's last T positions), so it runs
+            # a fused flash / memory-efficient kernel instead of applying a (1, 1, T, S) bool mask
+            from torch.nn.attention.bias import causal_lower_right
+
+            span = self.cache.bind(slot_t, positions, slot=slots[0])
+            T = positions.shape[1]
+            return self.model(ids, positions, self.cache, span - T, mask=causal_lower_right(T, span),
+                              last_only=True)[:, -1]
         span = self.cache.bind(slot_t, positions)
         k_pos = torch.arange(span, device=self.device)
         allowed = k_pos[None, None, :] <= positions[:, :, None]  # (B, T, S): each row's own history
-        window = self.model.config.sliding_window
         if window is not None:
             allowed &= positions[:, :, None] - k_pos[None, None, :] < window
         logits = self.model(ids, positions, self.cache, span - positions.shape[1], mask=allowed[:, None],
@@ -322,7 +367,7 @@ class Engine:
         b = min(len(req.prompt), a + self.prefill_chunk)
         ids = torch.tensor([req.prompt[a:b]], dtype=torch.long, device=self.device)
         pos = torch.arange(a, b, device=self.device)[None]
-        logits = self._forward([req.slot], ids, pos)
+        logits = self._forward([req.slot], ids, pos, contiguous=True)
         req.prefilled = b
         if b == len(req.prompt):
             req.last_logits = logits[0]

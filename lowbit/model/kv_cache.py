@@ -122,6 +122,8 @@ class SlotKVCache:
         self._pos: torch.Tensor | None = None
         self._lengths: torch.Tensor | None = None  # kernel mode: (B,) int32 tokens each row attends to
         self._rows32: torch.Tensor | None = None
+        self._slot: int | None = None  # bind(slot=...): one row, contiguous positions
+        self._span = 0
         self.splits = 1  # kernel mode: the decode-attention split count (fixed per batch size for graphs)
 
     @staticmethod
@@ -146,13 +148,18 @@ class SlotKVCache:
         per_token_head = code_d * elem + 4 * n_scales
         return 2 * config.num_layers * config.num_kv_heads * max_len * per_token_head
 
-    def bind(self, slot_ids: torch.Tensor, write_pos: torch.Tensor, *, kernel: bool = False) -> int:
+    def bind(self, slot_ids: torch.Tensor, write_pos: torch.Tensor, *, kernel: bool = False,
+             slot: int | None = None) -> int:
         """Rows of the next forward: slot_ids (B,) int64, write_pos (B, T) int64.
 
         Returns the span (furthest position + 1; a host sync), or, with ``kernel=True`` (T must be 1),
         0 without reading the positions: the caller keeps them below ``max_len``.
+        ``slot``: the caller's promise that the one row is that slot, written at the contiguous positions
+        span - T .. span - 1 (a prefill chunk): a plain cache then writes and reads it through slices,
+        views of the cache, instead of gathering the span's keys and values for every layer.
         """
         self._rows, self._pos = slot_ids, write_pos
+        self._slot = slot
         if kernel:
             if write_pos.shape[1] != 1:
                 raise LowbitError("the decode-attention kernel takes one new token per row")
@@ -164,6 +171,9 @@ class SlotKVCache:
         span = int(write_pos.max()) + 1
         if span > self.max_len:
             raise LowbitError(f"KV cache overflow: position {span - 1} >= max_len {self.max_len}")
+        if slot is not None and slot_ids.shape[0] != 1:
+            raise LowbitError("bind(slot=...) is for one row")
+        self._span = span
         return span
 
     @property
@@ -183,6 +193,11 @@ class SlotKVCache:
         from lowbit.kernels.attention import quantize_kv
 
         rows, pos = self._rows, self._pos
+        if self._slot is not None and not self.quantized:  # one slot, contiguous positions (bind)
+            end = self._span
+            self.keys[layer][self._slot, :, end - k.shape[2]:end] = k[0].to(self.dtype)
+            self.values[layer][self._slot, :, end - v.shape[2]:end] = v[0].to(self.dtype)
+            return
         r = rows[:, None].expand_as(pos)  # (B, T) index pairs -> (B, T, kv_heads, ...) values
         for t, codes, scales in ((k, self.keys, self.key_scales), (v, self.values, self.value_scales)):
             if not self.quantized:  # stored as they are: no contiguous copy through quantize_kv
@@ -198,6 +213,9 @@ class SlotKVCache:
         from lowbit.kernels.attention import QuantizedKV, dequantize_kv
 
         rows = self._rows
+        if self._slot is not None and self.kv.dtype == "fp16":  # views of the slot's span: no copy
+            return (self.keys[layer][self._slot:self._slot + 1, :, :span],
+                    self.values[layer][self._slot:self._slot + 1, :, :span])
         out = []
         for kv in self.layer_kv(layer):
             codes = kv.codes[rows, :, :span]
