@@ -1,7 +1,7 @@
 # lowbit: `make demo` and `make test` do all the set-up on a fresh machine (Python >= 3.11 with venv).
 #
 #   make demo   create .venv, install lowbit, fetch the default model and corpus, quantize it with w4a8,
-#               print its perplexity beside the unquantized model's, and generate text with it
+#               then `lowbit compare`: both models' perplexity, and their answers to PROMPT side by side
 #   make test   create/update .venv with the dev extras and run the test suite
 #
 # torch: on CPU machines we install TORCH_SPEC (a CPU wheel is provided there; a bare `torch` from
@@ -42,8 +42,8 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(VENV)/bin/lowbit fetch
 	$(VENV)/bin/lowbit quantize smollm2-135m --scheme $(DEMO_SCHEME) --samples $(DEMO_SAMPLES) -o $(DEMO_DIR) --overwrite
-	$(VENV)/bin/lowbit eval smollm2-135m $(DEMO_DIR) --max-chunks $(DEMO_CHUNKS)
-	$(VENV)/bin/lowbit generate $(DEMO_DIR) --prompt "$(PROMPT)" --max-new-tokens 96
+	$(VENV)/bin/lowbit compare smollm2-135m $(DEMO_DIR) --prompt "$(PROMPT)" --max-new-tokens 96 \
+		--max-chunks $(DEMO_CHUNKS)
 
 test: install-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)

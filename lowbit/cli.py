@@ -104,6 +104,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement(e)
     e.set_defaults(func=_cmd_eval)
 
+    c = sub.add_parser(
+        "compare",
+        help="a float model beside its quantized checkpoint: both perplexities, both answers side by side",
+        description="Show what quantization cost: the perplexity of BASE and of QUANT on the same held-out windows "
+        "(as lowbit eval computes it; lower is better) and their ratio, then each prompt with the two models' greedy "
+        "answers in two columns, each the text 'lowbit generate MODEL --prompt PROMPT' prints (chat template "
+        "included unless --no-chat). Both models are loaded on one device and dtype and must read the same tokens "
+        "(same vocabulary, same evaluation windows, same prompt ids). Progress goes to stderr, the report to "
+        "stdout; --json keeps it as JSON.",
+        epilog="Example: lowbit quantize smollm2-135m --scheme w4a8 -o q && "
+        "lowbit compare smollm2-135m q -p 'What is the capital of France?' --max-chunks 16",
+    )
+    c.add_argument("base", metavar="BASE", help="the float model: " + MODEL_HELP)
+    c.add_argument("quant", metavar="QUANT", help="a lowbit quantized directory (from lowbit quantize BASE ...)")
+    c.add_argument("--prompt", "-p", action="append", required=True, help="prompt text; repeat for more prompts")
+    c.add_argument("--max-new-tokens", "-n", type=int, default=128, help="tokens per answer at most (default: 128)")
+    c.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without the chat template")
+    c.add_argument("--system", default=None, help="system message for the chat template")
+    c.add_argument("--dataset", default="wiki", help="wiki (held-out split of the default corpus) or a .txt/.jsonl file")
+    c.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (default: 512)")
+    c.add_argument("--max-chunks", type=int, default=None,
+                   help="evaluate only the first N windows (default: all; the wiki held-out split has 140 of 512)")
+    c.add_argument("--width", type=int, default=None,
+                   help="columns of the printed report, at least 40 (default: the terminal's width, 100 when not "
+                   "a terminal)")
+    c.add_argument("--json", metavar="FILE", default=None, help="also write the comparison as JSON to FILE")
+    _add_placement(c)
+    c.set_defaults(func=_cmd_compare)
+
     f = sub.add_parser(
         "fetch",
         help="download the default model and corpus into the cache",
@@ -358,6 +387,22 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(format_table(rows, meta))
     if args.json:
         write_json(args.json, rows, meta)
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    import shutil
+
+    from lowbit.eval.compare import CompareSettings, format_comparison, run_compare, write_json
+
+    settings = CompareSettings(dataset=args.dataset, eval_seq_len=args.eval_seq_len, max_chunks=args.max_chunks,
+                               max_new_tokens=args.max_new_tokens, chat=not args.no_chat, system=args.system)
+    width = args.width or shutil.get_terminal_size(fallback=(100, 24)).columns
+    cmp = run_compare(args.base, args.quant, args.prompt, settings, device=args.device, dtype=args.dtype,
+                      log=lambda line: print(line, file=sys.stderr, flush=True))
+    print()
+    print(format_comparison(cmp, width))
+    if args.json:
+        write_json(args.json, cmp)
 
 
 def _cmd_fetch(args: argparse.Namespace) -> None:

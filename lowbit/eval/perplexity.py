@@ -114,6 +114,25 @@ def perplexity(
     return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=tokens, chunks=n)
 
 
+def evaluation_windows(
+    loaded: Any, dataset: str = "wiki", seq_len: int = 512, max_chunks: int | None = None
+) -> torch.Tensor:
+    """The (n, seq_len) held-out windows ``evaluate`` scores: ``dataset``'s eval text, tokenized by
+    ``loaded``'s tokenizer and cut into windows (only the first ``max_chunks`` when given).
+
+    No token cache: tokenizing the wiki eval split takes well under a second."""
+    if loaded.tokenizer is None:
+        raise LowbitError(f"{loaded.path} has no tokenizer; perplexity needs one to tokenize the text")
+    limit = getattr(loaded.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise LowbitError(f"seq_len {seq_len} is longer than the model's context ({limit} tokens); use a smaller one")
+    if max_chunks is not None and max_chunks < 1:
+        raise LowbitError(f"max_chunks must be at least 1, got {max_chunks}")
+    ids = tokenize_corpus(loaded.tokenizer, load_texts(dataset, split="eval"))
+    chunks = chunk_tokens(ids, seq_len)
+    return chunks if max_chunks is None else chunks[:max_chunks]
+
+
 def evaluate(
     loaded: Any,
     dataset: str = "wiki",
@@ -124,17 +143,6 @@ def evaluate(
 ) -> PerplexityResult:
     """Perplexity of a ``LoadedModel`` on ``dataset`` ("wiki": its eval split, or a .txt/.jsonl path).
 
-    ``max_chunks`` keeps only the first windows (a quick estimate). No token cache: tokenizing the
-    wiki eval split takes well under a second."""
-    if loaded.tokenizer is None:
-        raise LowbitError(f"{loaded.path} has no tokenizer; perplexity needs one to tokenize the text")
-    limit = getattr(loaded.config, "max_position_embeddings", None)
-    if limit is not None and seq_len > limit:
-        raise LowbitError(f"seq_len {seq_len} is longer than the model's context ({limit} tokens); use a smaller one")
-    if max_chunks is not None and max_chunks < 1:
-        raise LowbitError(f"max_chunks must be at least 1, got {max_chunks}")
-    ids = tokenize_corpus(loaded.tokenizer, load_texts(dataset, split="eval"))
-    chunks = chunk_tokens(ids, seq_len)
-    if max_chunks is not None:
-        chunks = chunks[:max_chunks]
+    ``max_chunks`` keeps only the first windows (a quick estimate); see ``evaluation_windows``."""
+    chunks = evaluation_windows(loaded, dataset, seq_len, max_chunks)
     return perplexity(loaded.model, chunks, batch_size=batch_size, progress=progress)
