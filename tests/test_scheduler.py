@@ -231,12 +231,15 @@ def test_rebuilt_engine_on_cuda_graphs_frees_the_old_one_and_serves_the_queued_r
     assert all(len(out[rid][0]) > 0 for rid in out) and new.stats().slots_used == 0
 
 
-def test_prefill_warmup_lengths_reach_every_bucket():
-    from lowbit.engine.scheduler import prefill_warmup_lengths
+def test_prefill_warmup_shapes_reach_every_bucket():
+    from lowbit.engine.scheduler import prefill_warmup_shapes
 
-    assert prefill_warmup_lengths(1) == [1]
-    assert prefill_warmup_lengths(256) == [1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 127, 128, 255, 256]
-    assert prefill_warmup_lengths(100) == [1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 99, 100]
+    assert prefill_warmup_shapes(1, 1, 4) == [(1, 1)]
+    one_row = [1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 127, 128, 255, 256]
+    assert prefill_warmup_shapes(256, 256, 8) == [(1, T) for T in one_row]
+    assert prefill_warmup_shapes(256, 4096, 8) == [(1, T) for T in one_row] + [
+        (2, 256), (2, 255), (4, 256), (4, 255), (8, 256), (8, 255)]  # 16 rows: more than the slots
+    assert [T for _, T in prefill_warmup_shapes(100, 100, 1)] == [1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 99, 100]
 
 
 def test_prefill_warm_up_runs_each_length_and_changes_no_answer(model, monkeypatch):
@@ -247,13 +250,40 @@ def test_prefill_warm_up_runs_each_length_and_changes_no_answer(model, monkeypat
 
     def spy(self, slots, ids, positions, contiguous=False):  # noqa: ANN001, ANN202
         seen.append(ids.shape[1])
+        assert slots == list(range(ids.shape[0]))
         return forward(self, slots, ids, positions, contiguous)
 
     monkeypatch.setattr(Engine, "_forward", spy)
     engine = Engine(model, max_slots=2, max_len=64, prefill_chunk=16, warm_prefill=True)
-    assert seen == [1, 2, 3, 4, 7, 8, 15, 16] and engine.prefill_warmup_s > 0
+    assert seen == [1, 2, 3, 4, 7, 8, 15, 16, 16, 15] and engine.prefill_warmup_s > 0  # then 2 rows of 16, of 15
     assert Engine(model, max_slots=2, max_len=64, prefill_chunk=16).prefill_warmup_s == 0  # CPU: off by default
     p = _prompts()[4]
     rid = engine.add(p, SamplingParams(max_new_tokens=9))
     alone = generate(model, [p], SamplingParams(max_new_tokens=9))[0].token_ids
     assert engine.run()[rid] == (alone, "length")
+
+
+def test_equal_chunks_prefill_together_and_tokens_match(model, monkeypatch):
+    """Requests whose next chunk has the same start and length prefill in one forward (up to
+    prefill_tokens); a different-length prompt goes on its own; every answer equals its prompt alone."""
+    rows: list[int] = []
+    forward = Engine._forward
+
+    def spy(self, slots, ids, positions, contiguous=False):  # noqa: ANN001, ANN202
+        if contiguous:
+            rows.append(ids.shape[0])
+        return forward(self, slots, ids, positions, contiguous)
+
+    monkeypatch.setattr(Engine, "_forward", spy)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (8, 8, 8, 5, 8)]
+    engine = Engine(model, max_slots=5, max_len=64, prefill_chunk=4, prefill_tokens=12)
+    ids = [engine.add(p, SamplingParams(max_new_tokens=6)) for p in prompts]
+    out = engine.run()
+    # chunks [0, 4): the four 8-token prompts and the 5-token one match, 12 tokens = 3 rows, then 2;
+    # chunks [4, 8) of the 8-token prompts: 3 rows, then 1; the 5-token prompt's last token [4, 5) alone
+    assert sorted(rows, reverse=True) == [3, 3, 2, 1, 1]
+    for rid, p in zip(ids, prompts):
+        assert out[rid] == (generate(model, [p], SamplingParams(max_new_tokens=6))[0].token_ids, "length")
+    with pytest.raises(LowbitError, match="prefill_tokens must be >= 1"):
+        Engine(model, max_slots=1, max_len=64, prefill_tokens=0)

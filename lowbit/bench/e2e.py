@@ -6,8 +6,9 @@ For each scheme (fp16 and the quantized ones), KV-cache format and batch size:
   steps with ``context`` tokens already in every sequence's cache. The cache is filled with random
   values instead of a real prefill: attention reads the same bytes whatever they hold, and 64
   prompts of 4096 tokens would otherwise take most of the run.
-- **prefill**: one forward over a prompt of ``prompt_len`` tokens into the slot cache (as the
-  engine's chunked prefill runs it with a chunk of that size).
+- **prefill**: ``batch`` prompts of ``prompt_len`` tokens through the engine (``Engine.run``, one
+  token each): its chunked prefill batches equal chunks, up to 16 prompts per forward here, as
+  transformers prefills the whole batch in one forward.
 - tokens/s, time per output token, the weight bytes one decode step reads, that divided by the
   step time (achieved weight bandwidth) and as a fraction of this GPU's device-to-device copy
   bandwidth measured in the same run, and the peak memory allocated.
@@ -183,6 +184,15 @@ def _timed(fn: Callable[[], Any], repeat: int = 3) -> float:
     return statistics.median(times)
 
 
+def _prefill_all(engine: Any, prompts: list[list[int]]) -> None:
+    """Each prompt prefilled and its first token picked, as ``Engine.step`` batches equal chunks."""
+    from lowbit.engine.sampling import SamplingParams
+
+    for p in prompts:
+        engine.add(p, SamplingParams(max_new_tokens=1))
+    engine.run()
+
+
 def _decode(engine: Any, slots: list[int], tokens: list[int], context: int, n: int) -> None:
     """``n`` greedy decode steps of every slot from graph replays, positions from ``context`` on, as
     the engine runs a steady batch (``Engine.step``): step i + 1 is enqueued (fed with step i's tokens
@@ -212,18 +222,16 @@ def time_lowbit(model: Any, scheme: str, cfg: E2EConfig, copy_gbps: float, log: 
     max_len = max(cfg.context, cfg.prompt_len) + cfg.steps + 8
     for kv in cfg.kv:
         _set_kv(model, kv)
-        prefill = None
         for B in cfg.batches:
             _release_memory()
             torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             engine = Engine(model, max_slots=B, max_len=max_len, prefill_chunk=cfg.prompt_len,
-                            graph_batch_sizes=[B])
+                            prefill_tokens=max(cfg.prompt_len, min(B, 16) * cfg.prompt_len), graph_batch_sizes=[B])
             capture_s = time.perf_counter() - t0
-            if prefill is None:
-                ids = torch.randint(0, vocab, (1, cfg.prompt_len), device=device)
-                pos = torch.arange(cfg.prompt_len, device=device)[None]
-                prefill = cfg.prompt_len / _timed(partial(engine._forward, [0], ids, pos))
+            # B prompts of prompt_len through the engine's batched prefill (one token each, no decode)
+            prompts = torch.randint(0, vocab, (B, cfg.prompt_len)).tolist()
+            prefill = B * cfg.prompt_len / _timed(partial(_prefill_all, engine, prompts))
             _fill_random(engine.cache)
             slots = list(range(B))
             tokens = torch.randint(0, vocab, (B,)).tolist()

@@ -3,8 +3,11 @@
 Each request owns one slot of a ``SlotKVCache`` while it runs. An engine step:
 1. admits waiting requests into free slots (a request that does not fit waits in the queue: the
    engine never fails for lack of memory, it only waits);
-2. prefills one chunk (``prefill_chunk`` tokens) of one admitted request, so that a long prompt is
-   spread over several steps while the running requests keep streaming;
+2. prefills one chunk (``prefill_chunk`` tokens) of the first admitted request, together with the
+   next chunk of every other admitted request whose chunk has the same start and length, up to
+   ``prefill_tokens`` tokens in all: one batched forward, so that a burst of equal-length prompts
+   prefills at large-M GEMM efficiency; a long prompt is spread over several steps while the running
+   requests keep streaming;
 3. runs one decode step for every running request at once, each at its own position (a ragged
    batch: per-row rotary positions, per-row cache positions, a per-row attention mask);
 4. retires requests that hit a stop token, their token budget or were cancelled, freeing slots.
@@ -90,18 +93,26 @@ def model_kv_format(model: Transformer) -> tuple[KVCacheFormat, list[tuple[torch
     return fmt, [(a.k_scale, a.v_scale) for a in attn]
 
 
-def prefill_warmup_lengths(chunk: int) -> list[int]:
-    """Prefill chunk lengths (rows M of every GEMM) that reach each kernel a prompt may run: the
-    dispatch tables pick a kernel config per power-of-two M bucket (``kernels/dispatch.py``) and Triton
-    compiles one specialization per integer argument divisible by 16 or not (and ==1), so each bucket
-    is warmed by its top length 2**k and by 2**k - 1; ``chunk`` (the longest) and ``chunk - 1`` too."""
-    out = {1}
+def prefill_warmup_shapes(chunk: int, tokens: int, slots: int) -> list[tuple[int, int]]:
+    """(rows, T) of the prefill forwards that reach each kernel a prompt may run (GEMMs see M = rows x T).
+
+    The dispatch tables pick a kernel config per power-of-two M bucket (``kernels/dispatch.py``) and
+    Triton compiles one specialization per integer argument divisible by 16 or not (and == 1). One
+    row warms each bucket up to ``chunk`` with its top length 2**k and with 2**k - 1, and ``chunk`` and
+    ``chunk - 1`` themselves; batched chunks (``_prefill_group``) warm the buckets above, up to
+    ``tokens`` and ``slots`` rows, with rows of ``chunk`` and of ``chunk - 1`` tokens."""
+    lengths = {1}
     p = 2
     while p <= chunk:
-        out |= {p, p - 1}
+        lengths |= {p, p - 1}
         p *= 2
-    out |= {chunk, max(1, chunk - 1)}
-    return sorted(out)
+    lengths |= {chunk, max(1, chunk - 1)}
+    shapes = [(1, T) for T in sorted(lengths)]
+    rows = 2
+    while rows * chunk <= tokens and rows <= slots:
+        shapes += [(rows, chunk)] + ([(rows, chunk - 1)] if chunk > 1 else [])
+        rows *= 2
+    return shapes
 
 
 class Engine:
@@ -109,20 +120,26 @@ class Engine:
 
     def __init__(self, model: Transformer, *, max_slots: int | None = None, max_len: int | None = None,
                  prefill_chunk: int = 256, decode_kernel: bool | None = None, cuda_graphs: bool | None = None,
-                 graph_batch_sizes: list[int] | None = None, warm_prefill: bool | None = None) -> None:
+                 graph_batch_sizes: list[int] | None = None, warm_prefill: bool | None = None,
+                 prefill_tokens: int = 4096) -> None:
         """``decode_kernel``: decode attention by the Triton kernel reading the cache in place (default:
         on CUDA, unless a sliding window shorter than ``max_len`` needs the masked path).
         ``cuda_graphs``: replay decode steps from CUDA graphs (default: on CUDA with the decode
         kernel), captured for ``graph_batch_sizes`` (default 1, 2, 4, ... up to the slot count).
         ``warm_prefill``: run a prefill chunk of each of ``prefill_warmup_lengths`` once now, so that the
         first prompts of each length do not pay for compiling kernels (default: on CUDA).
+        ``prefill_tokens``: the most prompt tokens one step prefills, over the requests it batches
+        (at least one chunk of one request).
         """
         if prefill_chunk < 1:
             raise LowbitError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if prefill_tokens < 1:
+            raise LowbitError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         # what rebuilt() needs to make a fresh engine over the same model
         self._settings = dict(max_slots=max_slots, max_len=max_len, prefill_chunk=prefill_chunk,
                               decode_kernel=decode_kernel, cuda_graphs=cuda_graphs,
-                              graph_batch_sizes=graph_batch_sizes, warm_prefill=warm_prefill)
+                              graph_batch_sizes=graph_batch_sizes, warm_prefill=warm_prefill,
+                              prefill_tokens=prefill_tokens)
         self.model = model
         self.device, self.dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
         self.max_len = max_len or model.config.max_position_embeddings
@@ -144,7 +161,7 @@ class Engine:
         # one spare slot for the padding rows of a graphed batch (GraphedDecode)
         self.cache = SlotKVCache(model.config, slots + use_graphs, self.max_len, device=self.device,
                                  dtype=self.dtype, kv=kv, static_scales=static_scales)
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.prefill_tokens = prefill_chunk, prefill_tokens
         self.graphs = None
         if use_graphs:
             from lowbit.engine.cuda_graphs import GraphedDecode, default_batch_sizes
@@ -168,13 +185,16 @@ class Engine:
 
     @torch.inference_mode()
     def _warm_up_prefill(self) -> None:
-        """One prefill chunk of each warm-up length into slot 0 (free until the first request, which
-        overwrites what this writes: a row attends only to positions it has written itself)."""
+        """One prefill forward of each ``prefill_warmup_shapes`` shape into the first slots (free until
+        the first requests, which overwrite what this writes: a row attends only to positions it has
+        written itself)."""
         t0 = time.perf_counter()
         vocab = self.model.config.vocab_size
-        for T in prefill_warmup_lengths(min(self.prefill_chunk, self.max_len - 1)):
-            ids = torch.randint(0, vocab, (1, T), device=self.device)
-            self._forward([0], ids, torch.arange(T, device=self.device)[None], contiguous=True)
+        chunk = min(self.prefill_chunk, self.max_len - 1)
+        for rows, T in prefill_warmup_shapes(chunk, self.prefill_tokens, self.num_slots):
+            ids = torch.randint(0, vocab, (rows, T), device=self.device)
+            pos = torch.arange(T, device=self.device)[None].expand(rows, T)
+            self._forward(list(range(rows)), ids, pos, contiguous=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.prefill_warmup_s = time.perf_counter() - t0
@@ -290,11 +310,12 @@ class Engine:
             req.slot = self._free.pop()
             self._prefilling.append(req)
         if self._prefilling:
-            req = self._prefilling[0]
-            self._prefill_chunk(req)
-            if req.prefilled == len(req.prompt):
-                self._prefilling.popleft()
-                self._running.append(req)
+            group = self._prefill_group()
+            self._prefill_chunks(group)
+            for req in group:
+                if req.prefilled == len(req.prompt):
+                    self._prefilling.remove(req)
+                    self._running.append(req)
         ready = [r for r in self._running if r.last_logits is not None]
         if ready:
             events += self._emit(ready)
@@ -337,7 +358,8 @@ class Engine:
     def _forward(self, slots: list[int], ids: torch.Tensor, positions: torch.Tensor,
                  contiguous: bool = False) -> torch.Tensor:
         """Ragged forward: row b is slot slots[b], tokens ids[b] at positions[b] (B, T). Returns last logits (B, vocab).
-        ``contiguous``: one row whose positions run to the end of what its slot holds (a prefill chunk)."""
+        ``contiguous``: every row writes the same positions span - T .. span - 1 and attends to
+        exactly those and its earlier ones (prefill chunks of equal start and length)."""
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
         if self.decode_kernel and positions.shape[1] == 1:  # the kernel limits each row to its own tokens
             self.cache.bind(slot_t, positions, kernel=True)
@@ -349,7 +371,7 @@ class Engine:
             # a fused flash / memory-efficient kernel instead of applying a (1, 1, T, S) bool mask
             from torch.nn.attention.bias import causal_lower_right
 
-            span = self.cache.bind(slot_t, positions, slot=slots[0])
+            span = self.cache.bind(slot_t, positions, contiguous=True, slot=slots[0] if len(slots) == 1 else None)
             T = positions.shape[1]
             return self.model(ids, positions, self.cache, span - T, mask=causal_lower_right(T, span),
                               last_only=True)[:, -1]
@@ -362,15 +384,29 @@ class Engine:
                             last_only=True)
         return logits[:, -1]
 
-    def _prefill_chunk(self, req: _Request) -> None:
-        a = req.prefilled
-        b = min(len(req.prompt), a + self.prefill_chunk)
-        ids = torch.tensor([req.prompt[a:b]], dtype=torch.long, device=self.device)
-        pos = torch.arange(a, b, device=self.device)[None]
-        logits = self._forward([req.slot], ids, pos, contiguous=True)
-        req.prefilled = b
-        if b == len(req.prompt):
-            req.last_logits = logits[0]
+    def _chunk(self, req: _Request) -> tuple[int, int]:
+        """(start, end) of ``req``'s next prefill chunk."""
+        return req.prefilled, min(len(req.prompt), req.prefilled + self.prefill_chunk)
+
+    def _prefill_group(self) -> list[_Request]:
+        """The first prefilling request and those whose next chunk has the same start and length, in
+        queue order, while the group holds at most ``prefill_tokens`` tokens."""
+        first = self._prefilling[0]
+        a, b = self._chunk(first)
+        rows = max(1, self.prefill_tokens // (b - a))
+        same = [r for r in self._prefilling if r is first or self._chunk(r) == (a, b)]
+        return same[:rows]
+
+    def _prefill_chunks(self, reqs: list[_Request]) -> None:
+        """One forward over the next chunk of each of ``reqs`` (all at the same start and length)."""
+        a, b = self._chunk(reqs[0])
+        ids = torch.tensor([r.prompt[a:b] for r in reqs], dtype=torch.long, device=self.device)
+        pos = torch.arange(a, b, device=self.device)[None].expand(len(reqs), b - a)
+        logits = self._forward([r.slot for r in reqs], ids, pos, contiguous=True)
+        for r, lg in zip(reqs, logits):
+            r.prefilled = b
+            if b == len(r.prompt):
+                r.last_logits = lg
 
     def _decode(self, reqs: list[_Request]) -> None:
         slots = [r.slot for r in reqs]

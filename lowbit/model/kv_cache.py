@@ -122,7 +122,8 @@ class SlotKVCache:
         self._pos: torch.Tensor | None = None
         self._lengths: torch.Tensor | None = None  # kernel mode: (B,) int32 tokens each row attends to
         self._rows32: torch.Tensor | None = None
-        self._slot: int | None = None  # bind(slot=...): one row, contiguous positions
+        self._contiguous = False  # bind(contiguous=True): every row at the same span - T .. span - 1
+        self._slot: int | None = None  # bind(slot=...): that one row's slot
         self._span = 0
         self.splits = 1  # kernel mode: the decode-attention split count (fixed per batch size for graphs)
 
@@ -149,17 +150,18 @@ class SlotKVCache:
         return 2 * config.num_layers * config.num_kv_heads * max_len * per_token_head
 
     def bind(self, slot_ids: torch.Tensor, write_pos: torch.Tensor, *, kernel: bool = False,
-             slot: int | None = None) -> int:
+             contiguous: bool = False, slot: int | None = None) -> int:
         """Rows of the next forward: slot_ids (B,) int64, write_pos (B, T) int64.
 
         Returns the span (furthest position + 1; a host sync), or, with ``kernel=True`` (T must be 1),
         0 without reading the positions: the caller keeps them below ``max_len``.
-        ``slot``: the caller's promise that the one row is that slot, written at the contiguous positions
-        span - T .. span - 1 (a prefill chunk): a plain cache then writes and reads it through slices,
-        views of the cache, instead of gathering the span's keys and values for every layer.
+        ``contiguous``: the caller's promise that every row writes positions span - T .. span - 1
+        (prefill chunks of equal start and length): a plain cache then writes them through one slice;
+        ``slot``: with one row, its slot, whose span is then read as a view of the cache instead of
+        gathered (a copy) for every layer.
         """
         self._rows, self._pos = slot_ids, write_pos
-        self._slot = slot
+        self._contiguous, self._slot = contiguous, slot
         if kernel:
             if write_pos.shape[1] != 1:
                 raise LowbitError("the decode-attention kernel takes one new token per row")
@@ -171,8 +173,8 @@ class SlotKVCache:
         span = int(write_pos.max()) + 1
         if span > self.max_len:
             raise LowbitError(f"KV cache overflow: position {span - 1} >= max_len {self.max_len}")
-        if slot is not None and slot_ids.shape[0] != 1:
-            raise LowbitError("bind(slot=...) is for one row")
+        if slot is not None and (slot_ids.shape[0] != 1 or not contiguous):
+            raise LowbitError("bind(slot=...) is for one row written contiguously")
         self._span = span
         return span
 
@@ -193,10 +195,14 @@ class SlotKVCache:
         from lowbit.kernels.attention import quantize_kv
 
         rows, pos = self._rows, self._pos
-        if self._slot is not None and not self.quantized:  # one slot, contiguous positions (bind)
-            end = self._span
-            self.keys[layer][self._slot, :, end - k.shape[2]:end] = k[0].to(self.dtype)
-            self.values[layer][self._slot, :, end - v.shape[2]:end] = v[0].to(self.dtype)
+        if self._contiguous and not self.quantized:  # every row at span - T .. span - 1 (bind)
+            end, T = self._span, k.shape[2]
+            if self._slot is not None:
+                self.keys[layer][self._slot, :, end - T:end] = k[0].to(self.dtype)
+                self.values[layer][self._slot, :, end - T:end] = v[0].to(self.dtype)
+            else:
+                self.keys[layer][rows, :, end - T:end] = k.to(self.dtype)
+                self.values[layer][rows, :, end - T:end] = v.to(self.dtype)
             return
         r = rows[:, None].expand_as(pos)  # (B, T) index pairs -> (B, T, kv_heads, ...) values
         for t, codes, scales in ((k, self.keys, self.key_scales), (v, self.values, self.value_scales)):
