@@ -90,3 +90,46 @@ def test_fp8_methods_refuse_gpus_without_fp8_tensor_cores():
             m.check_device(torch.device("cuda", 0))
         METHODS["w8a8-int8"].check_device(torch.device("cuda", 0))  # int8 runs there
     m.check_device(torch.device("cpu"))  # the reference path runs anywhere
+
+
+@pytest.mark.parametrize("preset, tile", [("w4a16-rtn", 128), ("w4a8", 256), ("w4a8-g128", 128)])
+@pytest.mark.parametrize("K", [512, 301])  # K not a multiple of the tile, and odd (a padding nibble)
+def test_the_checkpoint_qweight_comes_back_from_the_kernel_layout(preset, tile, K):
+    from lowbit.kernels.layout import checkpoint_qweight, pack_for_kernels
+    from lowbit.numerics.primitives import pack_int4
+
+    layer = _layer(preset, "self_attn.q_proj", K=K)
+    p = pack_for_kernels(layer.qweight, layer.scales, layer.zeros, layer.wfmt.group_size, K, tile_k=tile)
+    assert torch.equal(checkpoint_qweight(p), layer.qweight)
+    # asymmetric codes, and act-order columns (g_idx shuffled across groups: the layout permutes them)
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 16, (8, 256), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (8, 2), generator=g, dtype=torch.uint8)
+    g_idx = torch.randperm(256, generator=g) // 128
+    p = pack_for_kernels(pack_int4(codes), torch.rand(8, 2).half(), zeros, 128, 256, g_idx=g_idx.int())
+    assert p.perm is not None and torch.equal(checkpoint_qweight(p), pack_int4(codes))
+
+
+def test_a_released_layer_keeps_one_copy_and_gives_the_checkpoint_back():
+    """After release_checkpoint_layout the int4 codes live only in the kernel layout; qweight, the
+    state dict, the reference forward and a dtype move all get the exact checkpoint tensor back."""
+    layer = _layer("w4a8", "self_attn.q_proj").half()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(4)).half()
+    ref = layer(x)
+    layer.use_packed(layer.pack_kernels())
+    assert layer.release_checkpoint_layout() == before["qweight"].nbytes
+    assert layer._buffers["qweight"] is None and layer.release_checkpoint_layout() == 0
+    saved = layer.state_dict()
+    assert saved.keys() == before.keys() and all(torch.equal(saved[k], before[k]) for k in before)
+    assert layer._buffers["qweight"] is None  # saving rebuilt a copy and kept none
+    assert torch.equal(layer.kernel_forward(x), layer.kernel_forward(x))  # the kernel path never needs it
+    assert torch.equal(layer(x), ref)  # the reference forward: qweight rebuilt on first use
+    assert torch.equal(layer._buffers["qweight"], before["qweight"])
+    layer.use_packed(layer.pack_kernels())
+    layer.release_checkpoint_layout()
+    moved = layer.to(torch.float32)  # a move drops the kernel layout: qweight comes back first
+    assert moved.kernel is None and torch.equal(moved.qweight, before["qweight"])
+    w8 = _layer("w8a8-int8", "self_attn.q_proj")
+    w8.use_packed(w8.pack_kernels())
+    assert w8.release_checkpoint_layout() == 0  # its kernel reads the codes as stored

@@ -14,6 +14,8 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
+import torch
+
 from lowbit.engine.scheduler import Engine, plan_slots
 from lowbit.model.llama import Transformer
 from lowbit.model.qlinear import QuantLinear, cache_dequantized_weights, use_kernels
@@ -26,6 +28,7 @@ class InferenceSetup:
     fused_groups: int  # q/k/v and gate/up groups now one GEMM each
     kernel_layers: int  # quantized layers on a GPU kernel
     quantized_layers: int  # quantized layers in all (the rest run the reference path)
+    released_bytes: int = 0  # checkpoint-layout int4 weights dropped: the kernel layout is the one copy
 
     def describe(self) -> str:
         if not self.quantized_layers:
@@ -38,9 +41,11 @@ def prepare_for_inference(model: Transformer, *, kernels: bool = True) -> Infere
 
     ``kernels=False`` keeps every quantized layer on the reference path (``lowbit generate
     --reference``). On the CPU nothing is fused: the reference numerics stay exactly those of the
-    checkpoint's layers. Idempotent. A fused model is not saved or re-quantized.
+    checkpoint's layers. Layers whose kernel layout gives their int4 codes back exactly drop the
+    checkpoint copy (``QuantLinear.release_checkpoint_layout``). Idempotent. A fused model is not saved
+    or re-quantized.
     """
-    fused = 0
+    fused = released = 0
     on_cuda = model.embed_tokens.weight.device.type == "cuda"
     if on_cuda:
         from lowbit.model.fuse import fuse_projections
@@ -49,11 +54,15 @@ def prepare_for_inference(model: Transformer, *, kernels: bool = True) -> Infere
     on, total = 0, 0
     if model.quant_scheme is not None:
         on, total = use_kernels(model, enabled=on_cuda and kernels)
-        # the layers left on the reference path keep their dequantized weights between steps
         for m in model.modules():
-            if isinstance(m, QuantLinear) and m.kernel is None:
-                cache_dequantized_weights(m)
-    return InferenceSetup(fused, on, total)
+            if isinstance(m, QuantLinear):
+                if m.kernel is None:  # left on the reference path: its dequantized weight kept between steps
+                    cache_dequantized_weights(m)
+                else:  # one copy of the int4 weights on the GPU (the checkpoint layout is rebuilt to save)
+                    released += m.release_checkpoint_layout()
+        if released and on_cuda:
+            torch.cuda.empty_cache()
+    return InferenceSetup(fused, on, total, released)
 
 
 _ENGINES: weakref.WeakKeyDictionary[Transformer, tuple[tuple, Engine]] = weakref.WeakKeyDictionary()

@@ -128,6 +128,21 @@ def pack_for_kernels(
     )
 
 
+def checkpoint_qweight(p: PackedInt4) -> torch.Tensor:
+    """The checkpoint-layout ``qweight`` (N, ceil(K/2)) uint8 that ``pack_for_kernels`` packed into
+    ``p``: the kernel codes de-interleaved, put back in natural column order (undoing ``perm``), and
+    made signed again for symmetric formats. What a model that keeps only its kernel layout saves."""
+    from lowbit.numerics.primitives import pack_int4
+
+    u = unpack_kernel_codes(p)
+    if p.perm is not None:
+        natural = torch.empty_like(u)
+        natural[:, p.perm] = u
+        u = natural
+    codes = (u - 8).to(torch.int8) if p.zeros is None else u.to(torch.uint8)
+    return pack_int4(codes)
+
+
 def unpack_kernel_codes(p: PackedInt4) -> torch.Tensor:
     """Inverse of the interleave, for tests: (N, K) int16 unsigned codes in natural (post-perm) order."""
     N, half = p.qweight.shape

@@ -78,6 +78,11 @@ class FormatMethod:
         PyTorch reference)."""
         raise NotImplementedError
 
+    def checkpoint_qweight(self, layer: QuantTensors, packed: Any) -> torch.Tensor | None:
+        """The checkpoint-layout ``qweight`` rebuilt from the packed layout, or None where this method's
+        layout cannot give it back (then the layer keeps both: ``QuantLinear.release_checkpoint_layout``)."""
+        return None
+
     def weight_bytes(self, layer: QuantTensors, packed: Any) -> int:
         """Bytes of weight-side tensors one GEMM reads (what bounds it at decode); every packed layout
         has ``nbytes()``."""

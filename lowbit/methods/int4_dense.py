@@ -13,7 +13,7 @@ import torch
 
 from lowbit.kernels import ops
 from lowbit.kernels.activations import ActQuantSpec, QuantizedActivations
-from lowbit.kernels.layout import TILE_K, PackedInt4, pack_for_kernels
+from lowbit.kernels.layout import TILE_K, PackedInt4, checkpoint_qweight, pack_for_kernels
 from lowbit.methods.base import FormatMethod, QuantTensors
 
 
@@ -27,7 +27,18 @@ def _pack(layer: QuantTensors, tile_k: int | None) -> PackedInt4:
                             layer.quantized_in_features, layer.g_idx, tile_k=tile_k or TILE_K)
 
 
-class W4A16(FormatMethod):
+class _Int4Dense(FormatMethod):
+    """What the dense int4 methods share: the ``PackedInt4`` layout, from which the checkpoint's
+    ``qweight`` can be rebuilt exactly (so a model on the GPU keeps one copy of its int4 weights)."""
+
+    def pack(self, layer: QuantTensors, tile_k: int | None = None) -> PackedInt4:
+        return _pack(layer, tile_k)
+
+    def checkpoint_qweight(self, layer: QuantTensors, p: PackedInt4) -> torch.Tensor:
+        return checkpoint_qweight(p)
+
+
+class W4A16(_Int4Dense):
     """int4 weights, fp16/bf16 activations: ``lowbit::w4a16``. Takes no smoothing divisor."""
 
     name = table_op = "w4a16"
@@ -35,15 +46,12 @@ class W4A16(FormatMethod):
     def takes(self, layer: QuantTensors) -> bool:
         return _int4(layer) and layer.afmt.bits is None and layer.smooth is None
 
-    def pack(self, layer: QuantTensors, tile_k: int | None = None) -> PackedInt4:
-        return _pack(layer, tile_k)
-
     def apply(self, layer: QuantTensors, p: PackedInt4, x: torch.Tensor) -> torch.Tensor:
         return ops.run_op(ops.w4a16, x, p.qweight, p.scales, p.zeros, p.perm, layer.bias, p.group_size or 0, p.K,
                           p.tile_k)
 
 
-class W4A8(FormatMethod):
+class W4A8(_Int4Dense):
     """int4 weights per output channel, int8 activations per token: ``lowbit::w4a8`` (the dispatch
     table picks the GEMV at one row, the INT8 tensor-core kernel, or widening at large M)."""
 
@@ -56,9 +64,6 @@ class W4A8(FormatMethod):
 
     def _grouping(self, layer: QuantTensors) -> bool:
         return layer.wfmt.group_size is None
-
-    def pack(self, layer: QuantTensors, tile_k: int | None = None) -> PackedInt4:
-        return _pack(layer, tile_k)
 
     def apply(self, layer: QuantTensors, p: PackedInt4, x: torch.Tensor) -> torch.Tensor:
         return ops.run_op(ops.w4a8, x, p.qweight, p.scales, p.zeros, p.perm, layer.smooth, layer.bias,

@@ -64,6 +64,8 @@ class QuantLinear(nn.Module):
         # set by prepare_kernels() when a GPU kernel takes this format: its method and packed weights
         self._method: FormatMethod | None = None
         self.kernel: Any = None
+        # release_checkpoint_layout(): qweight dropped, rebuilt from the kernel layout when asked for
+        self._released = False
 
     @classmethod
     def from_quantized(
@@ -171,6 +173,7 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.to(dtype) must move these buffers but never re-round them: scales stay fp16, codes
         # integer, smoothing factors fp32. Only bias and outlier weights follow the model's dtype.
+        self._restore_checkpoint_layout()  # the kernel layout goes below: qweight must exist first
         dtypes = {k: b.dtype for k, b in self._buffers.items() if b is not None}
         self._weight_cache = None
         self.kernel = self._method = None  # derived on one device: prepare_kernels() again after a move
@@ -225,7 +228,7 @@ class QuantLinear(nn.Module):
 
     def prepare_kernels(self) -> bool:
         """Pack the weights into the kernel layout on their current device; False if no kernel applies."""
-        method = None if self.qweight.device.type != "cuda" else self.method
+        method = None if self.qweight.device.type != "cuda" else self.method  # (restores a released qweight)
         if method is None:
             self.kernel = self._method = None
             return False
@@ -236,9 +239,41 @@ class QuantLinear(nn.Module):
         self.kernel, self._method = method.pack(self, tile_k), method
         return True
 
+    def release_checkpoint_layout(self) -> int:
+        """Drop ``qweight`` where the prepared kernel layout holds the same codes, so that the int4
+        weights live once on the GPU; bytes freed (0 where the method cannot rebuild it, or the rebuild
+        would differ). Anything that reads ``qweight`` afterwards (the reference forward, fusion, a
+        device move) gets it back from the kernel layout, and ``state_dict`` rebuilds it for saving."""
+        if self._method is None or self._released:
+            return 0
+        rebuilt = self._method.checkpoint_qweight(self, self.kernel)
+        qweight = self._buffers["qweight"]
+        if rebuilt is None or not torch.equal(rebuilt, qweight):
+            return 0
+        del rebuilt
+        self._buffers["qweight"] = None
+        self._released = True
+        return qweight.nbytes
+
+    def _restore_checkpoint_layout(self) -> None:
+        if self.__dict__.get("_released"):
+            self._buffers["qweight"] = self._method.checkpoint_qweight(self, self.kernel)
+            self._released = False
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "qweight" and self.__dict__.get("_released"):
+            self._restore_checkpoint_layout()
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001, ANN202
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._released:  # rebuilt for the copy being saved, not kept
+            destination[prefix + "qweight"] = self._method.checkpoint_qweight(self, self.kernel)
+
     def use_packed(self, packed: Any) -> None:
         """Run on ``packed`` (``pack_kernels``' result, on any device) through this layer's method: what
         ``prepare_kernels`` does on the GPU, for tests that run the kernels' CPU paths."""
+        self._restore_checkpoint_layout()
         self.kernel, self._method = packed, (None if packed is None else self.method)
 
     def input_quant(self) -> ActQuantSpec | None:
@@ -404,7 +439,7 @@ def use_kernels(model: nn.Module, enabled: bool = True) -> tuple[int, int]:
             if enabled:
                 on += m.prepare_kernels()
             else:
-                m.kernel = m._method = None
+                m.use_packed(None)
     return on, total
 
 
