@@ -11,6 +11,9 @@
 #   load: lowbit bench serve smollm2-135m $LOAD_ARGS (the server's load test, on the default model)
 #   host: bench/host_time.py --profile (host time of one eager GEMM per format beside torch.matmul)
 #   loadmem: bench/load_memory.py (peak GPU memory loading a random 8B-shaped W4 checkpoint)
+#   gen-rand: lowbit generate at batch 1 and 4 on a random Llama-3.2-1B-shaped checkpoint beside bench e2e
+#             at the same shape (issue 17 item 4)
+#   prefill: bench e2e fp16 prefill against transformers at batch 1 and 16, prompts 512, 2048, 4096 (item 6)
 #
 # The default model's GGUF (98 MB) is larger than what one call may carry (64 MiB), so it travels in
 # two parts over two calls to the same warm machine; parts are kept in /tmp/lowbit-parts in between.
@@ -106,6 +109,21 @@ if want host; then
 fi
 if want loadmem; then
   python3 bench/load_memory.py 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUTDIR/load_memory.log"
+fi
+if want gen-rand; then
+  [ -f /tmp/rand1b/config.json ] || python3 scripts/random_checkpoint.py /tmp/rand1b
+  mapfile -t P < <(head -n 4 /tmp/rand1b/prompts.txt)
+  python3 -m lowbit.cli generate /tmp/rand1b --device cuda --dtype fp16 -n 256 -p "${P[0]}" 2>&1 | tail -n 2 | tee "$OUTDIR/gen-rand.log"
+  python3 -m lowbit.cli generate /tmp/rand1b --device cuda --dtype fp16 -n 256 -p "${P[0]}" -p "${P[1]}" -p "${P[2]}" \
+    -p "${P[3]}" 2>&1 | tail -n 2 | tee -a "$OUTDIR/gen-rand.log"
+  python3 -m lowbit.cli bench e2e --model /tmp/rand1b --schemes fp16 --batch 1,4 --context 256 --no-transformers 2>&1 \
+    | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tail -n 8 | tee -a "$OUTDIR/gen-rand.log"
+fi
+if want prefill; then
+  for L in 512 2048 4096; do
+    python3 -m lowbit.cli bench e2e --schemes fp16 --batch 1,16 --context $L --prompt-len $L --steps 4 2>&1 \
+      | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tail -n 8 | tee -a "$OUTDIR/prefill.log"
+  done
 fi
 if want tune; then
   # TUNE_ARGS, e.g. "--ops w4a16 --ms 1,16": passed to the tuner; the table comes back under $OUT
