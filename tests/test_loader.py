@@ -249,6 +249,7 @@ def test_a_quantized_checkpoint_streams_into_a_meta_model(tmp_path, monkeypatch)
     holds exactly the saved tensors. (The GPU figure, peak allocated bytes against the checkpoint's,
     is bench/load_memory.py's.)"""
     from lowbit.bench.synthetic import LLAMA3_8B, quantize_rtn, random_model
+    from lowbit.formats import KV_FORMATS
     from lowbit.model import native_checkpoint
     from lowbit.model.loader import load_model
     from lowbit.model.native_checkpoint import save_quantized
@@ -277,4 +278,7 @@ def test_a_quantized_checkpoint_streams_into_a_meta_model(tmp_path, monkeypatch)
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
     saved, got = model.state_dict(), loaded.state_dict()
     assert saved.keys() == got.keys() and all(torch.equal(saved[k], got[k]) for k in saved)
-    assert loaded.layers[0].self_attn.kv_format == model.layers[0].self_attn.kv_format
+    assert loaded.kv_format == model.kv_format == KV_FORMATS["int8"]  # every layer's, set by the scheme
+    assert all(layer.self_attn.kv_format == KV_FORMATS["int8"] for layer in loaded.layers)
+    loaded.kv_format = KV_FORMATS["fp16"]  # fp16 is the model's own dtype: stored as None
+    assert loaded.kv_format is None and all(layer.self_attn.kv_format is None for layer in loaded.layers)

@@ -32,12 +32,8 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats import KV_FORMATS as NAMED_KV
-from lowbit.formats import KVCacheFormat
+from lowbit.formats import KV_FORMATS  # --kv takes these names
 from lowbit.report_files import pyplot, save_figure
-
-# --kv takes lowbit.formats.KV_FORMATS' names (fp16: the model's own cache, no kv_format)
-KV_FORMATS: dict[str, KVCacheFormat | None] = {k: (None if f.dtype == "fp16" else f) for k, f in NAMED_KV.items()}
 
 
 @dataclass
@@ -159,8 +155,8 @@ def _fill_random(cache: Any) -> None:
 def _set_kv(model: Any, kv: str) -> None:
     if kv not in KV_FORMATS:
         raise LowbitError(f"unknown KV format {kv!r}; known: {', '.join(KV_FORMATS)}")
+    model.kv_format = KV_FORMATS[kv]
     for layer in model.layers:
-        layer.self_attn.kv_format = KV_FORMATS[kv]
         layer.self_attn.k_scale = layer.self_attn.v_scale = None
 
 

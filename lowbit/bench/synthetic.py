@@ -205,7 +205,6 @@ def quantize_rtn(model: Transformer, scheme: QuantScheme | str, progress: bool =
         head = model.lm_head
         choices = input_choices(head.in_features, afmt, gen)
         model.lm_head = rtn_linear(head, wfmt, afmt, choices, smooth=scheme.smooth)  # a tied head: untied
-    for layer in model.layers:
-        layer.self_attn.kv_format = scheme.kv_cache if scheme.kv_cache.dtype != "fp16" else None
+    model.kv_format = scheme.kv_cache
     model.quant_scheme = scheme
     return model

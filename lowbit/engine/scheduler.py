@@ -89,7 +89,7 @@ def plan_slots(model: Transformer, max_len: int, *, memory_fraction: float = 0.9
 def model_kv_format(model: Transformer) -> tuple[KVCacheFormat, list[tuple[torch.Tensor | None, torch.Tensor | None]]]:
     """The KV cache format the model was quantized for (fp16 if none) and each layer's static fp8 scales."""
     attn = [layer.self_attn for layer in model.layers]
-    fmt = attn[0].kv_format or KVCacheFormat()
+    fmt = model.kv_format or KVCacheFormat()
     return fmt, [(a.k_scale, a.v_scale) for a in attn]
 
 

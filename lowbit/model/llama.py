@@ -202,6 +202,17 @@ class Transformer(nn.Module):
         # the scheme its QuantLinears were made with (lowbit.quantize, or a quantized checkpoint); None: float
         self.quant_scheme: QuantScheme | None = None
 
+    @property
+    def kv_format(self) -> KVCacheFormat | None:
+        """The KV cache format of every attention layer: None keeps keys and values in the model's
+        dtype; set it for all layers at once (an fp16 format is stored as None)."""
+        return self.layers[0].self_attn.kv_format
+
+    @kv_format.setter
+    def kv_format(self, fmt: KVCacheFormat | None) -> None:
+        for layer in self.layers:
+            layer.self_attn.kv_format = None if fmt is None or fmt.dtype == "fp16" else fmt
+
     def reset_buffers(self, device: torch.device | None = None) -> None:
         """Recompute non-persistent buffers on ``device`` (default: where they are), after building on
         the meta device."""

@@ -115,7 +115,5 @@ class QuantizedLayerStager:
             missing = sorted(self._expected[prefix] - own.keys())
             raise LowbitError(f"{self.files.get(prefix + missing[0], 'checkpoint')}: tensor '{prefix}{missing[0]}' "
                               "was listed but never read; the checkpoint is incomplete")
-        if self.scheme.kv_cache.dtype != "fp16":
-            for layer in self.model.layers:
-                layer.self_attn.kv_format = self.scheme.kv_cache
+        self.model.kv_format = self.scheme.kv_cache
         self.model.quant_scheme = self.scheme
