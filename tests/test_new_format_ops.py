@@ -228,7 +228,7 @@ def test_op_fake_impl_and_compile(fmt):
 @pytest.mark.parametrize("M", M_ODD)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_kernel_on_packed_layer_matches_reference_forward(fmt, M):
-    """The GPU path without a GPU: ``_pack_kernel_weights`` (what prepare_kernels runs on the GPU) on
+    """The GPU path without a GPU: ``pack_kernels`` (what prepare_kernels runs on the GPU) on
     CPU tensors, then the Triton kernel through dispatch's run_* in the interpreter, against
     QuantLinear.forward, for both layout tiles where the layout has two (on a GPU: the same, there)."""
     layer, chan = _layer(fmt, seed=M + 10)
