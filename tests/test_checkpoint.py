@@ -21,7 +21,6 @@ import lowbit
 from lowbit.checkpoint.native import _host
 from lowbit.cli import main
 from lowbit.formats import QuantScheme, WeightFormat
-from tests.tiny_models import make_hf_model, save_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 # asymmetric, so that the checkpoint has zero points; group 32 gives q_proj (K = 64) two groups
@@ -34,11 +33,9 @@ def _calib() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def float_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("float") / "m"
-    make_hf_model("llama2").save_pretrained(path)
-    save_tiny_tokenizer(path)
-    return path
+def float_dir(tiny_model_path) -> Path:
+    """The tiny llama2 checkpoint with its tokenizer (conftest's, shared by the session; read only)."""
+    return tiny_model_path
 
 
 @pytest.fixture(scope="module")

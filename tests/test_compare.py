@@ -31,11 +31,9 @@ EVAL = ["--eval-seq-len", "16", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def float_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("compare") / "float"
-    make_hf_model("llama2").save_pretrained(path)
-    save_tiny_tokenizer(path)
-    return path
+def float_dir(tiny_model_path) -> Path:
+    """The tiny llama2 checkpoint with its tokenizer (conftest's, shared by the session; read only)."""
+    return tiny_model_path
 
 
 @pytest.fixture(scope="module")
