@@ -224,7 +224,7 @@ def time_lowbit(model: Any, scheme: str, cfg: E2EConfig, copy_gbps: float, log: 
             t0 = time.perf_counter()
             engine = Engine(model, max_slots=B, max_len=max_len, prefill_chunk=cfg.prompt_len,
                             prefill_tokens=max(cfg.prompt_len, min(B, 16) * cfg.prompt_len), graph_batch_sizes=[B])
-            capture_s = time.perf_counter() - t0
+            start_s = time.perf_counter() - t0
             # B prompts of prompt_len through the engine's batched prefill (one token each, no decode)
             prompts = torch.randint(0, vocab, (B, cfg.prompt_len)).tolist()
             prefill = B * cfg.prompt_len / _timed(partial(_prefill_all, engine, prompts))
@@ -243,7 +243,8 @@ def time_lowbit(model: Any, scheme: str, cfg: E2EConfig, copy_gbps: float, log: 
             rows.append(row)
             log(f"lowbit {scheme:<13} kv={kv:<5} B={B:<4} {row.decode_tok_s:9.1f} tok/s  {row.tpot_ms:7.2f} ms/step  "
                 f"{row.weight_gbps:6.0f} GB/s ({row.bw_fraction:4.0%})  prefill {prefill:8.0f} tok/s  "
-                f"peak {peak:5.1f} GiB  (graph capture {capture_s:.1f} s)")
+                f"peak {peak:5.1f} GiB  (engine start {start_s:.1f} s, of which prefill warm-up "
+                f"{engine.prefill_warmup_s:.1f} s)")
             del engine
     _set_kv(model, "fp16")
     return rows

@@ -126,7 +126,7 @@ class Engine:
         on CUDA, unless a sliding window shorter than ``max_len`` needs the masked path).
         ``cuda_graphs``: replay decode steps from CUDA graphs (default: on CUDA with the decode
         kernel), captured for ``graph_batch_sizes`` (default 1, 2, 4, ... up to the slot count).
-        ``warm_prefill``: run a prefill chunk of each of ``prefill_warmup_lengths`` once now, so that the
+        ``warm_prefill``: run one prefill forward of each ``prefill_warmup_shapes`` shape now, so that the
         first prompts of each length do not pay for compiling kernels (default: on CUDA).
         ``prefill_tokens``: the most prompt tokens one step prefills, over the requests it batches
         (at least one chunk of one request).

@@ -19,7 +19,8 @@ from lowbit.model.config import ModelConfig
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of q (B, heads, T, hd) over k, v (B, kv_heads, S, hd); mask (B, 1, T, S) bool or None."""
+    """Attention of q (B, heads, T, hd) over k, v (B, kv_heads, S, hd); mask (B, 1, T, S) bool, a
+    ``torch.nn.attention.bias.CausalBias`` (SDPA's own causal kernels), or None."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
@@ -156,7 +157,8 @@ class SlotKVCache:
         Returns the span (furthest position + 1; a host sync), or, with ``kernel=True`` (T must be 1),
         0 without reading the positions: the caller keeps them below ``max_len``.
         ``contiguous``: the caller's promise that every row writes positions span - T .. span - 1
-        (prefill chunks of equal start and length): a plain cache then writes them through one slice;
+        (prefill chunks of equal start and length): a plain cache then writes them as one slice of
+        positions instead of per-position index pairs;
         ``slot``: with one row, its slot, whose span is then read as a view of the cache instead of
         gathered (a copy) for every layer.
         """
@@ -197,12 +199,8 @@ class SlotKVCache:
         rows, pos = self._rows, self._pos
         if self._contiguous and not self.quantized:  # every row at span - T .. span - 1 (bind)
             end, T = self._span, k.shape[2]
-            if self._slot is not None:
-                self.keys[layer][self._slot, :, end - T:end] = k[0].to(self.dtype)
-                self.values[layer][self._slot, :, end - T:end] = v[0].to(self.dtype)
-            else:
-                self.keys[layer][rows, :, end - T:end] = k.to(self.dtype)
-                self.values[layer][rows, :, end - T:end] = v.to(self.dtype)
+            self.keys[layer][rows, :, end - T:end] = k.to(self.dtype)
+            self.values[layer][rows, :, end - T:end] = v.to(self.dtype)
             return
         r = rows[:, None].expand_as(pos)  # (B, T) index pairs -> (B, T, kv_heads, ...) values
         for t, codes, scales in ((k, self.keys, self.key_scales), (v, self.values, self.value_scales)):

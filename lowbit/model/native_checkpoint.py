@@ -24,8 +24,6 @@ def save_quantized(model: Transformer, out: str | os.PathLike, *, tokenizer: Any
     scheme: QuantScheme | None = model.quant_scheme
     if scheme is None:
         raise LowbitError("this model is not quantized; run lowbit.quantize(model, scheme, calib) first")
-    if Path(out).exists() and not overwrite:  # before collecting the tensors: they may be many GB
-        raise LowbitError(f"{out} already exists; choose another output directory or pass --overwrite")
     config = model.config.to_hf()
     config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     config["quantization_config"] = quantization_config(scheme)
