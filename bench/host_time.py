@@ -10,6 +10,10 @@ round-to-nearest (``lowbit.bench.synthetic.rtn_linear``), its kernels prepared, 
 - ``do_bench us``: ``triton.testing.do_bench`` median (max of host and GPU time per call);
 - ``matmul us``: the same two for ``torch.matmul`` on the fp16 weight.
 ``--profile`` prints the ten functions with the most own time under cProfile for each scheme.
+A second table splits one M=1 call per scheme into its kernel launches and times each three ways:
+through Triton's JIT (``kernel[grid](...)``), through ``lowbit.kernels.launch.triton_launch`` (the
+path the wrappers take), and through the compiled launcher alone (the floor); what is left of the
+call's host time is the wrappers' Python (checks, allocations, dispatch).
 """
 
 from __future__ import annotations
@@ -54,11 +58,14 @@ def main() -> None:
     N, K = (int(v) for v in args.shape.split("x"))
     dev = torch.device("cuda")
     lin = torch.nn.Linear(K, N, bias=False, device=dev, dtype=torch.float16)
-    rows = []
+    rows, launches = [], []
     for M in (int(m) for m in args.ms.split(",")):
         x = torch.randn(M, K, device=dev, dtype=torch.float16)
         mm = lambda: torch.matmul(x, lin.weight.t())  # noqa: E731
         rows.append(("fp16 torch.matmul", M, host_us(mm), triton.testing.do_bench(mm, return_mode="median") * 1e3))
+        with torch.inference_mode():  # the module call, as a lowbit layer is called
+            rows.append(("fp16 nn.Linear", M, host_us(lambda: lin(x)),
+                         triton.testing.do_bench(lambda: lin(x), return_mode="median") * 1e3))
         for name in args.schemes.split(","):
             scheme = get_scheme(name)
             wfmt, afmt = scheme.for_layer("layers.0.self_attn.qkv_proj")
@@ -70,6 +77,8 @@ def main() -> None:
             call = lambda: q(x)  # noqa: E731
             with torch.inference_mode():
                 rows.append((name, M, host_us(call), triton.testing.do_bench(call, return_mode="median") * 1e3))
+                if M == 1:
+                    launches.extend(split_launches(name, call))
                 if args.profile and M == 1:
                     prof = cProfile.Profile()
                     prof.enable()
@@ -86,6 +95,26 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, M, h, d in rows:
         print(f"| {name} | {M} | {h:.1f} | {d:.1f} |")
+    print("\nM=1, host us per launch: Triton JIT | triton_launch | compiled launcher alone")
+    print("| path | kernel | JIT | triton_launch | launcher |")
+    print("|---|---|---|---|---|")
+    for name, kname, jit, fast, floor in launches:
+        print(f"| {name} | {kname} | {jit:.1f} | {fast:.1f} | {floor:.1f} |")
+
+
+def split_launches(name: str, call) -> list[tuple]:  # noqa: ANN001
+    """Each kernel launch of one ``call()``, timed through the JIT, ``triton_launch`` and the launcher."""
+    from lowbit.kernels.launch import compiled_launcher, record_launches, triton_launch
+
+    with record_launches() as rec:
+        call()
+    out = []
+    for kernel, grid, a, kw in rec:
+        floor = compiled_launcher(kernel, grid, a, kw)
+        out.append((name, kernel.fn.__name__, host_us(lambda: kernel[grid](*a, **kw)),
+                    host_us(lambda: triton_launch(kernel, grid, *a, **kw)),
+                    host_us(floor) if floor else float("nan")))
+    return out
 
 
 if __name__ == "__main__":

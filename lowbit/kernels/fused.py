@@ -30,6 +30,7 @@ from lowbit.kernels.act_quant import (
     scale_of,
 )
 from lowbit.kernels.activations import ActQuantSpec, QuantizedActivations
+from lowbit.kernels.launch import triton_launch
 from lowbit.kernels.pdl import launch_options, start_small
 
 
@@ -91,7 +92,7 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
         out, consts = xc, quant_constants(quant.dtype)
         q, s = empty_codes(rows, H, quant.dtype, x.device)
     if rows:
-        _add_rmsnorm_kernel[(rows,)](
+        triton_launch(_add_rmsnorm_kernel, (rows,),
             xc, residual.contiguous() if residual is not None else xc, weight, out, h,
             quant.smooth if quant is not None and quant.smooth is not None else xc, q, s, H, eps,
             HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(H), QUANT=quant is not None,
@@ -169,7 +170,7 @@ def rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return rope_reference(t, cos, sin)
     out = torch.empty((B, T, heads, hd), dtype=t.dtype, device=t.device)
     if B * T:
-        _rope_kernel[(B * T,)](t, cos.contiguous(), sin.contiguous(), out, T, heads, t.stride(0), t.stride(1),
+        triton_launch(_rope_kernel, (B * T,), t, cos.contiguous(), sin.contiguous(), out, T, heads, t.stride(0), t.stride(1),
                                t.stride(2), HALF=hd // 2, BLOCK_H=triton.next_power_of_2(heads),
                                **launch_options(t.device))
     return out
@@ -242,7 +243,7 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
         raise LowbitError("rope_store: q, k, v need a unit last stride, a power-of-two head_dim and cos/sin in q's dtype")
     out = torch.empty((B, HQ, hd), dtype=q.dtype, device=q.device)
     if B:
-        _rope_store_kernel[(B,)](
+        triton_launch(_rope_store_kernel, (B,),
             q, k, v, cos.contiguous(), sin.contiguous(), out, keys, values, slots, pos, HQ, HKV, keys.shape[2],
             q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
             HALF=hd // 2, BLOCK_HQ=triton.next_power_of_2(HQ), BLOCK_HKV=triton.next_power_of_2(HKV),
@@ -344,9 +345,9 @@ def _silu_mul_quant_wide(g2: torch.Tensor, u2: torch.Tensor, quant: ActQuantSpec
     q, s = empty_codes(rows, N, quant.dtype, g2.device)
     smooth = quant.smooth if quant.smooth is not None else s
     pdl = launch_options(g2.device)
-    _silu_mul_absmax_kernel[(rows, P)](g2, u2, smooth, h, part, N, g2.stride(0), u2.stride(0), P, BLOCK=_CHUNK,
+    triton_launch(_silu_mul_absmax_kernel, (rows, P), g2, u2, smooth, h, part, N, g2.stride(0), u2.stride(0), P, BLOCK=_CHUNK,
                                        HAS_SMOOTH=quant.smooth is not None, **pdl)
-    _quant_chunks_kernel[(rows, P)](h, smooth, part, q, s, N, P, BLOCK=_CHUNK, P_PAD=triton.next_power_of_2(P),
+    triton_launch(_quant_chunks_kernel, (rows, P), h, smooth, part, q, s, N, P, BLOCK=_CHUNK, P_PAD=triton.next_power_of_2(P),
                                     HAS_SMOOTH=quant.smooth is not None, **quant_constants(quant.dtype), **pdl)
     return q, s
 
@@ -370,7 +371,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor,
         q, s = empty_codes(g2.shape[0], N, quant.dtype, gate.device)
         block = triton.next_power_of_2(N)
         if g2.shape[0]:
-            _silu_mul_quant_kernel[(g2.shape[0],)](
+            triton_launch(_silu_mul_quant_kernel, (g2.shape[0],),
                 g2, u2, quant.smooth if quant.smooth is not None else s, q, s, N, g2.stride(0), u2.stride(0),
                 BLOCK=block, HAS_SMOOTH=quant.smooth is not None, num_warps=_quant_row_warps(block),
                 **quant_constants(quant.dtype), **launch_options(gate.device))
@@ -378,6 +379,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor,
     out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
     BLOCK = 1024
     if g2.shape[0]:
-        _silu_mul_kernel[(g2.shape[0], triton.cdiv(N, BLOCK))](g2, u2, out, N, g2.stride(0), u2.stride(0), BLOCK=BLOCK,
+        triton_launch(_silu_mul_kernel, (g2.shape[0], triton.cdiv(N, BLOCK)), g2, u2, out, N, g2.stride(0), u2.stride(0), BLOCK=BLOCK,
                                                                  **launch_options(gate.device))
     return out.view(gate.shape)

@@ -32,6 +32,7 @@ import triton.language as tl
 from lowbit.device import sm_count
 from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
+from lowbit.kernels.launch import triton_launch
 from lowbit.kernels.layout import PackedInt4
 from lowbit.kernels.pdl import launch_options, wait
 from lowbit.kernels.splitk import reserve, store_tile
@@ -191,7 +192,7 @@ def w4a8_gemv(
     y = torch.empty(M, N, dtype=out_dtype, device=xq.device)
     grid = (1, triton.cdiv(N, cfg.block_n), split)
     ws, locks = reserve(xq.device, M * N if split > 1 else 0, grid[1] if split > 1 else 0)
-    _w4a8_gemv_kernel[grid](
+    triton_launch(_w4a8_gemv_kernel, grid,
         x32, x_scale, w32, w.scales, w.zeros if w.zeros is not None else w.scales,
         bias if bias is not None else w.scales, y, ws, locks,
         M, N, x32.shape[1], w32.shape[1], n_steps,

@@ -65,6 +65,7 @@ from lowbit.device import sm_count
 from lowbit.errors import LowbitError
 from lowbit.formats import ActivationFormat, WeightFormat
 from lowbit.kernels.config import TileConfig
+from lowbit.kernels.launch import triton_launch
 from lowbit.kernels.layout import (
     TILE_K,
     PackedInt4,
@@ -309,7 +310,7 @@ def split_quantize(x: torch.Tensor, p: PackedQuik, config: SplitConfig | None = 
     block = triton.next_power_of_2(NB)
     warps = (config or SplitConfig()).num_warps or max(1, min(16, block // 512))
     if M:
-        _split_quant_kernel[(M,)](
+        triton_launch(_split_quant_kernel, (M,),
             # unused pointers get a live tensor: an empty one may have a null data pointer
             x, p.gather_idx, p.gather_smooth if p.gather_smooth is not None else scales,
             p.outlier_src if p.n_out else p.gather_idx, p.outlier_smooth if p.outlier_smooth is not None else scales,
@@ -430,7 +431,7 @@ def w4a4_matmul(
     ws, locks = reserve(codes.device, M * N if cfg.split_k > 1 else 0, grid[0] * grid[1] if cfg.split_k > 1 else 0)
     w = p.weight
     ow = p.outlier_weight
-    _w4a4_kernel[grid](
+    triton_launch(_w4a4_kernel, grid,
         codes, xs, xsum, xo if p.n_out else xs, w.qweight, w.scales, p.w_sum, ow if ow is not None else xs,
         bias if bias is not None else xs, y, ws, locks,
         M, N, w.Kp // w.tile_k, p.n_out, 0 if ow is None else ow.shape[1] // p.out_k,

@@ -71,6 +71,7 @@ from lowbit.device import sm_count
 from lowbit.errors import LowbitError
 from lowbit.formats import WeightFormat
 from lowbit.kernels.config import TileConfig
+from lowbit.kernels.launch import triton_launch
 from lowbit.kernels.layout import (
     PackedInt4,
     _interleave,
@@ -358,7 +359,7 @@ def quantize_mixed(
         return out
     launch = QuantLaunch.for_input(x, blocks_per_program)
     qh, ql = _nonempty(out.q_hi), _nonempty(out.q_lo)
-    _quant_kernel[launch.grid](
+    triton_launch(_quant_kernel, launch.grid,
         x, perm.contiguous(), smooth if smooth is not None else out.scales, qh, ql, out.scales, out.sums,
         M, K, n_hi, out.n_blocks, launch.blocks, x.stride(0), out.q_hi.shape[1], out.q_lo.shape[1],
         HAS_SMOOTH=smooth is not None, ROWS=launch.rows, HALF_K=HALF, ROUND=_ROUND,
@@ -530,7 +531,7 @@ def w4ax_gemm(
     cost_hi, cost_lo = block_costs(M, cfg, w.weight.zeros is not None)
     q_hi, q_lo = acts.q_hi.contiguous(), acts.q_lo.contiguous()
     p = w.weight
-    _w4ax_kernel[grid](
+    triton_launch(_w4ax_kernel, grid,
         _nonempty(q_hi), _nonempty(q_lo), acts.scales.t().contiguous(), acts.sums.t().contiguous(),
         p.qweight, p.scales, p.zeros if p.zeros is not None else p.scales, w.wsum,
         w.bias if w.bias is not None else p.scales, y, ws, locks,

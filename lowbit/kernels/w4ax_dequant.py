@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.launch import triton_launch
 from lowbit.kernels.pdl import launch_options
 from lowbit.kernels.w4a16 import check_activation
 from lowbit.kernels.w4ax import (
@@ -61,7 +62,7 @@ def fake_quantize_mixed(x: torch.Tensor, perm: torch.Tensor, n_hi: int, smooth: 
         return out
     launch = QuantLaunch.for_input(x)
     unused = torch.empty(1, dtype=torch.float32, device=x.device)
-    _quant_kernel[launch.grid](
+    triton_launch(_quant_kernel, launch.grid,
         x, perm.contiguous(), smooth if smooth is not None else unused, out, unused, unused, unused,
         M, K, n_hi, -(-K // BLOCK), launch.blocks, x.stride(0), out.stride(0), 0,
         HAS_SMOOTH=smooth is not None, ROWS=launch.rows, HALF_K=HALF, ROUND=_ROUND, FAKE=True,

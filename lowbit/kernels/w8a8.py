@@ -18,6 +18,7 @@ import triton.language as tl
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
+from lowbit.kernels.launch import triton_launch
 from lowbit.kernels.pdl import launch_options, wait
 from lowbit.kernels.splitk import reserve, store_tile
 from lowbit.kernels.w4a16 import check_activation
@@ -86,7 +87,7 @@ def w8a8_matmul(
     pdl = launch_options(xq.device)
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
     ws, locks = reserve(xq.device, M * N if cfg.split_k > 1 else 0, grid[0] * grid[1] if cfg.split_k > 1 else 0)
-    _w8a8_kernel[grid](
+    triton_launch(_w8a8_kernel, grid,
         xq, x_scale, wq, w_scale, bias if bias is not None else w_scale, y, ws, locks,
         M, N, K, xq.stride(0), wq.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, FP8=xq.dtype == torch.float8_e4m3fn,
