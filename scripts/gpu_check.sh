@@ -13,6 +13,7 @@
 #   loadmem: bench/load_memory.py (peak GPU memory loading a random 8B-shaped W4 checkpoint)
 #   gen-rand: lowbit generate at batch 1 and 4 on a random Llama-3.2-1B-shaped checkpoint beside bench e2e
 #             at the same shape (issue 17 item 4)
+#   prefill-profile: bench/prefill_profile.py (GPU busy time against wall time of one engine prefill)
 #   prefill: bench e2e fp16 prefill against transformers at batch 1 and 16, prompts 512, 2048, 4096 (item 6)
 #
 # The default model's GGUF (98 MB) is larger than what one call may carry (64 MiB), so it travels in
@@ -51,12 +52,16 @@ if [ -d .gpu_corpus/wiki ] && [ ! -d "$LOWBIT_CACHE/corpora/wiki" ]; then
 fi
 
 stages=${*:-tests generate eval}
+# with pytest-xdist carried (.whl), the kernel and engine tests run in parallel workers: most of
+# their time is Triton compiling on the CPU, which a 16-core host spreads (PYTEST_WORKERS=0: serial)
+par=""
+if [ "${PYTEST_WORKERS:-8}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then par="-n ${PYTEST_WORKERS:-8}"; fi
 want() { case " $stages " in *" $1 "*) return 0;; esac; return 1; }
 
 tests="skipped"
 if want tests; then
 marker="gpu and not asset"; [ $have_model = yes ] && marker="gpu"
-python3 -m pytest -q -p no:cacheprovider -m "$marker" tests/test_gpu.py 2>&1 | tee "$OUTDIR/pytest.log"
+python3 -m pytest -q -p no:cacheprovider $par -m "$marker" tests/test_gpu.py 2>&1 | tee "$OUTDIR/pytest.log"
 tests=$(tail -n 1 "$OUTDIR/pytest.log")
 fi
 
@@ -79,15 +84,15 @@ fi
 
 kern="skipped"
 if want kernels; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernel_ops.py tests/test_w4a4_kernels.py \
+  python3 -m pytest -q -p no:cacheprovider $par tests/test_kernels.py tests/test_kernel_ops.py tests/test_w4a4_kernels.py \
     tests/test_w4ax_kernels.py tests/test_sparse24_kernels.py tests/test_new_format_ops.py \
-    tests/test_bench_new_formats.py 2>&1 | tee "$OUTDIR/kernels.log"
+    tests/test_bench_new_formats.py tests/test_launch.py 2>&1 | tee "$OUTDIR/kernels.log"
   kern=$(tail -n 1 "$OUTDIR/kernels.log")
 fi
 eng="skipped"
 if want engine; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernel.py tests/test_scheduler.py \
-    tests/test_e2e_bench.py tests/test_fused_kernels.py tests/test_fuse.py tests/test_kernel_ops.py \
+  python3 -m pytest -q -p no:cacheprovider $par tests/test_attention_kernel.py tests/test_scheduler.py \
+    tests/test_e2e_bench.py tests/test_fused_kernels.py tests/test_fuse.py \
     tests/test_dispatch.py 2>&1 | tee "$OUTDIR/engine.log"
   eng=$(tail -n 1 "$OUTDIR/engine.log")
 fi
@@ -112,12 +117,17 @@ if want loadmem; then
 fi
 if want gen-rand; then
   [ -f /tmp/rand1b/config.json ] || python3 scripts/random_checkpoint.py /tmp/rand1b
-  mapfile -t P < <(head -n 4 /tmp/rand1b/prompts.txt)
+  # four prompts of one length (64 words = 64 tokens of the word-level tokenizer): one batched
+  # prefill, then a steady batch of 4, the shape bench e2e times
+  mapfile -t P < <(awk 'NF >= 64 { NF = 64; print }' /tmp/rand1b/prompts.txt | head -n 4)
   python3 -m lowbit.cli generate /tmp/rand1b --device cuda --dtype fp16 -n 256 -p "${P[0]}" 2>&1 | tail -n 2 | tee "$OUTDIR/gen-rand.log"
   python3 -m lowbit.cli generate /tmp/rand1b --device cuda --dtype fp16 -n 256 -p "${P[0]}" -p "${P[1]}" -p "${P[2]}" \
     -p "${P[3]}" 2>&1 | tail -n 2 | tee -a "$OUTDIR/gen-rand.log"
   python3 -m lowbit.cli bench e2e --model /tmp/rand1b --schemes fp16 --batch 1,4 --context 256 --no-transformers 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tail -n 8 | tee -a "$OUTDIR/gen-rand.log"
+fi
+if want prefill-profile; then
+  python3 bench/prefill_profile.py --lengths ${PREFILL_LENGTHS:-64,512,2048} 2>&1 | tee "$OUTDIR/prefill_profile.log"
 fi
 if want prefill; then
   for L in 512 2048 4096; do
