@@ -41,7 +41,7 @@ def main() -> None:
     if args.scheme != "fp16":
         model = quantize_rtn(model, args.scheme)
     prepare_for_inference(model)
-    layers = model.config.num_hidden_layers
+    layers = model.config.num_layers
     rows = []
     for L in (int(v) for v in args.lengths.split(",")):
         B = args.batch
