@@ -18,7 +18,7 @@ import torch
 
 from lowbit.engine.scheduler import Engine, plan_slots
 from lowbit.model.llama import Transformer
-from lowbit.model.qlinear import QuantLinear, cache_dequantized_weights, use_kernels
+from lowbit.model.qlinear import QuantLinear, cache_dequantized_weights
 
 
 @dataclass(frozen=True)
@@ -53,13 +53,19 @@ def prepare_for_inference(model: Transformer, *, kernels: bool = True) -> Infere
         fused = fuse_projections(model)
     on, total = 0, 0
     if model.quant_scheme is not None:
-        on, total = use_kernels(model, enabled=on_cuda and kernels)
         for m in model.modules():
-            if isinstance(m, QuantLinear):
-                if m.kernel is None:  # left on the reference path: its dequantized weight kept between steps
-                    cache_dequantized_weights(m)
-                else:  # one copy of the int4 weights on the GPU (the checkpoint layout is rebuilt to save)
-                    released += m.release_checkpoint_layout()
+            if not isinstance(m, QuantLinear):
+                continue
+            total += 1
+            if on_cuda and kernels and m.prepare_kernels():
+                on += 1
+                # one copy of the int4 weights on the GPU (the checkpoint layout is rebuilt to save),
+                # dropped as each layer is packed: packing them all first held two copies of the model's
+                # int4 weights at once (peak 1.79x the checkpoint on the H200, bench/load_memory.py)
+                released += m.release_checkpoint_layout()
+            else:  # left on the reference path: its dequantized weight kept between steps
+                m.use_packed(None)
+                cache_dequantized_weights(m)
         if released and on_cuda:
             torch.cuda.empty_cache()
     return InferenceSetup(fused, on, total, released)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.launch import triton_launch
+from lowbit.kernels.launch import next_power_of_2, triton_launch
 from lowbit.kernels.pdl import launch_options, start_small
 
 MAX_K = 65536
@@ -103,7 +103,7 @@ def quantize_activations(
     check_smooth(smooth, K)
     x = x.contiguous()
     q, s = empty_codes(M, K, dtype, x.device)
-    block = triton.next_power_of_2(K)
+    block = next_power_of_2(K)
     triton_launch(_act_quant_kernel, (M,),
         x, smooth if smooth is not None else s, q, s, K, x.stride(0), q.stride(0),
         HAS_SMOOTH=smooth is not None, BLOCK_K=block, **consts,

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.launch import triton_launch
+from lowbit.kernels.launch import next_power_of_2, triton_launch
 from lowbit.kernels.pdl import launch_options, start_small
 
 
@@ -303,12 +303,12 @@ def decode_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, lengths: t
     triton_launch(_decode_attn_kernel, (B, Hkv, n_splits),
         q.contiguous(), kc, k.scales, vc, v.scales, lengths, slot_of_row,
         part_o, part_ml, Hq, Hkv, L, scale if scale is not None else D ** -0.5, tokens_per_split,
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), D_HALF=D // 2, BLOCK_S=block_s,
+        G=G, G_PAD=max(16, next_power_of_2(G)), D_HALF=D // 2, BLOCK_S=block_s,
         GROUP=k.group, N_GROUPS=D // k.group, KIND=kind, STATIC=static, CODE_D=k.codes.shape[-1],
         PER_TOKEN=kind in (0, 1, 2) and not static and k.group == D, num_warps=num_warps, **pdl,
     )
     triton_launch(_merge_splits_kernel, (B * Hq,), part_o, part_ml, out, N_SPLITS=n_splits,
-                                    SPLITS_PAD=max(2, triton.next_power_of_2(n_splits)), D=D, **pdl)
+                                    SPLITS_PAD=max(2, next_power_of_2(n_splits)), D=D, **pdl)
     return out
 
 

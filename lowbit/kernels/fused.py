@@ -30,7 +30,7 @@ from lowbit.kernels.act_quant import (
     scale_of,
 )
 from lowbit.kernels.activations import ActQuantSpec, QuantizedActivations
-from lowbit.kernels.launch import triton_launch
+from lowbit.kernels.launch import cdiv, next_power_of_2, triton_launch
 from lowbit.kernels.pdl import launch_options, start_small
 
 
@@ -95,9 +95,9 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
         triton_launch(_add_rmsnorm_kernel, (rows,),
             xc, residual.contiguous() if residual is not None else xc, weight, out, h,
             quant.smooth if quant is not None and quant.smooth is not None else xc, q, s, H, eps,
-            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(H), QUANT=quant is not None,
+            HAS_RES=residual is not None, BLOCK=next_power_of_2(H), QUANT=quant is not None,
             HAS_SMOOTH=quant is not None and quant.smooth is not None,
-            num_warps=(4 if H <= 4096 else 8) if quant is None else _quant_row_warps(triton.next_power_of_2(H)),
+            num_warps=(4 if H <= 4096 else 8) if quant is None else _quant_row_warps(next_power_of_2(H)),
             **consts, **launch_options(x.device))
     if quant is None:
         return out, h
@@ -171,7 +171,7 @@ def rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     out = torch.empty((B, T, heads, hd), dtype=t.dtype, device=t.device)
     if B * T:
         triton_launch(_rope_kernel, (B * T,), t, cos.contiguous(), sin.contiguous(), out, T, heads, t.stride(0), t.stride(1),
-                               t.stride(2), HALF=hd // 2, BLOCK_H=triton.next_power_of_2(heads),
+                               t.stride(2), HALF=hd // 2, BLOCK_H=next_power_of_2(heads),
                                **launch_options(t.device))
     return out
 
@@ -246,7 +246,7 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
         triton_launch(_rope_store_kernel, (B,),
             q, k, v, cos.contiguous(), sin.contiguous(), out, keys, values, slots, pos, HQ, HKV, keys.shape[2],
             q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
-            HALF=hd // 2, BLOCK_HQ=triton.next_power_of_2(HQ), BLOCK_HKV=triton.next_power_of_2(HKV),
+            HALF=hd // 2, BLOCK_HQ=next_power_of_2(HQ), BLOCK_HKV=next_power_of_2(HKV),
             **launch_options(q.device))
     return out
 
@@ -339,7 +339,7 @@ _CHUNK = 1024
 def _silu_mul_quant_wide(g2: torch.Tensor, u2: torch.Tensor, quant: ActQuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """``silu_mul`` + per-token quantization for a few long rows: (codes (rows, N), scales (rows,))."""
     rows, N = g2.shape
-    P = triton.cdiv(N, _CHUNK)
+    P = cdiv(N, _CHUNK)
     h = torch.empty(rows, N, dtype=g2.dtype, device=g2.device)
     part = torch.empty(rows, P, dtype=torch.float32, device=g2.device)
     q, s = empty_codes(rows, N, quant.dtype, g2.device)
@@ -347,7 +347,7 @@ def _silu_mul_quant_wide(g2: torch.Tensor, u2: torch.Tensor, quant: ActQuantSpec
     pdl = launch_options(g2.device)
     triton_launch(_silu_mul_absmax_kernel, (rows, P), g2, u2, smooth, h, part, N, g2.stride(0), u2.stride(0), P, BLOCK=_CHUNK,
                                        HAS_SMOOTH=quant.smooth is not None, **pdl)
-    triton_launch(_quant_chunks_kernel, (rows, P), h, smooth, part, q, s, N, P, BLOCK=_CHUNK, P_PAD=triton.next_power_of_2(P),
+    triton_launch(_quant_chunks_kernel, (rows, P), h, smooth, part, q, s, N, P, BLOCK=_CHUNK, P_PAD=next_power_of_2(P),
                                     HAS_SMOOTH=quant.smooth is not None, **quant_constants(quant.dtype), **pdl)
     return q, s
 
@@ -369,7 +369,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor,
             q, s = _silu_mul_quant_wide(g2, u2, quant)
             return QuantizedActivations(q.view(gate.shape), s, gate.dtype)
         q, s = empty_codes(g2.shape[0], N, quant.dtype, gate.device)
-        block = triton.next_power_of_2(N)
+        block = next_power_of_2(N)
         if g2.shape[0]:
             triton_launch(_silu_mul_quant_kernel, (g2.shape[0],),
                 g2, u2, quant.smooth if quant.smooth is not None else s, q, s, N, g2.stride(0), u2.stride(0),
@@ -379,6 +379,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor,
     out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
     BLOCK = 1024
     if g2.shape[0]:
-        triton_launch(_silu_mul_kernel, (g2.shape[0], triton.cdiv(N, BLOCK)), g2, u2, out, N, g2.stride(0), u2.stride(0), BLOCK=BLOCK,
+        triton_launch(_silu_mul_kernel, (g2.shape[0], cdiv(N, BLOCK)), g2, u2, out, N, g2.stride(0), u2.stride(0), BLOCK=BLOCK,
                                                                  **launch_options(gate.device))
     return out.view(gate.shape)

@@ -32,7 +32,7 @@ import triton.language as tl
 from lowbit.device import sm_count
 from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
-from lowbit.kernels.launch import triton_launch
+from lowbit.kernels.launch import cdiv, next_power_of_2, triton_launch
 from lowbit.kernels.layout import PackedInt4
 from lowbit.kernels.pdl import launch_options, wait
 from lowbit.kernels.splitk import reserve, store_tile
@@ -152,8 +152,8 @@ def default_gemv_config(N: int, K: int, sms: int) -> TileConfig:
     columns per step: 512 contiguous bytes per row, 16 words per thread), split-K only when there are
     fewer 16-row blocks than SMs."""
     block_n, block_k = 16, 1024
-    tiles = triton.cdiv(N, block_n)
-    split = max(1, min(triton.cdiv(K, block_k), triton.cdiv(sms, tiles)))
+    tiles = cdiv(N, block_n)
+    split = max(1, min(cdiv(K, block_k), cdiv(sms, tiles)))
     return TileConfig(block_m=16, block_n=block_n, block_k=block_k, split_k=split, num_warps=4, num_stages=1)
 
 
@@ -187,10 +187,10 @@ def w4a8_gemv(
     x32 = xq.contiguous().view(torch.int32)
     w32 = w.qweight.view(torch.int32)
     block_w = cfg.block_k // 8
-    n_steps = triton.cdiv(w32.shape[1], block_w)
+    n_steps = cdiv(w32.shape[1], block_w)
     split = min(cfg.split_k, n_steps)
     y = torch.empty(M, N, dtype=out_dtype, device=xq.device)
-    grid = (1, triton.cdiv(N, cfg.block_n), split)
+    grid = (1, cdiv(N, cfg.block_n), split)
     ws, locks = reserve(xq.device, M * N if split > 1 else 0, grid[1] if split > 1 else 0)
     triton_launch(_w4a8_gemv_kernel, grid,
         x32, x_scale, w32, w.scales, w.zeros if w.zeros is not None else w.scales,
@@ -198,7 +198,7 @@ def w4a8_gemv(
         M, N, x32.shape[1], w32.shape[1], n_steps,
         x32.stride(0), w32.stride(0), y.stride(0),
         HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=triton.next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_W=block_w, SPLIT_K=split,
+        BLOCK_M=next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_W=block_w, SPLIT_K=split,
         HALF_W=w.half // 4, AHEAD=cfg.num_stages, ASM=USE_ASM, num_warps=cfg.num_warps, num_stages=1,
         **launch_options(xq.device),
     )

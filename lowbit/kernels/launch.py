@@ -40,6 +40,17 @@ _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host ints. ``triton.cdiv`` is a constexpr function: on the host each call
+    unwraps its arguments through Triton's language layer, 1-2 us apiece (bench/host_time.py)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n (n >= 1), in plain Python (see ``cdiv``)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _spec(a: object) -> object:
     """One argument's part of the key (``_key`` inlines the same rules for speed)."""
     return _key((a,))[0]
@@ -158,4 +169,4 @@ def cached_specializations(kernel) -> int:  # noqa: ANN001
     return sum(1 for v in _CACHE.get(kernel, {}).values() if v is not None)
 
 
-__all__ = ["triton_launch", "cached_specializations", "compiled_launcher", "record_launches", "triton"]
+__all__ = ["cdiv", "next_power_of_2", "triton_launch", "cached_specializations", "compiled_launcher", "record_launches", "triton"]

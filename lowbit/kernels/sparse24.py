@@ -85,7 +85,7 @@ from lowbit.device import sm_count
 from lowbit.errors import LowbitError
 from lowbit.formats import WeightFormat
 from lowbit.kernels.config import TileConfig
-from lowbit.kernels.launch import triton_launch
+from lowbit.kernels.launch import cdiv, triton_launch
 from lowbit.kernels.pdl import launch_options, wait
 from lowbit.kernels.splitk import reserve, store_tile
 from lowbit.kernels.unpack import USE_ASM, nibbles_float
@@ -484,7 +484,7 @@ def widen_sparse24(w: PackedSparse24, dtype: torch.dtype, asm: bool | None = Non
     asm = USE_ASM if asm is None else asm
     out = torch.empty(w.N, w.K, dtype=dtype, device=w.data.device)
     block_n = 64  # 64 x tile_k / 8 >= 128 x 4 warps: 4 groups per thread for the PTX expansion
-    grid = (triton.cdiv(w.N, block_n), w.Kp // w.tile_k)
+    grid = (cdiv(w.N, block_n), w.Kp // w.tile_k)
     triton_launch(_widen24_kernel, grid, w.data, w.scales, out, w.N, w.K, w.group_size or w.K, w.data.stride(0), out.stride(0),
                           BLOCK_N=block_n, HG=w.half_groups, **_MAGIC[dtype], ASM=asm, num_warps=4)
     return out
@@ -540,7 +540,7 @@ def sparse24_matmul(
                           f"num_warps ({cfg.num_warps}) so that each thread expands 4 groups; raise block_n or "
                           "lower num_warps")
     x = x.contiguous()
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
+    grid = (cdiv(M, cfg.block_m), cdiv(N, cfg.block_n), cfg.split_k)
     ws, locks = reserve(x.device, M * N if cfg.split_k > 1 else 0, grid[0] * grid[1] if cfg.split_k > 1 else 0)
     triton_launch(_sparse24_kernel, grid,
         x, w.data, w.scales, bias if bias is not None else w.scales, y, ws, locks,

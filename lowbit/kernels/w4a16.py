@@ -29,7 +29,7 @@ import triton.language as tl
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
-from lowbit.kernels.launch import triton_launch
+from lowbit.kernels.launch import cdiv, triton_launch
 from lowbit.kernels.layout import PackedInt4
 from lowbit.kernels.pdl import launch_options, wait
 from lowbit.kernels.splitk import reserve, store_tile
@@ -165,7 +165,7 @@ def w4a16_matmul(
     M, N = x.shape[0], w.N
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     pdl = launch_options(x.device)
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
+    grid = (cdiv(M, cfg.block_m), cdiv(N, cfg.block_n), cfg.split_k)
     ws, locks = reserve(x.device, M * N if cfg.split_k > 1 else 0, grid[0] * grid[1] if cfg.split_k > 1 else 0)
     triton_launch(_w4a16_kernel, grid,
         x, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,

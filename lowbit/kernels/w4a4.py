@@ -65,7 +65,7 @@ from lowbit.device import sm_count
 from lowbit.errors import LowbitError
 from lowbit.formats import ActivationFormat, WeightFormat
 from lowbit.kernels.config import TileConfig
-from lowbit.kernels.launch import triton_launch
+from lowbit.kernels.launch import cdiv, next_power_of_2, triton_launch
 from lowbit.kernels.layout import (
     TILE_K,
     PackedInt4,
@@ -307,7 +307,7 @@ def split_quantize(x: torch.Tensor, p: PackedQuik, config: SplitConfig | None = 
     scales = torch.empty(M, dtype=torch.float32, device=x.device)
     sums = torch.empty(M, dtype=torch.int32, device=x.device)
     outliers = torch.empty(M, p.n_out, dtype=x.dtype, device=x.device)
-    block = triton.next_power_of_2(NB)
+    block = next_power_of_2(NB)
     warps = (config or SplitConfig()).num_warps or max(1, min(16, block // 512))
     if M:
         triton_launch(_split_quant_kernel, (M,),
@@ -317,7 +317,7 @@ def split_quantize(x: torch.Tensor, p: PackedQuik, config: SplitConfig | None = 
             codes, scales, sums, outliers if p.n_out else scales,
             NB, p.n_out, x.stride(0), codes.stride(0), max(1, p.n_out),
             HAS_SMOOTH=p.gather_smooth is not None, HAS_OUT=p.n_out > 0, BLOCK_B=block,
-            BLOCK_O=triton.next_power_of_2(max(1, p.n_out)), QMAX=QMAX, ROUND=_ROUND, num_warps=warps,
+            BLOCK_O=next_power_of_2(max(1, p.n_out)), QMAX=QMAX, ROUND=_ROUND, num_warps=warps,
             **launch_options(x.device),
         )
     return QuikActivations(codes, scales, sums, outliers)
@@ -427,7 +427,7 @@ def w4a4_matmul(
     if M == 0:
         return y
     cfg = config or default_config(M, N, p.Kq, codes.device)
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
+    grid = (cdiv(M, cfg.block_m), cdiv(N, cfg.block_n), cfg.split_k)
     ws, locks = reserve(codes.device, M * N if cfg.split_k > 1 else 0, grid[0] * grid[1] if cfg.split_k > 1 else 0)
     w = p.weight
     ow = p.outlier_weight

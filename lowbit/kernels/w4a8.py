@@ -27,7 +27,7 @@ import triton.language as tl
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
-from lowbit.kernels.launch import triton_launch
+from lowbit.kernels.launch import cdiv, triton_launch
 from lowbit.kernels.layout import PackedInt4
 from lowbit.kernels.pdl import launch_options, wait
 from lowbit.kernels.splitk import reserve, store_tile
@@ -170,7 +170,7 @@ def w4a8_matmul(
     M, N = xq.shape[0], w.N
     y = torch.empty(M, N, dtype=out_dtype, device=xq.device)
     pdl = launch_options(xq.device)
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
+    grid = (cdiv(M, cfg.block_m), cdiv(N, cfg.block_n), cfg.split_k)
     ws, locks = reserve(xq.device, M * N if cfg.split_k > 1 else 0, grid[0] * grid[1] if cfg.split_k > 1 else 0)
     triton_launch(_w4a8_kernel, grid,
         xq, x_scale, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,

@@ -71,7 +71,7 @@ from lowbit.device import sm_count
 from lowbit.errors import LowbitError
 from lowbit.formats import WeightFormat
 from lowbit.kernels.config import TileConfig
-from lowbit.kernels.launch import triton_launch
+from lowbit.kernels.launch import cdiv, next_power_of_2, triton_launch
 from lowbit.kernels.layout import (
     PackedInt4,
     _interleave,
@@ -330,10 +330,10 @@ class QuantLaunch:
         M, K = x.shape
         # rows per program: at most 16, and their gathered rows within ~64 KB of L1
         cap = max(1, 65536 // (K * x.element_size()))
-        rows = min(16, triton.next_power_of_2(M), 1 << (cap.bit_length() - 1))
-        row_tiles, nb = triton.cdiv(M, rows), -(-K // BLOCK)
+        rows = min(16, next_power_of_2(M), 1 << (cap.bit_length() - 1))
+        row_tiles, nb = cdiv(M, rows), -(-K // BLOCK)
         bpp = blocks_per_program or max(1, min(nb, row_tiles * nb // (4 * sm_count(x.device, _H100_SMS))))
-        return cls(rows, bpp, (row_tiles, triton.cdiv(nb, bpp)), max(1, min(4, rows * BLOCK // 512)))
+        return cls(rows, bpp, (row_tiles, cdiv(nb, bpp)), max(1, min(4, rows * BLOCK // 512)))
 
 
 def quantize_mixed(
@@ -500,9 +500,9 @@ def default_config(M: int, N: int, n_blocks: int, sms: int = _H100_SMS) -> TileC
     table picks for W4A8 g128 at M = 128-256 (same per-group int32 partial, lowbit/kernels/tuned/h100.json).
     """
     if M <= 64:
-        block_m = max(16, triton.next_power_of_2(M))
+        block_m = max(16, next_power_of_2(M))
         block_n = 64 if M <= 16 else 128
-        tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+        tiles = cdiv(M, block_m) * cdiv(N, block_n)
         split = max(1, min(16, n_blocks, round(2 * sms / tiles)))
         return TileConfig(block_m=block_m, block_n=block_n, split_k=split, num_warps=4, num_stages=4, swap=True)
     return TileConfig(block_m=64, block_n=128, num_warps=4, num_stages=4)
@@ -526,7 +526,7 @@ def w4ax_gemm(
     if M == 0:
         return y
     cfg = config or default_config(M, N, w.n_blocks, sm_count(dev, _H100_SMS))
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), cfg.split_k)
+    grid = (cdiv(M, cfg.block_m), cdiv(N, cfg.block_n), cfg.split_k)
     ws, locks = reserve(dev, M * N if cfg.split_k > 1 else 0, grid[0] * grid[1] if cfg.split_k > 1 else 0)
     cost_hi, cost_lo = block_costs(M, cfg, w.weight.zeros is not None)
     q_hi, q_lo = acts.q_hi.contiguous(), acts.q_lo.contiguous()

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.launch import triton_launch
+from lowbit.kernels.launch import cdiv, triton_launch
 from lowbit.kernels.layout import PackedInt4
 
 
@@ -76,7 +76,7 @@ def widen_int4(w: PackedInt4, dtype: torch.dtype, out: torch.Tensor | None = Non
     elif out.shape != (N, K) or out.dtype != dtype:
         raise LowbitError(f"widen_int4: out must be {dtype} ({N}, {K})")
     block_n = 64
-    grid = (triton.cdiv(N, block_n), w.Kp // w.tile_k)
+    grid = (cdiv(N, block_n), w.Kp // w.tile_k)
     triton_launch(_widen_kernel, grid,
         w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, out, N, K, w.group_size or K,
         w.qweight.stride(0), out.stride(0),
