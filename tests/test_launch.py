@@ -69,3 +69,14 @@ def test_cached_launch_runs_on_the_current_stream():
         out, expected = _axpy(4096, "cuda")
     s.synchronize()
     torch.testing.assert_close(out, expected)
+
+
+def test_record_without_launching_collects_the_launch_and_runs_nothing():
+    from lowbit.kernels.launch import record_launches
+
+    x = torch.randn(37)
+    out = torch.full((37,), 7.0)
+    with record_launches(launch=False) as rec:
+        triton_launch(_axpy_kernel, (1,), x, x, out, 37, 0.5, BLOCK=128, NEG=False)
+    assert len(rec) == 1 and rec[0][0] is _axpy_kernel and rec[0][2][3] == 37
+    assert torch.equal(out, torch.full((37,), 7.0))  # nothing ran

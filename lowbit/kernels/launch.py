@@ -84,19 +84,23 @@ class _Compiled:
 # kernel -> {key: _Compiled | None}; None marks a specialization that always takes the JIT path
 _CACHE: dict[object, dict[tuple, _Compiled | None]] = {}
 _RECORD: list | None = None
+_DRY = False
 _JIT_ONLY: dict = {}
 
 
 @contextmanager
-def record_launches() -> Iterator[list]:
+def record_launches(launch: bool = True) -> Iterator[list]:
     """Collect ``(kernel, grid, args, kwargs)`` of every launch inside the block (``bench/host_time.py``
-    times each one three ways; a test can see which kernels one call runs)."""
-    global _RECORD
-    outer, _RECORD = _RECORD, []
+    times each one three ways; a test can see which kernels one call runs). ``launch=False``: record
+    only, launch nothing (``scripts/kernel_ptx.py`` compiles what a wrapper would launch, for a GPU
+    this machine need not have; outputs stay unwritten)."""
+    global _RECORD, _DRY
+    outer = _RECORD, _DRY
+    _RECORD, _DRY = [], not launch
     try:
         yield _RECORD
     finally:
-        _RECORD = outer
+        _RECORD, _DRY = outer
 
 
 def compiled_launcher(kernel, grid: tuple, args: tuple, kwargs: dict):  # noqa: ANN001, ANN201
@@ -138,6 +142,8 @@ def triton_launch(kernel, grid: tuple, *args, **kwargs):  # noqa: ANN001, ANN201
         return kernel[grid](*args, **kwargs)
     if _RECORD is not None:
         _RECORD.append((kernel, grid, args, kwargs))
+        if _DRY:
+            return None
     entries = _CACHE.get(kernel)
     if entries is None:
         # under TRITON_INTERPRET=1 ``triton.jit`` made an InterpretedFunction: no compiled launcher

@@ -1,0 +1,178 @@
+"""What Triton makes of each quantized GEMM kernel for Hopper (sm_90a), on a machine without a GPU.
+
+    python scripts/kernel_ptx.py [--shape 28672x4096] [--ms 1,16,64,128,256] [--ops w4a16,w4a8,w8a8-fp8]
+
+For each op and M: the kernel and tile the shipped H100 table (``lowbit/kernels/tuned/h100.json``)
+picks for the shape, the wrapper called on CPU tensors with launches recorded and not run
+(``kernels.launch.record_launches(launch=False)``), each recorded launch compiled ahead of time for
+sm_90 with the specialization the JIT would give it (``native_specialize_impl``), and from its PTX
+and ``ptxas -v``:
+- the MMA instructions (``wgmma.mma_async`` and its shape, or ``mma.sync``);
+- ``wgmma.wait_group N`` (N = 0 after every K step: the next step's loads and int4 conversion do
+  not overlap the tensor cores);
+- ``cp.async`` (Ampere-style async copies) and ``cp.async.bulk`` (TMA);
+- shared memory, registers and spills.
+Triton is the same 3.6 here as on the device machine, so the PTX is the one the H200 runs. Paths the
+table sends to cuBLAS (``dequant-cublas``, ``widen-w8a8``, ``cublas``) are named, not compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels must be JITFunctions to compile them
+    sys.exit("run without TRITON_INTERPRET=1: this script compiles for sm_90 instead of interpreting")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import native_specialize_impl  # noqa: E402
+
+_OPTIONS = ("num_warps", "num_stages", "launch_pdl", "num_ctas", "maxnreg")
+
+
+def compile_launch(kernel, args: tuple, kwargs: dict):  # noqa: ANN001, ANN201
+    """Compile one recorded launch for sm_90a with the JIT's specialization of its arguments."""
+    sig, constexprs, attrs = {}, {}, {}
+    params = kernel.params
+    for i, p in enumerate(params):
+        if i < len(args):
+            if p.is_constexpr:
+                sig[p.name], constexprs[(i,)] = "constexpr", args[i]
+                continue
+            ty, key = native_specialize_impl(CUDABackend, args[i], p.is_const, True, True)
+            sig[p.name] = ty
+            if ty == "constexpr":
+                constexprs[(i,)] = key
+            elif key == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[p.name] = "constexpr"
+            constexprs[(i,)] = kwargs.get(p.name, p.default)
+    options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def ptxas_usage(ptx: str) -> str:
+    """Registers and spills from ``ptxas -v`` (Triton's bundled ptxas)."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.is_file():
+        ptxas = shutil.which("ptxas")
+    if not ptxas:
+        return "ptxas not found"
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "k.ptx"
+        f.write_text(ptx)
+        out = subprocess.run([str(ptxas), "--gpu-name", "sm_90a", "-v", str(f), "-o", str(Path(d) / "k.o")],
+                             capture_output=True, text=True)
+    text = out.stderr + out.stdout
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores", text)
+    return f"{regs.group(1) if regs else '?'} regs, {spill.group(1) if spill else '?'} B spilled"
+
+
+def ptx_summary(ptx: str) -> dict[str, str]:
+    shapes = Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
+    waits = Counter(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))
+    return {
+        "mma": (" ".join(f"wgmma {s} x{n}" for s, n in shapes.items()) or
+                (f"mma.sync x{len(re.findall(r'mma.sync', ptx))}" if "mma.sync" in ptx else "none")),
+        "wgmma waits": " ".join(f"{k}:x{v}" for k, v in sorted(waits.items())) or "-",
+        "cp.async": str(len(re.findall(r"cp\.async\.(?:ca|cg)", ptx))),
+        "TMA": str(len(re.findall(r"cp\.async\.bulk", ptx))),
+    }
+
+
+def _layer(op: str, M: int, N: int, K: int):  # noqa: ANN202
+    """CPU tensors for one GEMM of ``op`` (random; their values do not matter for compiling)."""
+    from lowbit.bench.kernels import _random_int4
+    from lowbit.kernels.act_quant import empty_codes
+
+    x = torch.randn(M, K, dtype=torch.float16)
+    if op.startswith("w8a8"):
+        q, s = empty_codes(M, K, "fp8_e4m3" if op == "w8a8-fp8" else "int", x.device)
+        wq = torch.empty(N, K, dtype=q.dtype)
+        return x, (q, s, wq, torch.ones(N))
+    group = 128 if op in ("w4a16", "w4a8-g128") else None
+    w = _random_int4(N, K, group, torch.device("cpu"), 128)
+    if op == "w4a16":
+        return x, (w,)
+    q, s = empty_codes(M, K, "fp8_e4m3" if op == "w4a8-fp8" else "int", x.device)
+    return x, (q, s, w)
+
+
+def record(op: str, M: int, N: int, K: int, entry: dict) -> list:
+    from lowbit.kernels.config import TileConfig
+    from lowbit.kernels.launch import record_launches
+
+    cfg = TileConfig(**entry["config"]) if entry.get("config") else None
+    x, t = _layer(op, M, N, K)
+    with record_launches(launch=False) as rec:
+        if op == "w4a16":
+            from lowbit.kernels.w4a16 import w4a16_matmul
+
+            w4a16_matmul(x, t[0], config=cfg)
+        elif op.startswith("w8a8"):
+            from lowbit.kernels.w8a8 import w8a8_matmul
+
+            w8a8_matmul(*t, torch.float16, config=cfg)
+        elif entry["kernel"] == "gemv":
+            from lowbit.kernels.gemv import w4a8_gemv
+
+            w4a8_gemv(t[0], t[1], t[2], torch.float16, None, cfg)
+        else:
+            from lowbit.kernels.w4a8 import w4a8_matmul
+
+            w4a8_matmul(*t, torch.float16, config=cfg)
+    return rec
+
+
+def main() -> None:
+    from lowbit.kernels.dispatch import TUNED_DIR, _lookup
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="28672x4096", help="N x K of the layer (default: Llama-3-8B gate+up)")
+    ap.add_argument("--ms", default="1,16,64,128,256")
+    ap.add_argument("--ops", default="w4a16,w4a8,w4a8-g128,w8a8-int8,w8a8-fp8")
+    args = ap.parse_args()
+    N, K = (int(v) for v in args.shape.split("x"))
+    table = json.loads((TUNED_DIR / "h100.json").read_text())["entries"]
+    rows = []
+    for op in args.ops.split(","):
+        for M in (int(m) for m in args.ms.split(",")):
+            entry = _lookup(table.get(op, []), M, N, K)
+            if entry is None or entry["kernel"] not in ("triton", "gemv"):
+                rows.append((op, M, entry["kernel"] if entry else "no entry", {}, "-", "-"))
+                continue
+            cfg = entry.get("config") or {}
+            tile = (f"bm{cfg.get('block_m')} bn{cfg.get('block_n')} split{cfg.get('split_k')} w{cfg.get('num_warps')} "
+                    f"s{cfg.get('num_stages')}{' swap' if cfg.get('swap') else ''}") if cfg else "default"
+            for kernel, _grid, a, kw in record(op, M, N, K, entry):
+                compiled = compile_launch(kernel, a, kw)
+                ptx = compiled.asm["ptx"]
+                info = ptx_summary(ptx)
+                info["smem"] = f"{compiled.metadata.shared // 1024} KiB"
+                rows.append((op, M, f"{entry['kernel']} {kernel.fn.__name__} {tile}", info, ptxas_usage(ptx), ""))
+    print(f"Triton {triton.__version__}, target sm_90a, layer {N}x{K}, tiles from lowbit/kernels/tuned/h100.json")
+    print("| op | M | kernel and tile | MMA | wgmma waits | cp.async | TMA | smem | ptxas |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for op, M, what, info, usage, _ in rows:
+        print(f"| {op} | {M} | {what} | {info.get('mma', '-')} | {info.get('wgmma waits', '-')} | "
+              f"{info.get('cp.async', '-')} | {info.get('TMA', '-')} | {info.get('smem', '-')} | {usage} |")
+
+
+if __name__ == "__main__":
+    main()
