@@ -80,3 +80,12 @@ def test_record_without_launching_collects_the_launch_and_runs_nothing():
         triton_launch(_axpy_kernel, (1,), x, x, out, 37, 0.5, BLOCK=128, NEG=False)
     assert len(rec) == 1 and rec[0][0] is _axpy_kernel and rec[0][2][3] == 37
     assert torch.equal(out, torch.full((37,), 7.0))  # nothing ran
+
+
+def test_host_cdiv_and_next_power_of_2_match_tritons():
+    from lowbit.kernels.launch import cdiv, next_power_of_2
+
+    for a in range(-5, 300):
+        assert next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 3, 16, 64, 128):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)

@@ -47,8 +47,8 @@ def cdiv(a: int, b: int) -> int:
 
 
 def next_power_of_2(n: int) -> int:
-    """The least power of two >= n (n >= 1), in plain Python (see ``cdiv``)."""
-    return 1 << (n - 1).bit_length()
+    """The least power of two >= n, in plain Python (see ``cdiv``); 0 for n <= 0, as Triton's."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def _spec(a: object) -> object:
