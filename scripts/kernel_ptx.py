@@ -5,7 +5,7 @@
 For each op and M: the kernel and tile the shipped H100 table (``lowbit/kernels/tuned/h100.json``)
 picks for the shape, the wrapper called on CPU tensors with launches recorded and not run
 (``kernels.launch.record_launches(launch=False)``), each recorded launch compiled ahead of time for
-sm_90 with the specialization the JIT would give it (``native_specialize_impl``), and from its PTX
+sm_90 with the specialization the JIT would give it (``lowbit.kernels.aot``), and from its PTX
 and ``ptxas -v``:
 - the MMA instructions (``wgmma.mma_async`` and its shape, or ``mma.sync``);
 - ``wgmma.wait_group N`` (N = 0 after every K step: the next step's loads and int4 conversion do
@@ -21,12 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
-from collections import Counter
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels must be JITFunctions to compile them
@@ -35,65 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
-_OPTIONS = ("num_warps", "num_stages", "launch_pdl", "num_ctas", "maxnreg")
-
-
-def compile_launch(kernel, args: tuple, kwargs: dict):  # noqa: ANN001, ANN201
-    """Compile one recorded launch for sm_90a with the JIT's specialization of its arguments."""
-    sig, constexprs, attrs = {}, {}, {}
-    params = kernel.params
-    for i, p in enumerate(params):
-        if i < len(args):
-            if p.is_constexpr:
-                sig[p.name], constexprs[(i,)] = "constexpr", args[i]
-                continue
-            ty, key = native_specialize_impl(CUDABackend, args[i], p.is_const, True, True)
-            sig[p.name] = ty
-            if ty == "constexpr":
-                constexprs[(i,)] = key
-            elif key == "D":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[p.name] = "constexpr"
-            constexprs[(i,)] = kwargs.get(p.name, p.default)
-    options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
-
-def ptxas_usage(ptx: str) -> str:
-    """Registers and spills from ``ptxas -v`` (Triton's bundled ptxas)."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.is_file():
-        ptxas = shutil.which("ptxas")
-    if not ptxas:
-        return "ptxas not found"
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "k.ptx"
-        f.write_text(ptx)
-        out = subprocess.run([str(ptxas), "--gpu-name", "sm_90a", "-v", str(f), "-o", str(Path(d) / "k.o")],
-                             capture_output=True, text=True)
-    text = out.stderr + out.stdout
-    regs = re.search(r"Used (\d+) registers", text)
-    spill = re.search(r"(\d+) bytes spill stores", text)
-    return f"{regs.group(1) if regs else '?'} regs, {spill.group(1) if spill else '?'} B spilled"
-
-
-def ptx_summary(ptx: str) -> dict[str, str]:
-    shapes = Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
-    waits = Counter(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))
-    return {
-        "mma": (" ".join(f"wgmma {s} x{n}" for s, n in shapes.items()) or
-                (f"mma.sync x{len(re.findall(r'mma.sync', ptx))}" if "mma.sync" in ptx else "none")),
-        "wgmma waits": " ".join(f"{k}:x{v}" for k, v in sorted(waits.items())) or "-",
-        "cp.async": str(len(re.findall(r"cp\.async\.(?:ca|cg)", ptx))),
-        "TMA": str(len(re.findall(r"cp\.async\.bulk", ptx))),
-    }
+from lowbit.kernels.aot import compile_launch, ptx_summary, ptxas_usage  # noqa: E402
 
 
 def _layer(op: str, M: int, N: int, K: int):  # noqa: ANN202
@@ -165,7 +103,9 @@ def main() -> None:
                 ptx = compiled.asm["ptx"]
                 info = ptx_summary(ptx)
                 info["smem"] = f"{compiled.metadata.shared // 1024} KiB"
-                rows.append((op, M, f"{entry['kernel']} {kernel.fn.__name__} {tile}", info, ptxas_usage(ptx), ""))
+                regs, spilled = ptxas_usage(ptx)
+                rows.append((op, M, f"{entry['kernel']} {kernel.fn.__name__} {tile}", info,
+                             f"{regs} regs, {spilled} B spilled", ""))
     print(f"Triton {triton.__version__}, target sm_90a, layer {N}x{K}, tiles from lowbit/kernels/tuned/h100.json")
     print("| op | M | kernel and tile | MMA | wgmma waits | cp.async | TMA | smem | ptxas |")
     print("|---|---|---|---|---|---|---|---|---|")

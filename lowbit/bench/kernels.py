@@ -42,6 +42,9 @@ L2_FLUSH_BYTES = 200 << 20  # rotate copies until they span 4x the 50 MB L2
 # paths measured by `lowbit bench kernels`; the first three are the baselines
 PATHS = ("fp16", "fp8-cublas", "int8-cublas", "w4a16", "w4a8", "w4a8-g128", "w4a8-fp8", "w8a8-int8", "w8a8-fp8",
          "w4a4-quik", "w4a4", "w4ax", "w4a16-2:4")
+# kernels not yet in dispatch, timed only when asked for by name (``--paths``): the Gluon W4A16 wgmma
+# kernel (``lowbit.kernels.w4a16_wgmma``, Hopper only, g128 weights, its default 128 x 128 tile)
+EXTRA_PATHS = ("w4a16-wgmma",)
 # paths of the QUIK / COMET / 2:4 kernels: path -> (dispatch op, preset whose formats the path times)
 PRESET_PATHS: dict[str, tuple[str, str]] = {
     "w4a4-quik": ("w4a4", "w4a4-quik"),
@@ -120,9 +123,9 @@ def parse_paths(spec: str | None) -> list[str]:
     """'w4a8,w4ax' -> ["fp16", "w4a8", "w4ax"]: known paths in the given order, fp16 first (every
     ratio is over it); None = all of ``PATHS``."""
     paths = list(PATHS) if spec is None else list(dict.fromkeys(p.strip() for p in spec.split(",") if p.strip()))
-    unknown = [p for p in paths if p not in PATHS]
+    unknown = [p for p in paths if p not in PATHS + EXTRA_PATHS]
     if unknown:
-        raise LowbitError(f"unknown kernel path(s) {', '.join(unknown)}; paths: {', '.join(PATHS)}")
+        raise LowbitError(f"unknown kernel path(s) {', '.join(unknown)}; paths: {', '.join(PATHS + EXTRA_PATHS)}")
     if "fp16" not in paths:
         paths.insert(0, "fp16")
     return paths
@@ -187,12 +190,22 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None) 
             return _rotating(lambda w: run.run_w8a8(x16, w, wsc, adtype, c), wq), f"{c.kernel} {c.config_str()}"
 
         return make, N * K + 2 * N
-    groups = {"w4a16": 128, "w4a8": None, "w4a8-g128": 128, "w4a8-fp8": None}
+    groups = {"w4a16": 128, "w4a8": None, "w4a8-g128": 128, "w4a8-fp8": None, "w4a16-wgmma": 128}
     if path not in groups:
         raise LowbitError(f"unknown kernel path {path!r}; paths: {', '.join(PATHS)}")
-    tile_k = tile_k or dispatch.layout_tile(torch.device(device), path)
+    tile_k = 128 if path == "w4a16-wgmma" else tile_k or dispatch.layout_tile(torch.device(device), path)
     packs = [_random_int4(N, K, groups[path], device, tile_k) for _ in range(_copies(N * K // 2))]
     adtype = "fp8_e4m3" if path == "w4a8-fp8" else "int"
+
+    if path == "w4a16-wgmma":
+        from lowbit.kernels.w4a16_wgmma import w4a16_wgmma_matmul
+
+        def make(choice=None):
+            cfg = None if choice is None else choice.config
+            return _rotating(lambda p: w4a16_wgmma_matmul(x16, p, config=cfg), packs), \
+                f"gluon wgmma {'default' if cfg is None else dispatch.Choice('triton', cfg).config_str()}"
+
+        return make, packs[0].nbytes()
 
     def make(choice=None):
         c = pick(choice)
