@@ -31,10 +31,11 @@ from lowbit.kernels.config import TileConfig
 from lowbit.kernels.launch import record_launches
 from lowbit.kernels.w4a16_wgmma import w4a16_wgmma_matmul
 out = []
-for group, bm, bn, warps in json.loads(sys.argv[1]):
+for group, bm, bn, warps, vec_w in json.loads(sys.argv[1]):
     w = _random_int4(300, 640, group, torch.device("cpu"), 128)
     with record_launches(launch=False) as rec:
-        w4a16_wgmma_matmul(torch.randn(37, 640, dtype=torch.float16), w, config=TileConfig(bm, bn, num_warps=warps))
+        w4a16_wgmma_matmul(torch.randn(37, 640, dtype=torch.float16), w, config=TileConfig(bm, bn, num_warps=warps),
+                           vec_w=vec_w)
     (kernel, grid, args, kwargs), = rec
     ptx = compile_launch(kernel, args, kwargs).asm["ptx"]
     regs, spilled = ptxas_usage(ptx)
@@ -44,21 +45,22 @@ print(json.dumps(out))
 
 
 def test_ptx_issues_wgmma_and_overlaps_the_next_tile_with_it():
-    """Per channel (128 x 128 tile, 8 warps) and grouped (64 x 128, 4 warps): wgmma with the weight
-    tile as the 64-row side, one wait per K step, and between a step's last MMA and that wait the next
-    tile's global loads and its int4 -> fp16 conversion (``mma_overlap``); no register spills."""
+    """Per channel (128 x 128 tile, 8 warps) and grouped (64 x 128, 4 warps), both weight-load designs:
+    wgmma with the weight tile as the 64-row side, one wait per K step, and between a step's last MMA
+    and that wait the next tile's global loads and its int4 -> fp16 conversion (``mma_overlap``: the
+    magic-number conversion is OR then add, on b16); no register spills."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cases = [[None, 128, 128, 8], [128, 64, 128, 4]]
+    cases = [[None, 128, 128, 8, True], [128, 64, 128, 4, True], [None, 128, 128, 8, False]]
     run = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(cases)], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    for (group, bm, bn, _), r in zip(cases, got):
+    for (group, bm, bn, _, _), r in zip(cases, got):
         assert r["grid"] == [-(-37 // bm), -(-300 // bn)]
         assert r["summary"]["mma"].startswith(f"wgmma m64n{bm}k16"), r
         assert r["summary"]["wgmma waits"] == "0:x1", r  # one wait, in the K loop
-        assert r["overlap"]["ld.global"] > 0 and r["overlap"]["cvt"] > 0, r
+        assert r["overlap"]["ld.global"] > 0 and r["overlap"]["or.b16"] > 0 and r["overlap"]["add.f16"] > 0, r
         if r["spilled"] is not None:
             assert r["spilled"] == 0, r
 
@@ -96,9 +98,10 @@ def test_matches_reference_on_hopper(M, K, group, symmetric):
     ref = w4a16_reference(x, qw, s, z, group, K)
     for cfg in (TileConfig(block_m=128, block_n=128, num_warps=8), TileConfig(block_m=64, block_n=64, num_warps=4),
                 TileConfig(block_m=32, block_n=128, num_warps=4)):
-        y = w4a16_wgmma_matmul(x, p, config=cfg)
-        assert y.shape == (M, N) and y.dtype == torch.float16
-        assert _rel(y, ref) < 2e-3, cfg
+        for vec_w in (True, False):
+            y = w4a16_wgmma_matmul(x, p, config=cfg, vec_w=vec_w)
+            assert y.shape == (M, N) and y.dtype == torch.float16
+            assert _rel(y, ref) < 2e-3, (cfg, vec_w)
     bias = torch.randn(N, device="cuda", dtype=torch.float16)
     y = w4a16_wgmma_matmul(x, p, bias)
     assert _rel(y, ref.float() + bias.float()) < 2e-3

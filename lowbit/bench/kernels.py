@@ -43,8 +43,9 @@ L2_FLUSH_BYTES = 200 << 20  # rotate copies until they span 4x the 50 MB L2
 PATHS = ("fp16", "fp8-cublas", "int8-cublas", "w4a16", "w4a8", "w4a8-g128", "w4a8-fp8", "w8a8-int8", "w8a8-fp8",
          "w4a4-quik", "w4a4", "w4ax", "w4a16-2:4")
 # kernels not yet in dispatch, timed only when asked for by name (``--paths``): the Gluon W4A16 wgmma
-# kernel (``lowbit.kernels.w4a16_wgmma``, Hopper only, g128 weights, its default 128 x 128 tile)
-EXTRA_PATHS = ("w4a16-wgmma",)
+# kernel (``lowbit.kernels.w4a16_wgmma``, Hopper only, g128 weights, its default 128 x 128 tile), with
+# its weights loaded 16 bytes at a time ("w4a16-wgmma") or straight into the operand layout ("-direct")
+EXTRA_PATHS = ("w4a16-wgmma", "w4a16-wgmma-direct")
 # paths of the QUIK / COMET / 2:4 kernels: path -> (dispatch op, preset whose formats the path times)
 PRESET_PATHS: dict[str, tuple[str, str]] = {
     "w4a4-quik": ("w4a4", "w4a4-quik"),
@@ -190,19 +191,22 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None) 
             return _rotating(lambda w: run.run_w8a8(x16, w, wsc, adtype, c), wq), f"{c.kernel} {c.config_str()}"
 
         return make, N * K + 2 * N
-    groups = {"w4a16": 128, "w4a8": None, "w4a8-g128": 128, "w4a8-fp8": None, "w4a16-wgmma": 128}
+    groups = {"w4a16": 128, "w4a8": None, "w4a8-g128": 128, "w4a8-fp8": None, "w4a16-wgmma": 128,
+              "w4a16-wgmma-direct": 128}
     if path not in groups:
         raise LowbitError(f"unknown kernel path {path!r}; paths: {', '.join(PATHS)}")
-    tile_k = 128 if path == "w4a16-wgmma" else tile_k or dispatch.layout_tile(torch.device(device), path)
+    tile_k = 128 if path.startswith("w4a16-wgmma") else tile_k or dispatch.layout_tile(torch.device(device), path)
     packs = [_random_int4(N, K, groups[path], device, tile_k) for _ in range(_copies(N * K // 2))]
     adtype = "fp8_e4m3" if path == "w4a8-fp8" else "int"
 
-    if path == "w4a16-wgmma":
+    if path.startswith("w4a16-wgmma"):
         from lowbit.kernels.w4a16_wgmma import w4a16_wgmma_matmul
+
+        vec_w = path == "w4a16-wgmma"
 
         def make(choice=None):
             cfg = None if choice is None else choice.config
-            return _rotating(lambda p: w4a16_wgmma_matmul(x16, p, config=cfg), packs), \
+            return _rotating(lambda p: w4a16_wgmma_matmul(x16, p, config=cfg, vec_w=vec_w), packs), \
                 f"gluon wgmma {'default' if cfg is None else dispatch.Choice('triton', cfg).config_str()}"
 
         return make, packs[0].nbytes()

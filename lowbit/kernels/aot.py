@@ -88,13 +88,16 @@ def ptx_summary(ptx: str) -> dict[str, str]:
 
 
 def mma_overlap(ptx: str) -> dict[str, int]:
-    """What the PTX issues between the last ``wgmma.mma_async`` before the first ``wgmma.wait_group``
-    and that wait: work that runs while the tensor cores do (global loads, conversions)."""
+    """Counts of what the PTX issues between the last ``wgmma.mma_async`` before the first
+    ``wgmma.wait_group`` and that wait: work that runs while the tensor cores do (global loads;
+    conversions: ``cvt``, or the magic-number int4 -> fp16 steps ``or.b16`` and ``add.f16``)."""
     lines = [ln.strip() for ln in ptx.splitlines()]
     waits = [i for i, ln in enumerate(lines) if ln.startswith("wgmma.wait_group")]
+    counts = {"waits": len(waits), "ld.global": 0, "cvt": 0, "or.b16": 0, "add.f16": 0}
     if not waits:
-        return {"waits": 0, "ld.global": 0, "cvt": 0}
+        return counts
     mmas = [i for i, ln in enumerate(lines[:waits[0]]) if ln.startswith("wgmma.mma_async")]
-    between = lines[mmas[-1] + 1:waits[0]] if mmas else []
-    return {"waits": len(waits), "ld.global": sum(ln.startswith("ld.global") for ln in between),
-            "cvt": sum(ln.startswith("cvt") for ln in between)}
+    for ln in lines[mmas[-1] + 1:waits[0]] if mmas else []:
+        for op in ("ld.global", "cvt", "or.b16", "add.f16"):
+            counts[op] += ln.startswith(op)
+    return counts

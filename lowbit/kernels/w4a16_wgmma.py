@@ -54,8 +54,10 @@ HALF = gl.constexpr(_HALF)  # the same, for the kernel
 def _convert(b, z_lo, z_hi, s_lo, s_hi, GROUPED: gl.constexpr):
     """Packed bytes (BLOCK_N, 64) uint8 -> the two halves' fp16 weights, in b's (operand) layout;
     zeros and scales (BLOCK_N,) fp16 in its row slice."""
-    lo = (b & 15).to(gl.float16) - z_lo[:, None]
-    hi = (b >> 4).to(gl.float16) - z_hi[:, None]
+    # the magic-number conversion (kernels/unpack.py): the fp16 bit pattern 0x6400 | u is 1024 + u, so
+    # one OR and one subtraction replace an int -> float conversion (a quarter-rate cvt on the SM)
+    lo = ((b & 15).to(gl.uint16) | 0x6400).to(gl.float16, bitcast=True) - (z_lo[:, None] + 1024.0)
+    hi = ((b >> 4).to(gl.uint16) | 0x6400).to(gl.float16, bitcast=True) - (z_hi[:, None] + 1024.0)
     if GROUPED:
         lo = lo * s_lo[:, None]
         hi = hi * s_hi[:, None]
@@ -67,7 +69,7 @@ def _w4a16_wgmma_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K, n_tiles, group_size, stride_xm, stride_wn, stride_ym,
     HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, VEC_W: gl.constexpr, num_warps: gl.constexpr,
 ):
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
@@ -78,12 +80,20 @@ def _w4a16_wgmma_kernel(
     x_ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
                                           warps_per_cta=[num_warps, 1], order=[1, 0])
     x_sh: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF], gl.float16)
+    # packed weights load 16 contiguous bytes per thread, then move to the operand layout
+    w_ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[8, 4],
+                                          warps_per_cta=[num_warps, 1], order=[1, 0])
 
     # weight rows (operand layout): rows past N repeat the last one and are never stored
     rn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_op))
     rn_ld = gl.minimum(rn, N - 1)
-    rj = gl.arange(0, HALF, layout=gl.SliceLayout(0, a_op))
-    w_row = w_ptr + rn_ld[:, None] * stride_wn + rj[None, :]
+    if VEC_W:  # 16-byte loads, then a layout conversion (through shared memory) to the operand's
+        rn_w = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_ld)), N - 1)
+        rj = gl.arange(0, HALF, layout=gl.SliceLayout(0, w_ld))
+        w_row = w_ptr + rn_w[:, None] * stride_wn + rj[None, :]
+    else:  # straight into the operand layout: each thread's bytes come in pairs (2-byte loads)
+        rj = gl.arange(0, HALF, layout=gl.SliceLayout(0, a_op))
+        w_row = w_ptr + rn_ld[:, None] * stride_wn + rj[None, :]
     # activation rows (load layout): rows past M and columns past K load 0
     rm_x = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_ld))
     rk_x = gl.arange(0, HALF, layout=gl.SliceLayout(0, x_ld))
@@ -103,7 +113,7 @@ def _w4a16_wgmma_kernel(
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
 
     # prologue: tile 0 loaded and converted
-    b = gl.load(w_row)
+    b = gl.convert_layout(gl.load(w_row), a_op)  # a no-op without VEC_W
     x_lo = gl.load(x_row, mask=m_ok & (rk_x[None, :] < K), other=0.0)
     x_hi = gl.load(x_row + HALF, mask=m_ok & (rk_x[None, :] + HALF < K), other=0.0)
     last_group = (K - 1) // group_size  # padding columns past K borrow the last group (their x is 0)
@@ -125,7 +135,7 @@ def _w4a16_wgmma_kernel(
         # step t + 1 (the last step reloads its own tile, unused): loads and conversion overlap the MMAs
         nt = gl.minimum(t + 1, n_tiles - 1)
         k1 = nt * (2 * HALF)
-        b = gl.load(w_row + nt * HALF)
+        b = gl.convert_layout(gl.load(w_row + nt * HALF), a_op)
         x_lo = gl.load(x_row + k1, mask=m_ok & (k1 + rk_x[None, :] < K), other=0.0)
         x_hi = gl.load(x_row + k1 + HALF, mask=m_ok & (k1 + HALF + rk_x[None, :] < K), other=0.0)
         if GROUPED:
@@ -162,12 +172,14 @@ def wgmma_takes(x: torch.Tensor, w: PackedInt4) -> bool:
 
 
 def w4a16_wgmma_matmul(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None,
-                       config: TileConfig | None = None) -> torch.Tensor:
+                       config: TileConfig | None = None, vec_w: bool = True) -> torch.Tensor:
     """x (M, K) fp16 -> (M, N) fp16 through the overlapped wgmma kernel; ``w`` from ``pack_for_kernels``.
 
     ``config``: block_m activation rows per program (16-256, the MMA's N side), block_n weight rows
     (64 per 4 warps), num_warps. split_k and num_stages are not used (one K loop per tile, one step
-    ahead in registers)."""
+    ahead in registers). ``vec_w``: load the packed weights 16 bytes per thread and convert their
+    layout through shared memory (True), or load them straight in the MMA operand's layout, 2 bytes
+    at a time (False); the two designs are measured side by side (docs/kernels.md)."""
     check_activation(x, w.K, (torch.float16,), "w4a16 wgmma")
     if not wgmma_takes(x, w):
         raise LowbitError("w4a16 wgmma takes fp16 activations, 128-column tiles, no act-order, and groups "
@@ -186,6 +198,6 @@ def w4a16_wgmma_matmul(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None
         bias if bias is not None else w.scales, y,
         M, N, w.K, w.Kp // w.tile_k, w.group_size or w.K, x.stride(0), w.qweight.stride(0), y.stride(0),
         HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None, GROUPED=grouped,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, VEC_W=vec_w, num_warps=cfg.num_warps,
     )
     return y
