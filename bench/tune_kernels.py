@@ -4,6 +4,9 @@ Writes ``lowbit/kernels/tuned/<gpu>.json`` (the data ``lowbit.kernels.dispatch``
 the winner of every cell. Candidates come from a fixed list per M range (below); each is timed as
 ``lowbit bench kernels`` times it (activation quantization included, weights rotated past L2,
 medians of CUDA-graph replays: kernel time without Python launch overhead, as the engine runs it).
+Each cell also times cuBLAS fp16 (``torch.matmul``) at its shape in the same run and records it as
+``fp16_us``: the baseline the entry is judged against (``dispatch.slower_than_fp16`` lists the
+entries that lose to it).
 
     python bench/tune_kernels.py [--ops w4a16,w4a8] [--shapes llama3-8b,llama3-70b:gateup] [--ms 1,16] [--out FILE]
 
@@ -30,7 +33,9 @@ from lowbit.kernels.gemv import GEMV_MAX_M
 from lowbit.report_files import write_json
 
 TUNE_SHAPES = "llama3-8b:qkv,llama3-8b:gateup,llama3-70b:gateup,llama3-70b:down"
-TUNE_MS = (1, 16, 32, 64, 128, 256, 1024, 4096)
+# issue 18: every candidate at every decode and prefill batch a server sees, so that a batch between
+# two rows takes a measured neighbour's kernel (dispatch: the smallest tuned M >= M)
+TUNE_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 # the QUIK / COMET / 2:4 ops and the `lowbit bench kernels` path that times each
 OP_PATH = {"w4a4": "w4a4-quik", "w4ax": "w4ax", "w4a16-2:4": "w4a16-2:4"}
 NEW_OPS = tuple(OP_PATH)
@@ -163,6 +168,9 @@ def main() -> None:
         entries = [e for e in table["entries"].get(op, []) if (e["N"], e["K"], e["M"]) not in cells]
         for name, N, K in shapes:
             for M in ms:
+                fp16_make, _ = build("fp16", N, K, M, dev)
+                fp16_us = time_us(fp16_make()[0])
+                del fp16_make
                 make, nbytes = build(OP_PATH.get(op, op), N, K, M, dev, tile_k=tile_k)
                 results = []
                 for c in candidates(op, M, K, tile_k):
@@ -178,10 +186,10 @@ def main() -> None:
                 results.sort(key=lambda r: r[0])
                 t, best = results[0]
                 entries.append({"N": N, "K": K, "M": M, "kernel": best.kernel, "us": round(t, 2),
-                                "gbps": round(nbytes / t / 1e3, 1),
+                                "gbps": round(nbytes / t / 1e3, 1), "fp16_us": round(fp16_us, 2),
                                 "config": best.config.as_dict() if best.config else None})
                 print(f"{op:<10} {name:<18} M={M:<5} {t:9.1f} us {nbytes / t / 1e3:7.0f} GB/s  "
-                      f"{best.kernel} {best.config_str()}", flush=True)
+                      f"{fp16_us / t:5.2f}x fp16  {best.kernel} {best.config_str()}", flush=True)
                 if args.top > 1:
                     for tt, c in results[1:args.top]:
                         print(f"{'':>40}{tt:9.1f} us  {c.kernel} {c.config_str()}", flush=True)

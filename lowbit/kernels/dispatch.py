@@ -185,6 +185,19 @@ def default_choice(op: str, M: int, N: int, K: int, sms: int) -> Choice:
     return Choice("triton", TileConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3))
 
 
+def slower_than_fp16(table: dict) -> list[str]:
+    """The entries of a tuned table whose kernel ran slower than cuBLAS fp16 at the same shape in the
+    same tuning run (``fp16_us``, recorded by bench/tune_kernels.py since issue 18), one line each.
+    Entries of older tables carry no baseline and are not judged."""
+    out = []
+    for op, entries in table.get("entries", {}).items():
+        for e in entries:
+            if e.get("fp16_us") is not None and e["us"] > e["fp16_us"]:
+                out.append(f"{op} N={e['N']} K={e['K']} M={e['M']}: {e['kernel']} {e['us']} us > fp16 "
+                           f"{e['fp16_us']} us ({e['fp16_us'] / e['us']:.2f}x)")
+    return out
+
+
 def choose(op: str, M: int, N: int, K: int, device: torch.device) -> Choice:
     """The kernel and configuration for this GEMM on this CUDA device."""
     if op not in OPS:
