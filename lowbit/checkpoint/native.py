@@ -130,7 +130,7 @@ def scheme_from_config(config: dict[str, Any]) -> QuantScheme | None:
         return None
     if qc.get("quant_method") != QUANT_METHOD:
         raise LowbitError(
-            f"checkpoint quantized with {qc.get('quant_method')!r}; lowbit reads its own format and float "
-            "checkpoints (GPTQ/AWQ/compressed-tensors import is planned)"
+            f"checkpoint quantized with {qc.get('quant_method')!r}; lowbit reads its own format, "
+            "compressed-tensors W4A16 and float checkpoints (GPTQ and AWQ import is planned)"
         )
     return QuantScheme.from_dict(qc.get("scheme") or {})

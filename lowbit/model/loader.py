@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lowbit.assets import cache_dir, resolve_model
+from lowbit.checkpoint import compressed_tensors
 from lowbit.checkpoint.native import scheme_from_config
 from lowbit.model.native_checkpoint import QuantizedLayerStager
 from lowbit.device import pick_device, pick_dtype
@@ -66,9 +67,16 @@ def load_model(
             raise LowbitError(f"{path} has no config.json; pass a Hugging Face model directory or a .gguf file")
         raw_config = _read_json(path / "config.json")
         config = ModelConfig.from_hf(raw_config)
-        scheme = scheme_from_config(raw_config)
         files = _safetensors_files(path)
         located = _safetensors_tensors(files)
+        community = None  # a checkpoint of another tool, translated to lowbit's layer tensors as it streams
+        if compressed_tensors.is_compressed_tensors(raw_config):
+            community = compressed_tensors.CompressedTensorsReader(
+                raw_config, {k: str(f) for f, k in _safetensors_names(files)})
+            scheme = community.scheme
+            located = ((f, k, t) for f, (k, t) in _with_file(located, community))
+        else:
+            scheme = scheme_from_config(raw_config)
         tensors: Iterable[tuple[str, torch.Tensor]] = ((k, t) for _, k, t in located)
         # errors name the weights file itself, unless the checkpoint is sharded
         source = str(files[0]) if len(files) == 1 else str(path)
@@ -91,7 +99,7 @@ def load_model(
     # checkpoint's bytes (a W4 model never passes through an fp16 allocation of its Linears)
     model = build_meta(config, dt)
     if scheme is not None:  # a lowbit quantized checkpoint: QuantLinears built as their tensors arrive
-        names = {k: str(f) for f, k in _safetensors_names(files)}
+        names = community.native_names() if community else {k: str(f) for f, k in _safetensors_names(files)}
         stager = QuantizedLayerStager(model, scheme, names, dt, dev)
         tensors = ((k, t) for _, k, t in located if not stager.take(k, t))
     load_hf_weights(model, tensors, source=source, device=dev)
@@ -200,6 +208,20 @@ def _safetensors_files(directory: Path) -> list[Path]:
             )
         raise LowbitError(f"{directory} has config.json but no *.safetensors weights")
     return files
+
+
+def _with_file(located: Iterable[tuple[Path, str, torch.Tensor]], reader: Any) -> Iterator[tuple[Path, tuple]]:
+    """``reader.translate`` over (name, tensor) pairs, each result with the file of the tensor that
+    completed it (the stream's (file, name, tensor) shape)."""
+    current: list[Path] = [Path()]
+
+    def pairs() -> Iterator[tuple[str, torch.Tensor]]:
+        for f, k, t in located:
+            current[0] = f
+            yield k, t
+
+    for k, t in reader.translate(pairs()):
+        yield current[0], (k, t)
 
 
 def _safetensors_names(files: list[Path]) -> Iterator[tuple[Path, str]]:

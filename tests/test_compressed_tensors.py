@@ -1,0 +1,120 @@
+"""compressed-tensors W4A16 checkpoints (issue 19, first format): loaded into lowbit's layers.
+
+Fixtures are made in the test by the ``compressed-tensors`` library's own packing code
+(``PackedQuantizationCompressor.compress``, what llm-compressor calls to save), never by ours; the
+expected weights are the library's own ``decompress``. The scales here are any valid ones (absmax
+and min-max per group), since what is tested is the format, not the quantizer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("compressed_tensors")
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.model.loader import load_model  # noqa: E402
+from lowbit.model.qlinear import QuantLinear  # noqa: E402
+from tests.tiny_models import make_hf_model  # noqa: E402
+
+
+def _qparams(w: torch.Tensor, symmetric: bool, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 scales and int8 zero points (N, G) for int4 in [-8, 7]: q = round(w / s) + zp."""
+    N, K = w.shape
+    g = group or K
+    wg = w.reshape(N, K // g, g)
+    if symmetric:
+        scale = wg.abs().amax(-1) / 7.5
+        zp = torch.zeros_like(scale, dtype=torch.int8)
+    else:
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        scale = (hi - lo) / 15
+        zp = (torch.round(-lo / scale) - 8).clamp(-8, 7).to(torch.int8)
+    return scale.clamp_min(1e-6).half(), zp
+
+
+def write_checkpoint(tmp_path, symmetric: bool, group: int | None, *, fmt: str = "pack-quantized"):
+    """A tiny Llama in compressed-tensors W4A16 (every decoder Linear), and the library's own
+    dequantized weights of each layer: {hf name: (N, K) fp16}."""
+    hf = make_hf_model("llama2", hidden_size=128, intermediate_size=256)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric,
+                            strategy="group" if group else "channel", group_size=group)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    state, expected = {}, {}
+    for name, t in hf.state_dict().items():
+        module = name.removesuffix(".weight")
+        if name.endswith("_proj.weight"):
+            w = t.half()
+            scale, zp = _qparams(w.float(), symmetric, group)
+            own = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp},
+                                                        scheme)
+            expected[module] = PackedQuantizationCompressor.decompress(dict(own), scheme)["weight"]
+            state.update({f"{module}.{k}": v.contiguous() for k, v in own.items()})
+        else:
+            state[name] = t.contiguous()
+    out = tmp_path / "ct"
+    out.mkdir()
+    save_file(state, str(out / "model.safetensors"))
+    config = hf.config.to_dict()
+    qc = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, ignore=["lm_head"])
+    config["quantization_config"] = qc.model_dump(mode="json", exclude_none=True)
+    (out / "config.json").write_text(json.dumps(config))
+    return out, expected, hf
+
+
+@pytest.mark.parametrize("symmetric, group", [(True, 32), (False, 64), (True, None), (False, None), (True, 128)])
+def test_layers_hold_the_librarys_own_dequantized_weights(tmp_path, symmetric, group):
+    path, expected, _ = write_checkpoint(tmp_path, symmetric, group)
+    model = load_model(path, device="cpu", dtype="fp32", with_tokenizer=False).model
+    assert model.quant_scheme.weights.group_size == group and model.quant_scheme.weights.symmetric == symmetric
+    layers = {f"model.{n}": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == len(expected) == 2 * 7 and not isinstance(model.lm_head, QuantLinear)
+    for name, w in expected.items():
+        # (q - zp) * s: ours in fp32 from the fp16 scale, the library's rounded to fp16
+        torch.testing.assert_close(layers[name].dequantized_weight(), w.float(), rtol=2**-10, atol=0)
+
+
+def test_logits_equal_the_library_dequantized_model_through_our_reference_forward(tmp_path):
+    path, expected, hf = write_checkpoint(tmp_path, False, 64)
+    ours = load_model(path, device="cpu", dtype="fp32", with_tokenizer=False).model
+    with torch.no_grad():
+        sd = hf.state_dict()
+        for name, w in expected.items():
+            sd[f"{name}.weight"].copy_(w.float())
+    hf.save_pretrained(tmp_path / "dequantized")
+    ref = load_model(tmp_path / "dequantized", device="cpu", dtype="fp32", with_tokenizer=False).model
+    ids = torch.randint(3, 97, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = ours(ids), ref(ids)
+    # the two differ only by each weight's fp16 rounding in the library's dequantization
+    assert ((got - want).norm() / want.norm()).item() < 2e-3
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_formats_not_read_yet_are_named(tmp_path):
+    path, _, _ = write_checkpoint(tmp_path, True, 32, fmt="int-quantized")
+    with pytest.raises(LowbitError, match="format 'int-quantized' is not read yet"):
+        load_model(path, device="cpu", dtype="fp32", with_tokenizer=False)
+    config = json.loads((path / "config.json").read_text())
+    group = config["quantization_config"]["config_groups"]["group_0"]
+    group["input_activations"] = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                                  "dynamic": True}
+    config["quantization_config"]["format"] = "pack-quantized"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LowbitError, match="quantizes activations too"):
+        load_model(path, device="cpu", dtype="fp32", with_tokenizer=False)
+
+
+def test_other_tools_checkpoints_get_an_error_that_names_their_method(tmp_path):
+    path, _, _ = write_checkpoint(tmp_path, True, 32)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LowbitError, match="quantized with 'gptq'.*GPTQ and AWQ import is planned"):
+        load_model(path, device="cpu", dtype="fp32", with_tokenizer=False)
