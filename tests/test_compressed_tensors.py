@@ -9,11 +9,13 @@ and min-max per group), since what is tested is the format, not the quantizer.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 
 pytest.importorskip("compressed_tensors")
+from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor  # noqa: E402
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -39,22 +41,39 @@ def _qparams(w: torch.Tensor, symmetric: bool, group: int | None) -> tuple[torch
     return scale.clamp_min(1e-6).half(), zp
 
 
-def write_checkpoint(tmp_path, symmetric: bool, group: int | None, *, fmt: str = "pack-quantized"):
-    """A tiny Llama in compressed-tensors W4A16 (every decoder Linear), and the library's own
-    dequantized weights of each layer: {hf name: (N, K) fp16}."""
+_EIGHT = {"int-quantized": ("int", 127.0), "float-quantized": ("float", 448.0)}
+
+
+def write_checkpoint(tmp_path, symmetric: bool = True, group: int | None = None, *, fmt: str = "pack-quantized",
+                     scale_dtype: torch.dtype = torch.float16, per_tensor: bool = False):
+    """A tiny Llama in compressed-tensors (every decoder Linear) in ``fmt``: W4A16 for pack-quantized,
+    W8A8 with dynamic per-token activations for int-/float-quantized; and the library's own
+    dequantized weights of each layer: {hf name: (N, K)}."""
     hf = make_hf_model("llama2", hidden_size=128, intermediate_size=256)
-    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric,
-                            strategy="group" if group else "channel", group_size=group)
-    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    if fmt in _EIGHT:
+        kind, qmax = _EIGHT[fmt]
+        args = QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="tensor" if per_tensor else "channel")
+        acts = QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="token", dynamic=True)
+        scheme, compressor = QuantizationScheme(targets=["Linear"], weights=args, input_activations=acts), \
+            NaiveQuantizationCompressor
+    else:
+        args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric,
+                                strategy="group" if group else "channel", group_size=group)
+        scheme, compressor = QuantizationScheme(targets=["Linear"], weights=args), PackedQuantizationCompressor
     state, expected = {}, {}
     for name, t in hf.state_dict().items():
         module = name.removesuffix(".weight")
         if name.endswith("_proj.weight"):
             w = t.half()
-            scale, zp = _qparams(w.float(), symmetric, group)
-            own = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp},
-                                                        scheme)
-            expected[module] = PackedQuantizationCompressor.decompress(dict(own), scheme)["weight"]
+            if fmt in _EIGHT:
+                amax = w.float().abs().amax() if per_tensor else w.float().abs().amax(1, keepdim=True)
+                own = {"weight": w, "weight_scale": (amax / qmax).to(scale_dtype).reshape(-1 if per_tensor else w.shape[0],
+                                                                                        *(() if per_tensor else (1,)))}
+            else:
+                scale, zp = _qparams(w.float(), symmetric, group)
+                own = {"weight": w, "weight_scale": scale.to(scale_dtype), "weight_zero_point": zp}
+            own = compressor.compress(own, scheme)
+            expected[module] = compressor.decompress(dict(own), scheme)["weight"]
             state.update({f"{module}.{k}": v.contiguous() for k, v in own.items()})
         else:
             state[name] = t.contiguous()
@@ -97,9 +116,32 @@ def test_logits_equal_the_library_dequantized_model_through_our_reference_forwar
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
+@pytest.mark.parametrize("fmt, per_tensor, scale_dtype", [("int-quantized", False, torch.float16),
+                                                          ("float-quantized", False, torch.float16),
+                                                          ("float-quantized", True, torch.float32)])
+def test_8bit_layers_keep_their_codes_and_the_librarys_scales(tmp_path, fmt, per_tensor, scale_dtype):
+    path, expected, _ = write_checkpoint(tmp_path, fmt=fmt, scale_dtype=scale_dtype, per_tensor=per_tensor)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_model(path, device="cpu", dtype="fp32", with_tokenizer=False).model
+    dtype = "int" if fmt == "int-quantized" else "fp8_e4m3"
+    w, a = model.quant_scheme.for_layer("layers.0.mlp.down_proj")
+    assert (w.bits, w.dtype, w.group_size, a.bits, a.dtype) == (8, dtype, None, 8, dtype)
+    # fp32 scales are rounded to fp16 (what the kernels read), and the load says so
+    assert any("not exact in fp16" in str(c.message) for c in caught) == (scale_dtype == torch.float32)
+    layers = {f"model.{n}": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == len(expected) == 14
+    for name, want in expected.items():
+        assert layers[name].qweight.dtype == (torch.int8 if dtype == "int" else torch.float8_e4m3fn)
+        # the library rounds each product to fp16, subnormals (below 2^-14) included: one fp16 step apart
+        torch.testing.assert_close(layers[name].dequantized_weight(), want.float(), rtol=2**-10, atol=2**-24)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(3, 97, (1, 9)))).all()
+
+
 def test_formats_not_read_yet_are_named(tmp_path):
-    path, _, _ = write_checkpoint(tmp_path, True, 32, fmt="int-quantized")
-    with pytest.raises(LowbitError, match="format 'int-quantized' is not read yet"):
+    path, _, _ = write_checkpoint(tmp_path, True, 32, fmt="naive-quantized")
+    with pytest.raises(LowbitError, match="format 'naive-quantized' is not read yet"):
         load_model(path, device="cpu", dtype="fp32", with_tokenizer=False)
     config = json.loads((path / "config.json").read_text())
     group = config["quantization_config"]["config_groups"]["group_0"]

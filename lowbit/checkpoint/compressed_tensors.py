@@ -17,9 +17,17 @@ Both dequantize to ``(q - zp) * scale`` (zp = 0 when symmetric). Scales are stor
 lowbit kernel reads them; a bf16 or fp32 scale that fp16 does not hold exactly is rounded, and the
 load says how many were.
 
-Read today: ``pack-quantized`` int4 weights with 16-bit activations (W4A16), per channel or per group
-(lowbit's group sizes), symmetric or not, without act-order. Every other compressed-tensors format
-or scheme raises an error that names it (act-order, W8A8 int8, FP8 and W4A8 are issue 19's next steps).
+The 8-bit formats keep their codes as they are: ``int-quantized`` (W8A8 int8) and ``float-quantized``
+(FP8 W8A8) store ``weight`` (N, K) int8 / float8_e4m3fn and ``weight_scale`` per channel (N, 1) or
+per tensor (one value, repeated per channel here), which become ``qweight`` and ``scales`` (N, 1).
+
+Read today:
+- ``pack-quantized`` int4 weights with 16-bit activations (W4A16), per channel or per group
+  (lowbit's group sizes), symmetric or not, without act-order;
+- ``int-quantized`` int8 weights per channel with int8 activations per token, dynamic (W8A8 int8);
+- ``float-quantized`` fp8 e4m3 weights per channel or tensor with fp8 activations per token, dynamic.
+Every other compressed-tensors format or scheme raises an error that names it (act-order, static
+activation scales, W4A8 and weight-only FP8 are issue 19's next steps).
 """
 
 from __future__ import annotations
@@ -35,7 +43,13 @@ from lowbit.formats import ActivationFormat, QuantScheme, WeightFormat
 from lowbit.numerics.primitives import pack_int4
 
 QUANT_METHOD = "compressed-tensors"
-_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
+_READ = ("pack-quantized", "int-quantized", "float-quantized")
+# a quantized layer's tensors, per format (a layer is quantized when it has a weight_scale)
+_PARTS = {
+    "pack-quantized": ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape"),
+    "int-quantized": ("weight", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point"),
+    "float-quantized": ("weight", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point"),
+}
 
 
 def is_compressed_tensors(config: Mapping[str, Any]) -> bool:
@@ -53,37 +67,57 @@ def _library():  # noqa: ANN202
     return QuantizationConfig, unpack_from_int32
 
 
-def weight_format(config: Mapping[str, Any]) -> WeightFormat:
-    """The lowbit WeightFormat of a compressed-tensors ``quantization_config`` (validated by the library)."""
+def _value(x: Any) -> Any:
+    return getattr(x, "value", x)
+
+
+def formats(config: Mapping[str, Any]) -> tuple[str, WeightFormat, ActivationFormat]:
+    """(compression format, lowbit WeightFormat, ActivationFormat) of a compressed-tensors
+    ``quantization_config``, parsed and validated by the library; a LowbitError names what is not read."""
     QuantizationConfig, _ = _library()
     qc = QuantizationConfig.model_validate(dict(config["quantization_config"]))
-    fmt = qc.format or "dense"
-    if fmt != "pack-quantized":
-        raise LowbitError(f"compressed-tensors format {fmt!r} is not read yet; lowbit reads 'pack-quantized' "
-                          "int4 weights with 16-bit activations (W4A16)")
+    fmt = _value(qc.format) or "dense"
+    if fmt not in _READ:
+        raise LowbitError(f"compressed-tensors format {fmt!r} is not read yet; lowbit reads "
+                          f"{', '.join(repr(f) for f in _READ)} (module docstring of lowbit/checkpoint/compressed_tensors.py)")
     schemes = list(qc.config_groups.values())
-    weights = {s.weights.model_dump_json() if s.weights is not None else None for s in schemes}
-    if len(weights) != 1 or schemes[0].weights is None:
-        raise LowbitError("this compressed-tensors checkpoint mixes weight formats across config groups; "
-                          "lowbit reads one weight format per model")
-    if any(s.input_activations is not None for s in schemes):
-        raise LowbitError("this compressed-tensors checkpoint quantizes activations too; lowbit reads "
-                          "weight-only (W4A16) pack-quantized checkpoints so far")
-    w = schemes[0].weights
-    if w.num_bits != 4 or w.type != "int":
-        raise LowbitError(f"compressed-tensors {w.type}{w.num_bits} pack-quantized weights are not read; "
-                          "lowbit reads int4")
-    strategy = str(getattr(w.strategy, "value", w.strategy))
-    if strategy not in ("group", "channel"):
-        raise LowbitError(f"compressed-tensors weight strategy {strategy!r} is not read; lowbit reads "
-                          "'group' and 'channel'")
-    group = w.group_size if strategy == "group" else None
-    if w.actorder is not None:  # g_idx translation is written but no producer-made fixture tests it yet
+    described = {(s.weights.model_dump_json() if s.weights is not None else None,
+                  s.input_activations.model_dump_json() if s.input_activations is not None else None) for s in schemes}
+    if len(described) != 1 or schemes[0].weights is None:
+        raise LowbitError("this compressed-tensors checkpoint mixes formats across config groups; "
+                          "lowbit reads one weight and activation format per model")
+    w, a = schemes[0].weights, schemes[0].input_activations
+    strategy = _value(w.strategy)
+    if w.actorder is not None:  # g_idx translation: no producer-made fixture tests it yet
         raise LowbitError("compressed-tensors weights with act-order are not read yet")
-    try:
-        return WeightFormat(bits=4, symmetric=bool(w.symmetric), group_size=group, method="gptq")
-    except LowbitError as exc:
-        raise LowbitError(f"compressed-tensors weights of group size {group}: {exc}") from exc
+    if fmt == "pack-quantized":
+        if a is not None:
+            raise LowbitError("this compressed-tensors checkpoint quantizes activations too; lowbit reads "
+                              "pack-quantized int4 with 16-bit activations (W4A16) so far")
+        if w.num_bits != 4 or _value(w.type) != "int":
+            raise LowbitError(f"compressed-tensors {_value(w.type)}{w.num_bits} pack-quantized weights are not read; "
+                              "lowbit reads int4")
+        if strategy not in ("group", "channel"):
+            raise LowbitError(f"compressed-tensors weight strategy {strategy!r} is not read; lowbit reads "
+                              "'group' and 'channel'")
+        group = w.group_size if strategy == "group" else None
+        try:
+            return fmt, WeightFormat(bits=4, symmetric=bool(w.symmetric), group_size=group, method="gptq"), \
+                ActivationFormat()
+        except LowbitError as exc:
+            raise LowbitError(f"compressed-tensors weights of group size {group}: {exc}") from exc
+    # int-quantized / float-quantized: 8-bit weights per channel (or tensor), 8-bit dynamic tokens
+    kind = "int" if fmt == "int-quantized" else "fp8_e4m3"
+    want = "int" if kind == "int" else "float"
+    if w.num_bits != 8 or _value(w.type) != want or not w.symmetric or strategy not in ("channel", "tensor"):
+        raise LowbitError(f"compressed-tensors {fmt} weights must be symmetric 8-bit {want} per channel or tensor "
+                          f"to be read; got {_value(w.type)}{w.num_bits} {strategy}, symmetric={w.symmetric}")
+    if a is None:
+        raise LowbitError(f"compressed-tensors {fmt} weights with 16-bit activations are not read yet")
+    if a.num_bits != 8 or _value(a.type) != want or _value(a.strategy) != "token" or not a.dynamic:
+        raise LowbitError(f"compressed-tensors activations {_value(a.type)}{a.num_bits} {_value(a.strategy)} "
+                          f"(dynamic={a.dynamic}) are not read; lowbit quantizes activations per token at run time")
+    return fmt, WeightFormat(bits=8, dtype=kind, group_size=None, method="rtn"), ActivationFormat(bits=8, dtype=kind)
 
 
 class CompressedTensorsReader:
@@ -94,33 +128,36 @@ class CompressedTensorsReader:
     """
 
     def __init__(self, config: Mapping[str, Any], names: Mapping[str, str]) -> None:
-        self.wfmt = weight_format(config)
+        self.format, self.wfmt, self.afmt = formats(config)
         _, self._unpack = _library()
+        self._parts = _PARTS[self.format]
+        quantized = {k.rpartition(".")[0] for k in names if k.endswith(".weight_scale")}
         self._expected: dict[str, set[str]] = {}
         for key in names:
             prefix, _, part = key.rpartition(".")
-            if part in _PARTS:
+            if prefix in quantized and part in self._parts:
                 self._expected.setdefault(prefix, set()).add(part)
-        missing = [p for p, parts in self._expected.items() if not {"weight_packed", "weight_scale"} <= parts]
+        codes = self._parts[0]
+        missing = [p for p, parts in self._expected.items() if codes not in parts]
         if missing:
-            raise LowbitError(f"{names[next(iter(k for k in names if k.startswith(missing[0])))]}: layer "
-                              f"'{missing[0]}' lacks weight_packed or weight_scale; the checkpoint is incomplete")
+            raise LowbitError(f"{names[missing[0] + '.weight_scale']}: layer '{missing[0]}' has a weight_scale but "
+                              f"no {codes}; the checkpoint is incomplete")
         self._files = dict(names)
         self._staged: dict[str, dict[str, torch.Tensor]] = {}
         self.rounded_scales = 0
 
     @property
     def scheme(self) -> QuantScheme:
-        head = "lm_head" in self._expected
-        return QuantScheme(name="compressed-tensors-w4a16", weights=self.wfmt, activations=ActivationFormat(),
-                           lm_head=head)
+        name = {"pack-quantized": "w4a16", "int-quantized": "w8a8-int8", "float-quantized": "w8a8-fp8"}[self.format]
+        return QuantScheme(name=f"compressed-tensors-{name}", weights=self.wfmt, activations=self.afmt,
+                           lm_head="lm_head" in self._expected)
 
     def native_names(self) -> dict[str, str]:
         """The checkpoint's tensor names as the translated stream will carry them -> their file."""
         out = {k: f for k, f in self._files.items() if k.rpartition(".")[0] not in self._expected
-               or k.rpartition(".")[2] not in _PARTS}
+               or k.rpartition(".")[2] not in self._parts}
         for prefix, parts in self._expected.items():
-            f = self._files[f"{prefix}.weight_packed"]
+            f = self._files[f"{prefix}.weight_scale"]
             out[f"{prefix}.qweight"] = out[f"{prefix}.scales"] = f
             if "weight_zero_point" in parts and not self.wfmt.symmetric:
                 out[f"{prefix}.zeros"] = f
@@ -130,7 +167,7 @@ class CompressedTensorsReader:
         """The stream with each quantized layer's tensors replaced by lowbit's, once all have arrived."""
         for key, t in tensors:
             prefix, _, part = key.rpartition(".")
-            if prefix not in self._expected or part not in _PARTS:
+            if prefix not in self._expected or part not in self._parts:
                 yield key, t
                 continue
             own = self._staged.setdefault(prefix, {})
@@ -141,7 +178,15 @@ class CompressedTensorsReader:
             warnings.warn(f"{self.rounded_scales} quantization scales of this compressed-tensors checkpoint are not "
                           "exact in fp16 (lowbit's kernels read fp16 scales) and were rounded", stacklevel=2)
 
+    def _scales(self, scale: torch.Tensor) -> torch.Tensor:
+        s16 = scale.to(torch.float16)
+        self.rounded_scales += int((s16.to(scale.dtype) != scale).sum())
+        return s16
+
     def _layer(self, prefix: str, own: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.format != "pack-quantized":
+            yield from self._layer_8bit(prefix, own)
+            return
         where = self._files[f"{prefix}.weight_packed"]
         packed, scale = own["weight_packed"], own["weight_scale"]
         if packed.dtype != torch.int32 or packed.ndim != 2:
@@ -152,9 +197,7 @@ class CompressedTensorsReader:
         else:  # older checkpoints: the packed width and the scales give the shape (8 codes per int32)
             N, K = packed.shape[0], packed.shape[1] * 8
         codes = self._unpack(packed, 4, torch.Size((N, K)))  # int8 in [-8, 7]: q, dequantized as (q - zp) * s
-        s16 = scale.to(torch.float16)
-        self.rounded_scales += int((s16.to(scale.dtype) != scale).sum())
-        yield f"{prefix}.scales", s16
+        yield f"{prefix}.scales", self._scales(scale)
         if self.wfmt.symmetric:
             yield f"{prefix}.qweight", pack_int4(codes)
         else:
@@ -165,3 +208,25 @@ class CompressedTensorsReader:
             yield f"{prefix}.zeros", (zp.to(torch.int16) + 8).to(torch.uint8)
         if "weight_g_idx" in own:
             raise LowbitError(f"{where}: '{prefix}.weight_g_idx' (act-order) is not read yet")
+
+    def _layer_8bit(self, prefix: str, own: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        where = self._files[f"{prefix}.weight_scale"]
+        for part in ("input_scale", "input_zero_point", "weight_zero_point"):
+            if part in own:
+                raise LowbitError(f"{where}: '{prefix}.{part}' is not read (lowbit's 8-bit formats are symmetric, "
+                                  "with activation scales computed per token at run time)")
+        weight, scale = own["weight"], own["weight_scale"]
+        dtype = torch.int8 if self.format == "int-quantized" else torch.float8_e4m3fn
+        if weight.dtype != dtype or weight.ndim != 2:
+            raise LowbitError(f"{where}: '{prefix}.weight' is {weight.dtype} {tuple(weight.shape)}, expected 2-D "
+                              f"{str(dtype).removeprefix('torch.')} for {self.format}")
+        N = weight.shape[0]
+        if scale.numel() == 1:  # per tensor: the same scale for every channel
+            scale = scale.reshape(1, 1).expand(N, 1)
+        elif scale.numel() == N:
+            scale = scale.reshape(N, 1)
+        else:
+            raise LowbitError(f"{where}: '{prefix}.weight_scale' has shape {tuple(scale.shape)}, expected one per "
+                              f"channel ({N}) or one per tensor")
+        yield f"{prefix}.qweight", weight
+        yield f"{prefix}.scales", self._scales(scale.contiguous())
