@@ -13,11 +13,13 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
 from lowbit.formats import PRESETS
 
+CHECKPOINT_FORMATS = ("lowbit", "compressed-tensors")
 MODEL_HELP = "a Hugging Face model directory (config.json + *.safetensors), a .gguf file, or a known name: smollm2-135m"
 
 
@@ -82,9 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", "-s", required=True, help="quantization scheme, e.g. w4a16, w4a8, w8a8-fp8")
     q.add_argument("--output", "-o", required=True, help="output directory (must not exist unless --overwrite)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--format", choices=CHECKPOINT_FORMATS, default="lowbit",
+                   help="checkpoint format: lowbit (default; every scheme) or compressed-tensors (what vLLM and "
+                   "llm-compressor read; W4A16, W8A8 int8 without smoothing, and W8A8 FP8)")
     _add_calibration(q)
     _add_placement(q)
     q.set_defaults(func=_cmd_quantize)
+
+    x = sub.add_parser(
+        "export",
+        help="write a quantized checkpoint in another format",
+        description="Read the quantized checkpoint MODEL (lowbit's, or compressed-tensors) and write it to --output in "
+        "--format. compressed-tensors takes W4A16 (int4 per group or channel, without a g_idx), W8A8 int8 without "
+        "run-time smoothing factors, and W8A8 FP8; other schemes are refused with the reason. The codes and scales "
+        "are written as they are: nothing is re-quantized.",
+    )
+    x.add_argument("model", metavar="MODEL", help="a quantized checkpoint directory")
+    x.add_argument("--output", "-o", required=True, help="output directory (must not exist unless --overwrite)")
+    x.add_argument("--format", choices=CHECKPOINT_FORMATS[1:], default="compressed-tensors",
+                   help="output format (default: compressed-tensors)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    x.set_defaults(func=_cmd_export)
 
     e = sub.add_parser(
         "eval",
@@ -353,8 +373,37 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> None:
     print(kb.format_table(report))
 
 
+def _save(model: Any, out: Path, fmt: str, *, tokenizer: Any, overwrite: bool) -> None:
+    if fmt == "compressed-tensors":
+        from lowbit.model.compressed_tensors_export import save_compressed_tensors
+
+        save_compressed_tensors(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    else:
+        from lowbit.model.native_checkpoint import save_quantized
+
+        save_quantized(model, out, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from lowbit.model.loader import load_model
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise LowbitError(f"{out} already exists; choose another output directory or pass --overwrite")
+    import json
+
+    config = Path(args.model) / "config.json"
+    saved = json.loads(config.read_text()).get("torch_dtype") if config.is_file() else None
+    # the checkpoint's own float dtype, so that embeddings and norms are written as they were stored
+    dtype = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(saved, "fp16")
+    loaded = load_model(args.model, device="cpu", dtype=dtype)
+    if loaded.model.quant_scheme is None:
+        raise LowbitError(f"{args.model} is not a quantized checkpoint; quantize it first (lowbit quantize)")
+    _save(loaded.model, out, args.format, tokenizer=loaded.tokenizer, overwrite=args.overwrite)
+    print(f"{loaded.model.quant_scheme.name}: wrote {out} in {args.format} format")
+
+
 def _cmd_quantize(args: argparse.Namespace) -> None:
-    from lowbit.model.native_checkpoint import save_quantized
     from lowbit.formats import get_scheme
     from lowbit.model.loader import load_model
     from lowbit.eval.calibration import quantize
@@ -368,7 +417,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     with Stopwatch() as sw:
         quantize(loaded, scheme, args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    save_quantized(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=args.overwrite)
+    _save(loaded.model, out, args.format, tokenizer=loaded.tokenizer, overwrite=args.overwrite)
     bits = linear_bits_per_weight(loaded.model)
     print(f"{scheme.name}: {bits:.2f} bits per Linear weight, quantized in {sw.seconds:.0f} s on {loaded.device}; "
           f"saved to {out}")

@@ -160,3 +160,90 @@ def test_other_tools_checkpoints_get_an_error_that_names_their_method(tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(LowbitError, match="quantized with 'gptq'.*GPTQ and AWQ import is planned"):
         load_model(path, device="cpu", dtype="fp32", with_tokenizer=False)
+
+
+# ---- export: lowbit -> compressed-tensors ---------------------------------------------------------
+
+def _lowbit_model(scheme, tmp_path):
+    """The tiny Llama in fp16, quantized by round-to-nearest in ``scheme`` (lowbit's own layers)."""
+    from lowbit.bench.synthetic import quantize_rtn
+
+    make_hf_model("llama2", hidden_size=128, intermediate_size=256).save_pretrained(tmp_path / "hf")
+    model = load_model(tmp_path / "hf", device="cpu", dtype="fp16", with_tokenizer=False).model
+    return quantize_rtn(model, scheme, progress=False)
+
+
+def _exportable():
+    from lowbit.formats import ActivationFormat, QuantScheme, WeightFormat, get_scheme
+
+    return {
+        "w4a16-rtn": get_scheme("w4a16-rtn"),  # int4 symmetric, group 128
+        "int4-asym-g64": QuantScheme("int4-asym-g64", WeightFormat(symmetric=False, group_size=64, method="rtn")),
+        "int4-channel": QuantScheme("int4-channel", WeightFormat(group_size=None, method="rtn")),
+        "w8a8-int8-plain": QuantScheme("w8a8-int8-plain", WeightFormat(bits=8, group_size=None, method="rtn"),
+                                       ActivationFormat(bits=8)),
+        "w8a8-fp8": get_scheme("w8a8-fp8"),
+    }
+
+
+@pytest.mark.parametrize("name", ["w4a16-rtn", "int4-asym-g64", "int4-channel", "w8a8-int8-plain", "w8a8-fp8"])
+def test_export_round_trips_through_the_library_bit_for_bit(tmp_path, name):
+    from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor as Naive
+    from safetensors.torch import load_file
+
+    from lowbit.model.compressed_tensors_export import save_compressed_tensors
+
+    model = _lowbit_model(_exportable()[name], tmp_path)
+    out = save_compressed_tensors(model, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    # what vLLM reads to pick its compressed-tensors scheme
+    assert qc["quant_method"] == "compressed-tensors" and qc["ignore"] == ["lm_head"]
+    assert qc["format"] in ("pack-quantized", "int-quantized", "float-quantized")
+    assert qc["config_groups"]["group_0"]["targets"] == ["Linear"]
+    scheme = QuantizationConfig.model_validate(qc).config_groups["group_0"]
+    compressor = PackedQuantizationCompressor if qc["format"] == "pack-quantized" else Naive
+    tensors = load_file(out / "model.safetensors")
+    layers = {f"model.{n}": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for prefix, m in layers.items():
+        own = {k.removeprefix(prefix + "."): v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        w = compressor.decompress(own, scheme)["weight"]
+        # the library's fp16 dequantization of our codes and scales, bit for bit
+        assert w.dtype == torch.float16 and torch.equal(w, m.dequantized_weight().half()), prefix
+    # and lowbit reads it back to the same layers: identical logits
+    back = load_model(out, device="cpu", dtype="fp16", with_tokenizer=False).model
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+
+
+def test_export_names_what_it_cannot_write(tmp_path):
+    from lowbit.formats import get_scheme
+    from lowbit.model.compressed_tensors_export import save_compressed_tensors
+
+    with pytest.raises(LowbitError, match="no compressed-tensors form lowbit writes"):
+        save_compressed_tensors(_lowbit_model(get_scheme("w4a8"), tmp_path / "1"), tmp_path / "a")
+    with pytest.raises(LowbitError, match="SmoothQuant factors"):
+        save_compressed_tensors(_lowbit_model(get_scheme("w8a8-int8"), tmp_path / "2"), tmp_path / "b")
+    with pytest.raises(LowbitError, match="KV cache"):
+        save_compressed_tensors(_lowbit_model(get_scheme("w4a16-rtn+kv8"), tmp_path / "3"), tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_export_writes_compressed_tensors_and_refuses_an_existing_output(tmp_path, capsys):
+    from lowbit.cli import main
+    from lowbit.formats import get_scheme
+    from lowbit.model.native_checkpoint import save_quantized
+
+    model = _lowbit_model(get_scheme("w4a16-rtn"), tmp_path)
+    save_quantized(model, tmp_path / "native")
+    assert main(["export", str(tmp_path / "native"), "-o", str(tmp_path / "ct")]) in (0, None)
+    assert "wrote" in capsys.readouterr().out
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized" and config["torch_dtype"] == "float16"
+    back = load_model(tmp_path / "ct", device="cpu", dtype="fp16", with_tokenizer=False).model
+    ids = torch.randint(3, 97, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+    assert main(["export", str(tmp_path / "native"), "-o", str(tmp_path / "ct")]) == 2
+    assert "already exists" in capsys.readouterr().err

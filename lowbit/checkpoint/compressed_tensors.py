@@ -1,4 +1,4 @@
-"""Reading compressed-tensors checkpoints (llm-compressor's format, which vLLM loads): W4A16 first.
+"""compressed-tensors checkpoints (llm-compressor's format, which vLLM loads), read and written.
 
 A checkpoint whose ``config.json`` has ``quantization_config.quant_method == "compressed-tensors"``
 is parsed with the ``compressed-tensors`` library's own ``QuantizationConfig`` and unpacked with its
@@ -28,6 +28,14 @@ Read today:
 - ``float-quantized`` fp8 e4m3 weights per channel or tensor with fp8 activations per token, dynamic.
 Every other compressed-tensors format or scheme raises an error that names it (act-order, static
 activation scales, W4A8 and weight-only FP8 are issue 19's next steps).
+
+Writing (``export_scheme`` and ``compress_layer``; ``model/compressed_tensors_export.py`` walks the
+model) is the same mapping backwards, through the library's own compressors
+(``PackedQuantizationCompressor`` / ``NaiveQuantizationCompressor``), for the lowbit formats that have
+a compressed-tensors form: W4A16 (int4 per group or channel, without a g_idx), W8A8 int8 and FP8
+(per channel, dynamic per-token activations). The library re-quantizes each layer's dequantized
+weight with lowbit's own scales and zero points, which gives back lowbit's codes exactly: a code
+times an fp16 scale is exact in fp32, and so is its quotient by the same scale.
 """
 
 from __future__ import annotations
@@ -230,3 +238,60 @@ class CompressedTensorsReader:
                               f"channel ({N}) or one per tensor")
         yield f"{prefix}.qweight", weight
         yield f"{prefix}.scales", self._scales(scale.contiguous())
+
+
+def _export_library():  # noqa: ANN202
+    _library()
+    from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    return QuantizationArgs, QuantizationScheme, QuantizationConfig, PackedQuantizationCompressor, \
+        NaiveQuantizationCompressor
+
+
+def export_scheme(wfmt: WeightFormat, afmt: ActivationFormat) -> tuple[str, Any]:
+    """(compression format, the library's QuantizationScheme) for one lowbit layer format; a
+    LowbitError names formats that have no compressed-tensors form lowbit writes."""
+    QuantizationArgs, QuantizationScheme, *_ = _export_library()
+    plain = not (afmt.outlier_columns or afmt.fmpq_block or wfmt.sparsity)
+    if plain and wfmt.bits == 4 and wfmt.dtype == "int" and afmt.bits is None:
+        if wfmt.act_order and not wfmt.static_groups:
+            raise LowbitError("int4 weights with act-order (a g_idx) are not written to compressed-tensors yet; "
+                              "quantize with static groups (the w4a16 preset) to export")
+        group = wfmt.group_size
+        args = QuantizationArgs(num_bits=4, type="int", symmetric=wfmt.symmetric,
+                                strategy="group" if group else "channel", group_size=group)
+        return "pack-quantized", QuantizationScheme(targets=["Linear"], weights=args)
+    if plain and wfmt.bits == 8 and afmt.bits == 8 and wfmt.group_size is None and wfmt.dtype == afmt.dtype:
+        kind = "int" if wfmt.dtype == "int" else "float"
+        weights = QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="channel")
+        acts = QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="token", dynamic=True)
+        return ("int-quantized" if kind == "int" else "float-quantized"), \
+            QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
+    a = "16-bit" if afmt.bits is None else f"{afmt.bits}-bit {afmt.dtype}"
+    raise LowbitError(f"lowbit's {wfmt.bits}-bit {wfmt.dtype} weights (group {wfmt.group_size}) with {a} activations"
+                      f"{'' if plain else ', outlier columns, FMPQ blocks or 2:4 sparsity'} have no compressed-tensors "
+                      "form lowbit writes; it writes W4A16 (int4 per group or channel), W8A8 int8 and FP8 W8A8")
+
+
+def compress_layer(fmt: str, scheme: Any, weight: torch.Tensor, scales: torch.Tensor,
+                   zeros: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One layer's compressed-tensors tensors (without the module prefix), from lowbit's: ``weight``
+    (N, K) fp32 dequantized, ``scales`` (N, G) fp16, ``zeros`` (N, G) uint8 or None (symmetric)."""
+    *_, Packed, Naive = _export_library()
+    state = {"weight": weight, "weight_scale": scales}
+    if fmt == "pack-quantized":
+        if zeros is not None:  # lowbit stores unsigned codes and zero points; compressed-tensors signed
+            state["weight_zero_point"] = (zeros.to(torch.int16) - 8).to(torch.int8)
+        return dict(Packed.compress(state, scheme))
+    return dict(Naive.compress(state, scheme))
+
+
+def write_config(hf_config: dict[str, Any], fmt: str, scheme: Any, head_quantized: bool) -> dict[str, Any]:
+    """config.json for a compressed-tensors checkpoint: the model's own keys plus the
+    ``quantization_config`` vLLM reads (``quant_method``, ``format``, ``config_groups``, ``ignore``)."""
+    *_, QuantizationConfig, _, _ = _export_library()
+    qc = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, quantization_status="compressed",
+                            ignore=[] if head_quantized else ["lm_head"])
+    return {**hf_config, "quantization_config": qc.model_dump(mode="json", exclude_none=True)}

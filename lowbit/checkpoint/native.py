@@ -38,10 +38,11 @@ QUANT_METHOD = "lowbit"
 
 
 def write_checkpoint(out: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor], *,
-                     tokenizer: Any = None, overwrite: bool = False) -> Path:
+                     tokenizer: Any = None, overwrite: bool = False, quant_method: str = QUANT_METHOD) -> Path:
     """Write ``config`` (config.json), ``tensors`` (model.safetensors, under the names given) and the
     tokenizer's files to the directory ``out``, atomically (module docstring). Tensors are made
-    contiguous CPU copies here. ``lowbit.model.native_checkpoint.save_quantized`` builds both from a model."""
+    contiguous CPU copies here. ``lowbit.model.native_checkpoint.save_quantized`` builds both from a model
+    (``model.compressed_tensors_export`` too, with ``quant_method`` "compressed-tensors" in the metadata)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise LowbitError(f"{out} already exists; choose another output directory or pass --overwrite")
@@ -54,7 +55,7 @@ def write_checkpoint(out: str | os.PathLike, config: dict[str, Any], tensors: di
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors",
-                  metadata={"format": "pt", "quant_method": QUANT_METHOD})
+                  metadata={"format": "pt", "quant_method": quant_method})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():  # overwrite: swap, then delete the old one
