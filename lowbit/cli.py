@@ -106,6 +106,31 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     x.set_defaults(func=_cmd_export)
 
+    ad = sub.add_parser(
+        "advise",
+        help="predict which quantization scheme serves a model fastest on a GPU",
+        description="For each scheme with GPU kernels (fp16, w4a16, w4a8, w4a8-g128, w8a8-fp8, w8a8-int8): weight "
+        "memory, the KV cache that fits beside it, predicted decode tok/s at batch 1, 16, 64 and 256 and prefill "
+        "tok/s, from MODEL's layer shapes and the GPU's tuned kernel table (measured kernel times; no weights are "
+        "read), the measured perplexity change when --accuracy gives a `lowbit eval --json` file, and a "
+        "recommendation per workload with its reason. The prediction model is in lowbit/bench/advise.py.",
+    )
+    ad.add_argument("model", metavar="MODEL",
+                    help="a model directory (config.json), a .gguf file, or a shape: llama3-8b, llama3-70b")
+    ad.add_argument("--gpu", choices=("auto", "h100", "h200"), default="auto",
+                    help="the GPU to predict for (default: auto, this machine's; h100 and h200 have tuned tables)")
+    ad.add_argument("--workload", choices=("latency", "throughput", "both"), default="both",
+                    help="what to recommend for: batch-1 latency, throughput at the largest batch that fits, or both")
+    ad.add_argument("--memory", type=float, default=None, metavar="GB",
+                    help="GPU memory to plan in (default: the GPU's; 90%% of it is used, as the engine does)")
+    ad.add_argument("--context", type=int, default=2048, help="tokens per sequence for the KV cache (default: 2048)")
+    ad.add_argument("--prompt", type=int, default=2048, help="prompt length for the prefill figure (default: 2048)")
+    ad.add_argument("--accuracy", metavar="FILE", default=None,
+                    help="a `lowbit eval --json` file of this model: adds each scheme's perplexity change")
+    ad.add_argument("--max-ppl-delta", type=float, default=5.0, metavar="PCT",
+                    help="recommend only schemes within this perplexity change, where measured (default: 5)")
+    ad.set_defaults(func=_cmd_advise)
+
     e = sub.add_parser(
         "eval",
         help="perplexity of a model and of quantization schemes, as a table",
@@ -382,6 +407,47 @@ def _save(model: Any, out: Path, fmt: str, *, tokenizer: Any, overwrite: bool) -
         from lowbit.model.native_checkpoint import save_quantized
 
         save_quantized(model, out, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def _cmd_advise(args: argparse.Namespace) -> None:
+    import json
+
+    from lowbit.bench.advise import GPUS, advise, format_advice, read_accuracy, recommend
+    from lowbit.bench.synthetic import LLAMA3_8B, LLAMA3_70B
+    from lowbit.model.config import ModelConfig
+
+    shapes = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B}
+    if args.model in shapes:
+        cfg = ModelConfig.from_hf(shapes[args.model])
+    else:
+        path = Path(args.model)
+        if path.is_dir() and (path / "config.json").is_file():
+            cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+        elif path.is_file():
+            from lowbit.model import gguf
+
+            cfg = gguf.gguf_config(gguf.open_gguf(path))
+        else:
+            raise LowbitError(f"{args.model} is neither a model directory, a .gguf file nor a shape "
+                              f"({', '.join(shapes)})")
+    gpu_key = args.gpu
+    if gpu_key == "auto":
+        import torch
+
+        from lowbit.kernels.dispatch import table_key
+
+        if not torch.cuda.is_available():
+            raise LowbitError("no CUDA GPU here to advise for: pass --gpu h100 or --gpu h200")
+        gpu_key = table_key(torch.cuda.get_device_name())
+        if gpu_key not in GPUS:
+            raise LowbitError(f"{torch.cuda.get_device_name()} has no tuned kernel table; pass --gpu h100 or h200")
+    gpu = GPUS[gpu_key]
+    accuracy = read_accuracy(args.accuracy) if args.accuracy else None
+    advice = advise(cfg, gpu, context=args.context, prompt=args.prompt, memory_gb=args.memory, accuracy=accuracy)
+    print(format_advice(advice, args.model, gpu, args.context, args.prompt))
+    for workload in ("latency", "throughput") if args.workload == "both" else (args.workload,):
+        scheme, why = recommend(advice, workload, args.max_ppl_delta)
+        print(f"{workload}: {scheme}: {why}")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

@@ -51,6 +51,10 @@ LLAMA3_8B: dict[str, Any] = {
     "head_dim": 128, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192,
     "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
 }
+# Meta's Llama-3-70B: the same fields at 70B's shape
+LLAMA3_70B: dict[str, Any] = {
+    **LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+}
 SYNTHETIC = {"llama3-8b-random": LLAMA3_8B}
 
 # the decoder's Linears, grouped by the input they read (calibration choices are per input)
