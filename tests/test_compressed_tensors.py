@@ -158,7 +158,7 @@ def test_other_tools_checkpoints_get_an_error_that_names_their_method(tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(LowbitError, match="quantized with 'gptq'.*GPTQ and AWQ import is planned"):
+    with pytest.raises(LowbitError, match="quantized with .gptq.*GPTQ import is planned"):
         load_model(path, device="cpu", dtype="fp32", with_tokenizer=False)
 
 

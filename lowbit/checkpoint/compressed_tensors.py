@@ -40,14 +40,14 @@ times an fp16 scale is exact in fp32, and so is its quotient by the same scale.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import ActivationFormat, QuantScheme, WeightFormat
+from lowbit.checkpoint.translate import LayerTranslator
 from lowbit.numerics.primitives import pack_int4
 
 QUANT_METHOD = "compressed-tensors"
@@ -128,74 +128,36 @@ def formats(config: Mapping[str, Any]) -> tuple[str, WeightFormat, ActivationFor
     return fmt, WeightFormat(bits=8, dtype=kind, group_size=None, method="rtn"), ActivationFormat(bits=8, dtype=kind)
 
 
-class CompressedTensorsReader:
+class CompressedTensorsReader(LayerTranslator):
     """Turns a compressed-tensors checkpoint's tensor stream into lowbit's native quantized-layer
-    tensors (module docstring), one layer at a time as its tensors arrive.
+    tensors (module docstring), one layer at a time as its tensors arrive (``translate.LayerTranslator``).
 
     ``names``: every tensor name in the checkpoint (the files' headers) -> its file.
     """
 
+    tool = "compressed-tensors"
+
     def __init__(self, config: Mapping[str, Any], names: Mapping[str, str]) -> None:
         self.format, self.wfmt, self.afmt = formats(config)
         _, self._unpack = _library()
-        self._parts = _PARTS[self.format]
-        quantized = {k.rpartition(".")[0] for k in names if k.endswith(".weight_scale")}
-        self._expected: dict[str, set[str]] = {}
-        for key in names:
-            prefix, _, part = key.rpartition(".")
-            if prefix in quantized and part in self._parts:
-                self._expected.setdefault(prefix, set()).add(part)
-        codes = self._parts[0]
-        missing = [p for p, parts in self._expected.items() if codes not in parts]
-        if missing:
-            raise LowbitError(f"{names[missing[0] + '.weight_scale']}: layer '{missing[0]}' has a weight_scale but "
-                              f"no {codes}; the checkpoint is incomplete")
-        self._files = dict(names)
-        self._staged: dict[str, dict[str, torch.Tensor]] = {}
-        self.rounded_scales = 0
+        # a layer is quantized when it has a weight_scale
+        super().__init__(names, {k.rpartition(".")[0] for k in names if k.endswith(".weight_scale")},
+                         _PARTS[self.format])
 
     @property
     def scheme(self) -> QuantScheme:
         name = {"pack-quantized": "w4a16", "int-quantized": "w8a8-int8", "float-quantized": "w8a8-fp8"}[self.format]
         return QuantScheme(name=f"compressed-tensors-{name}", weights=self.wfmt, activations=self.afmt,
-                           lm_head="lm_head" in self._expected)
+                           lm_head="lm_head" in self.quantized_layers)
 
-    def native_names(self) -> dict[str, str]:
-        """The checkpoint's tensor names as the translated stream will carry them -> their file."""
-        out = {k: f for k, f in self._files.items() if k.rpartition(".")[0] not in self._expected
-               or k.rpartition(".")[2] not in self._parts}
-        for prefix, parts in self._expected.items():
-            f = self._files[f"{prefix}.weight_scale"]
-            out[f"{prefix}.qweight"] = out[f"{prefix}.scales"] = f
-            if "weight_zero_point" in parts and not self.wfmt.symmetric:
-                out[f"{prefix}.zeros"] = f
-        return out
-
-    def translate(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        """The stream with each quantized layer's tensors replaced by lowbit's, once all have arrived."""
-        for key, t in tensors:
-            prefix, _, part = key.rpartition(".")
-            if prefix not in self._expected or part not in self._parts:
-                yield key, t
-                continue
-            own = self._staged.setdefault(prefix, {})
-            own[part] = t
-            if own.keys() == self._expected[prefix]:
-                yield from self._layer(prefix, self._staged.pop(prefix))
-        if self.rounded_scales:
-            warnings.warn(f"{self.rounded_scales} quantization scales of this compressed-tensors checkpoint are not "
-                          "exact in fp16 (lowbit's kernels read fp16 scales) and were rounded", stacklevel=2)
-
-    def _scales(self, scale: torch.Tensor) -> torch.Tensor:
-        s16 = scale.to(torch.float16)
-        self.rounded_scales += int((s16.to(scale.dtype) != scale).sum())
-        return s16
+    def _native_parts(self, prefix: str, parts: set[str]) -> tuple[str, ...]:
+        return ("qweight", "scales") + (("zeros",) if "weight_zero_point" in parts and not self.wfmt.symmetric else ())
 
     def _layer(self, prefix: str, own: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         if self.format != "pack-quantized":
             yield from self._layer_8bit(prefix, own)
             return
-        where = self._files[f"{prefix}.weight_packed"]
+        where = self._where(prefix)
         packed, scale = own["weight_packed"], own["weight_scale"]
         if packed.dtype != torch.int32 or packed.ndim != 2:
             raise LowbitError(f"{where}: '{prefix}.weight_packed' is {packed.dtype} {tuple(packed.shape)}, "
@@ -218,7 +180,7 @@ class CompressedTensorsReader:
             raise LowbitError(f"{where}: '{prefix}.weight_g_idx' (act-order) is not read yet")
 
     def _layer_8bit(self, prefix: str, own: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-        where = self._files[f"{prefix}.weight_scale"]
+        where = self._where(prefix)
         for part in ("input_scale", "input_zero_point", "weight_zero_point"):
             if part in own:
                 raise LowbitError(f"{where}: '{prefix}.{part}' is not read (lowbit's 8-bit formats are symmetric, "

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from lowbit.assets import cache_dir, resolve_model
-from lowbit.checkpoint import compressed_tensors
+from lowbit.checkpoint import awq, compressed_tensors
 from lowbit.checkpoint.native import scheme_from_config
 from lowbit.model.native_checkpoint import QuantizedLayerStager
 from lowbit.device import pick_device, pick_dtype
@@ -34,6 +34,10 @@ from lowbit.model import gguf as gguf_format
 from lowbit.model.config import ModelConfig
 from lowbit.model.llama import Transformer
 
+# Other tools' quantized checkpoints, recognized from config.json, and the reader of each
+# (lowbit.checkpoint.translate: their layers' tensors become lowbit's as the checkpoint streams)
+_COMMUNITY = ((compressed_tensors.is_compressed_tensors, compressed_tensors.CompressedTensorsReader),
+              (awq.is_awq, awq.AwqReader))
 # Checkpoint entries that carry no parameter of ours (old checkpoints saved rotary tables).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -70,9 +74,9 @@ def load_model(
         files = _safetensors_files(path)
         located = _safetensors_tensors(files)
         community = None  # a checkpoint of another tool, translated to lowbit's layer tensors as it streams
-        if compressed_tensors.is_compressed_tensors(raw_config):
-            community = compressed_tensors.CompressedTensorsReader(
-                raw_config, {k: str(f) for f, k in _safetensors_names(files)})
+        reader = next((r for is_format, r in _COMMUNITY if is_format(raw_config)), None)
+        if reader is not None:
+            community = reader(raw_config, {k: str(f) for f, k in _safetensors_names(files)})
             scheme = community.scheme
             located = ((f, k, t) for f, (k, t) in _with_file(located, community))
         else:
