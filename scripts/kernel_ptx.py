@@ -79,7 +79,7 @@ def record(op: str, M: int, N: int, K: int, entry: dict) -> list:
 
 
 def main() -> None:
-    from lowbit.kernels.dispatch import TUNED_DIR, _lookup
+    from lowbit.kernels.dispatch import TUNED_DIR, lookup_entry
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="28672x4096", help="N x K of the layer (default: Llama-3-8B gate+up)")
@@ -91,7 +91,7 @@ def main() -> None:
     rows = []
     for op in args.ops.split(","):
         for M in (int(m) for m in args.ms.split(",")):
-            entry = _lookup(table.get(op, []), M, N, K)
+            entry = lookup_entry(table.get(op, []), M, N, K)
             if entry is None or entry["kernel"] not in ("triton", "gemv"):
                 rows.append((op, M, entry["kernel"] if entry else "no entry", {}, "-", "-"))
                 continue

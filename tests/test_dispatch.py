@@ -65,12 +65,12 @@ def test_lookup_takes_nearest_shape_then_smallest_tuned_m_at_or_above():
     entries = [
         {"N": 4096, "K": 4096, "M": m, "kernel": f"small-{m}"} for m in (1, 16, 256)
     ] + [{"N": 57344, "K": 8192, "M": m, "kernel": f"big-{m}"} for m in (1, 16, 256)]
-    assert dispatch._lookup(entries, 1, 4096, 4096)["kernel"] == "small-1"
-    assert dispatch._lookup(entries, 9, 6144, 4096)["kernel"] == "small-16"
-    assert dispatch._lookup(entries, 17, 28672, 8192)["kernel"] == "big-256"
-    assert dispatch._lookup(entries, 1000, 57344, 8192)["kernel"] == "big-256"  # past the largest M
-    assert dispatch._lookup(entries, 1025, 57344, 8192) is None  # far past it: default_choice
-    assert dispatch._lookup([], 1, 1, 1) is None
+    assert dispatch.lookup_entry(entries, 1, 4096, 4096)["kernel"] == "small-1"
+    assert dispatch.lookup_entry(entries, 9, 6144, 4096)["kernel"] == "small-16"
+    assert dispatch.lookup_entry(entries, 17, 28672, 8192)["kernel"] == "big-256"
+    assert dispatch.lookup_entry(entries, 1000, 57344, 8192)["kernel"] == "big-256"  # past the largest M
+    assert dispatch.lookup_entry(entries, 1025, 57344, 8192) is None  # far past it: default_choice
+    assert dispatch.lookup_entry([], 1, 1, 1) is None
 
 
 @pytest.mark.parametrize("op", dispatch.OPS)
@@ -151,7 +151,7 @@ def test_choose_reads_the_gpus_table_and_refuses_fp8_before_sm89(monkeypatch):
     monkeypatch.delenv("LOWBIT_KERNEL_TABLE", raising=False)
     dispatch._choose_cached.cache_clear()
     try:
-        want = dispatch._lookup(dispatch.load_table("h200")["entries"]["w4a16"], 1, 28672, 4096)
+        want = dispatch.lookup_entry(dispatch.load_table("h200")["entries"]["w4a16"], 1, 28672, 4096)
         got = dispatch.choose("w4a16", 1, 28672, 4096, torch.device("cuda", 0))
         assert got.kernel == want["kernel"] and got.config == TileConfig(**want["config"])
         assert dispatch.choose("w4a16", 1, 28672, 4096, torch.device("cuda", 0)) is got  # memoized
@@ -162,7 +162,7 @@ def test_choose_reads_the_gpus_table_and_refuses_fp8_before_sm89(monkeypatch):
         assert dispatch.layout_tile(torch.device("cuda", 0), "w4a8") == dispatch.load_table("h200")["tile_k"]["w4a8"]
         assert dispatch.layout_tile(a100, "w4a8") == 128
         h100 = dispatch.load_table("h100")
-        want = dispatch._lookup(h100["entries"]["w4a8"], 16, 57344, 8192)
+        want = dispatch.lookup_entry(h100["entries"]["w4a8"], 16, 57344, 8192)
         got = dispatch.choose("w4a8", 16, 57344, 8192, torch.device("cuda", 2))
         assert got.kernel == want["kernel"] and h100["gpu"].startswith("NVIDIA H100")
     finally:

@@ -104,7 +104,7 @@ def _roofline_us(M: int, N: int, K: int, gpu: GpuSpec) -> float:
 def gemm_us(op: str | None, M: int, N: int, K: int, table: dict[str, Any], gpu: GpuSpec) -> float:
     """One GEMM's predicted time: the table's entry for ``op`` (module docstring), else the roofline."""
     entries = table.get("entries", {}).get(op, []) if op else []
-    e = dispatch._lookup(entries, M, N, K)
+    e = dispatch.lookup_entry(entries, M, N, K)
     if e is None:
         return _roofline_us(M, N, K, gpu)
     us = e["us"] * (N * K) / (e["N"] * e["K"])

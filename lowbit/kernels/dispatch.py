@@ -112,7 +112,9 @@ def _device_table(device: torch.device) -> tuple[str, int, tuple[int, int], dict
     return name, sms, cap, load_table(key) if key is not None else {}
 
 
-def _lookup(entries: list[dict], M: int, N: int, K: int) -> dict | None:
+def lookup_entry(entries: list[dict], M: int, N: int, K: int) -> dict | None:
+    """The table entry of one op that serves (M, N, K): the tuned shape nearest in log N + log K, then
+    its smallest tuned M >= M (its largest, up to 4x past it); None beyond, or without entries."""
     if not entries:
         return None
     dist = lambda e: abs(math.log2(e["N"] / N)) + abs(math.log2(e["K"] / K))
@@ -215,7 +217,7 @@ def _choose_cached(op: str, M: int, N: int, K: int, index: int, table_env: str |
     name, sms, cap, table = _device_table(torch.device("cuda", index))
     if "fp8" in op and cap < (8, 9):
         raise LowbitError(f"{op} needs FP8 tensor cores (compute capability 8.9+); {name} has {cap[0]}.{cap[1]}")
-    e = _lookup(table.get("entries", {}).get(op, []), M, N, K)
+    e = lookup_entry(table.get("entries", {}).get(op, []), M, N, K)
     if e is not None:
         cfg = e.get("config")
         return Choice(e["kernel"], TileConfig(**cfg) if cfg else None)
