@@ -87,7 +87,7 @@ def formats(config: Mapping[str, Any]) -> tuple[str, WeightFormat, ActivationFor
     fmt = _value(qc.format) or "dense"
     if fmt not in _READ:
         raise LowbitError(f"compressed-tensors format {fmt!r} is not read yet; lowbit reads "
-                          f"{', '.join(repr(f) for f in _READ)} (module docstring of lowbit/checkpoint/compressed_tensors.py)")
+                          f"{', '.join(repr(f) for f in _READ)} (see lowbit/checkpoint/compressed_tensors.py)")
     schemes = list(qc.config_groups.values())
     described = {(s.weights.model_dump_json() if s.weights is not None else None,
                   s.input_activations.model_dump_json() if s.input_activations is not None else None) for s in schemes}

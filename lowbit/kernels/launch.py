@@ -175,4 +175,5 @@ def cached_specializations(kernel) -> int:  # noqa: ANN001
     return sum(1 for v in _CACHE.get(kernel, {}).values() if v is not None)
 
 
-__all__ = ["cdiv", "next_power_of_2", "triton_launch", "cached_specializations", "compiled_launcher", "record_launches", "triton"]
+__all__ = ["cdiv", "next_power_of_2", "triton_launch", "cached_specializations", "compiled_launcher",
+           "record_launches", "triton"]
