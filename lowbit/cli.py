@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--format", choices=CHECKPOINT_FORMATS, default="lowbit",
                    help="checkpoint format: lowbit (default; every scheme) or compressed-tensors (what vLLM and "
-                   "llm-compressor read; W4A16, W8A8 int8 without smoothing, and W8A8 FP8)")
+                   "llm-compressor read; W4A16, W4A8 and W8A8 int8 without run-time smoothing, and W8A8 FP8)")
     _add_calibration(q)
     _add_placement(q)
     q.set_defaults(func=_cmd_quantize)
@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="write a quantized checkpoint in another format",
         description="Read the quantized checkpoint MODEL (lowbit's, or compressed-tensors) and write it to --output in "
-        "--format. compressed-tensors takes W4A16 (int4 per group or channel, without a g_idx), W8A8 int8 without "
+        "--format. compressed-tensors takes W4A16 and W4A8 (int4 per group or channel, without a g_idx), "
+        "W8A8 int8 without "
         "run-time smoothing factors, and W8A8 FP8; other schemes are refused with the reason. The codes and scales "
         "are written as they are: nothing is re-quantized.",
     )

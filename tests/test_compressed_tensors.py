@@ -45,7 +45,7 @@ _EIGHT = {"int-quantized": ("int", 127.0), "float-quantized": ("float", 448.0)}
 
 
 def write_checkpoint(tmp_path, symmetric: bool = True, group: int | None = None, *, fmt: str = "pack-quantized",
-                     scale_dtype: torch.dtype = torch.float16, per_tensor: bool = False):
+                     scale_dtype: torch.dtype = torch.float16, per_tensor: bool = False, act: str | None = None):
     """A tiny Llama in compressed-tensors (every decoder Linear) in ``fmt``: W4A16 for pack-quantized,
     W8A8 with dynamic per-token activations for int-/float-quantized; and the library's own
     dequantized weights of each layer: {hf name: (N, K)}."""
@@ -59,7 +59,10 @@ def write_checkpoint(tmp_path, symmetric: bool = True, group: int | None = None,
     else:
         args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric,
                                 strategy="group" if group else "channel", group_size=group)
-        scheme, compressor = QuantizationScheme(targets=["Linear"], weights=args), PackedQuantizationCompressor
+        acts = None if act is None else QuantizationArgs(num_bits=8, type=act, symmetric=True, strategy="token",
+                                                         dynamic=True)
+        scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=acts)
+        compressor = PackedQuantizationCompressor
     state, expected = {}, {}
     for name, t in hf.state_dict().items():
         module = name.removesuffix(".weight")
@@ -97,6 +100,17 @@ def test_layers_hold_the_librarys_own_dequantized_weights(tmp_path, symmetric, g
     for name, w in expected.items():
         # (q - zp) * s: ours in fp32 from the fp16 scale, the library's rounded to fp16
         torch.testing.assert_close(layers[name].dequantized_weight(), w.float(), rtol=2**-10, atol=0)
+
+
+@pytest.mark.parametrize("act, dtype", [("int", "int"), ("float", "fp8_e4m3")])
+def test_w4a8_checkpoints_read_as_lowbits_8_bit_activation_layers(tmp_path, act, dtype):
+    path, expected, _ = write_checkpoint(tmp_path, False, 128, act=act)
+    model = load_model(path, device="cpu", dtype="fp32", with_tokenizer=False).model
+    w, a = model.quant_scheme.for_layer("layers.0.self_attn.q_proj")
+    assert (w.bits, w.group_size, w.symmetric, a.bits, a.dtype) == (4, 128, False, 8, dtype)
+    layers = {f"model.{n}": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, want in expected.items():
+        torch.testing.assert_close(layers[name].dequantized_weight(), want.float(), rtol=2**-10, atol=2**-24)
 
 
 def test_logits_equal_the_library_dequantized_model_through_our_reference_forward(tmp_path):
@@ -145,11 +159,11 @@ def test_formats_not_read_yet_are_named(tmp_path):
         load_model(path, device="cpu", dtype="fp32", with_tokenizer=False)
     config = json.loads((path / "config.json").read_text())
     group = config["quantization_config"]["config_groups"]["group_0"]
-    group["input_activations"] = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
-                                  "dynamic": True}
+    group["input_activations"] = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor",
+                                  "dynamic": False}  # static activation scales
     config["quantization_config"]["format"] = "pack-quantized"
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(LowbitError, match="quantizes activations too"):
+    with pytest.raises(LowbitError, match="quantizes activations to 8 bits per token at run time"):
         load_model(path, device="cpu", dtype="fp32", with_tokenizer=False)
 
 
@@ -183,10 +197,14 @@ def _exportable():
         "w8a8-int8-plain": QuantScheme("w8a8-int8-plain", WeightFormat(bits=8, group_size=None, method="rtn"),
                                        ActivationFormat(bits=8)),
         "w8a8-fp8": get_scheme("w8a8-fp8"),
+        "w4a8-plain": QuantScheme("w4a8-plain", WeightFormat(group_size=None, method="rtn"), ActivationFormat(bits=8)),
+        "w4a8-fp8-g128": QuantScheme("w4a8-fp8-g128", WeightFormat(method="rtn"),
+                                     ActivationFormat(bits=8, dtype="fp8_e4m3")),
     }
 
 
-@pytest.mark.parametrize("name", ["w4a16-rtn", "int4-asym-g64", "int4-channel", "w8a8-int8-plain", "w8a8-fp8"])
+@pytest.mark.parametrize("name", ["w4a16-rtn", "int4-asym-g64", "int4-channel", "w8a8-int8-plain", "w8a8-fp8",
+                                  "w4a8-plain", "w4a8-fp8-g128"])
 def test_export_round_trips_through_the_library_bit_for_bit(tmp_path, name):
     from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor as Naive
     from safetensors.torch import load_file
@@ -222,7 +240,7 @@ def test_export_names_what_it_cannot_write(tmp_path):
     from lowbit.model.compressed_tensors_export import save_compressed_tensors
 
     with pytest.raises(LowbitError, match="no compressed-tensors form lowbit writes"):
-        save_compressed_tensors(_lowbit_model(get_scheme("w4a8"), tmp_path / "1"), tmp_path / "a")
+        save_compressed_tensors(_lowbit_model(get_scheme("w4a4"), tmp_path / "1"), tmp_path / "a")
     with pytest.raises(LowbitError, match="SmoothQuant factors"):
         save_compressed_tensors(_lowbit_model(get_scheme("w8a8-int8"), tmp_path / "2"), tmp_path / "b")
     with pytest.raises(LowbitError, match="KV cache"):

@@ -22,17 +22,18 @@ The 8-bit formats keep their codes as they are: ``int-quantized`` (W8A8 int8) an
 per tensor (one value, repeated per channel here), which become ``qweight`` and ``scales`` (N, 1).
 
 Read today:
-- ``pack-quantized`` int4 weights with 16-bit activations (W4A16), per channel or per group
+- ``pack-quantized`` int4 weights with 16-bit activations (W4A16) or 8-bit int / fp8 activations
+  per token, dynamic (W4A8: lowbit's w4a8 / w4a8-g128 / w4a8-fp8 layers), per channel or per group
   (lowbit's group sizes), symmetric or not, without act-order;
 - ``int-quantized`` int8 weights per channel with int8 activations per token, dynamic (W8A8 int8);
 - ``float-quantized`` fp8 e4m3 weights per channel or tensor with fp8 activations per token, dynamic.
 Every other compressed-tensors format or scheme raises an error that names it (act-order, static
-activation scales, W4A8 and weight-only FP8 are issue 19's next steps).
+activation scales and weight-only FP8 are issue 19's next steps).
 
 Writing (``export_scheme`` and ``compress_layer``; ``model/compressed_tensors_export.py`` walks the
 model) is the same mapping backwards, through the library's own compressors
 (``PackedQuantizationCompressor`` / ``NaiveQuantizationCompressor``), for the lowbit formats that have
-a compressed-tensors form: W4A16 (int4 per group or channel, without a g_idx), W8A8 int8 and FP8
+a compressed-tensors form: W4A16 and W4A8 (int4 per group or channel, without a g_idx), W8A8 int8 and FP8
 (per channel, dynamic per-token activations). The library re-quantizes each layer's dequantized
 weight with lowbit's own scales and zero points, which gives back lowbit's codes exactly: a code
 times an fp16 scale is exact in fp32, and so is its quotient by the same scale.
@@ -79,6 +80,17 @@ def _value(x: Any) -> Any:
     return getattr(x, "value", x)
 
 
+def _token_activations(a: Any, fmt: str) -> ActivationFormat:
+    """lowbit's ActivationFormat for compressed-tensors activation args: 8-bit int or fp8, symmetric,
+    per token, dynamic (what lowbit computes at run time); a LowbitError for anything else."""
+    kind = {"int": "int", "float": "fp8_e4m3"}.get(_value(a.type))
+    if a.num_bits != 8 or kind is None or _value(a.strategy) != "token" or not a.dynamic or not a.symmetric:
+        raise LowbitError(f"compressed-tensors activations {_value(a.type)}{a.num_bits} {_value(a.strategy)} "
+                          f"(dynamic={a.dynamic}) in {fmt} are not read; lowbit quantizes activations to 8 bits "
+                          "per token at run time")
+    return ActivationFormat(bits=8, dtype=kind)
+
+
 def formats(config: Mapping[str, Any]) -> tuple[str, WeightFormat, ActivationFormat]:
     """(compression format, lowbit WeightFormat, ActivationFormat) of a compressed-tensors
     ``quantization_config``, parsed and validated by the library; a LowbitError names what is not read."""
@@ -99,9 +111,7 @@ def formats(config: Mapping[str, Any]) -> tuple[str, WeightFormat, ActivationFor
     if w.actorder is not None:  # g_idx translation: no producer-made fixture tests it yet
         raise LowbitError("compressed-tensors weights with act-order are not read yet")
     if fmt == "pack-quantized":
-        if a is not None:
-            raise LowbitError("this compressed-tensors checkpoint quantizes activations too; lowbit reads "
-                              "pack-quantized int4 with 16-bit activations (W4A16) so far")
+        afmt = ActivationFormat() if a is None else _token_activations(a, fmt)
         if w.num_bits != 4 or _value(w.type) != "int":
             raise LowbitError(f"compressed-tensors {_value(w.type)}{w.num_bits} pack-quantized weights are not read; "
                               "lowbit reads int4")
@@ -110,8 +120,7 @@ def formats(config: Mapping[str, Any]) -> tuple[str, WeightFormat, ActivationFor
                               "'group' and 'channel'")
         group = w.group_size if strategy == "group" else None
         try:
-            return fmt, WeightFormat(bits=4, symmetric=bool(w.symmetric), group_size=group, method="gptq"), \
-                ActivationFormat()
+            return fmt, WeightFormat(bits=4, symmetric=bool(w.symmetric), group_size=group, method="gptq"), afmt
         except LowbitError as exc:
             raise LowbitError(f"compressed-tensors weights of group size {group}: {exc}") from exc
     # int-quantized / float-quantized: 8-bit weights per channel (or tensor), 8-bit dynamic tokens
@@ -122,9 +131,9 @@ def formats(config: Mapping[str, Any]) -> tuple[str, WeightFormat, ActivationFor
                           f"to be read; got {_value(w.type)}{w.num_bits} {strategy}, symmetric={w.symmetric}")
     if a is None:
         raise LowbitError(f"compressed-tensors {fmt} weights with 16-bit activations are not read yet")
-    if a.num_bits != 8 or _value(a.type) != want or _value(a.strategy) != "token" or not a.dynamic:
-        raise LowbitError(f"compressed-tensors activations {_value(a.type)}{a.num_bits} {_value(a.strategy)} "
-                          f"(dynamic={a.dynamic}) are not read; lowbit quantizes activations per token at run time")
+    if _value(a.type) != want:
+        raise LowbitError(f"compressed-tensors {fmt} weights with {_value(a.type)} activations are not read")
+    _token_activations(a, fmt)
     return fmt, WeightFormat(bits=8, dtype=kind, group_size=None, method="rtn"), ActivationFormat(bits=8, dtype=kind)
 
 
@@ -146,7 +155,8 @@ class CompressedTensorsReader(LayerTranslator):
 
     @property
     def scheme(self) -> QuantScheme:
-        name = {"pack-quantized": "w4a16", "int-quantized": "w8a8-int8", "float-quantized": "w8a8-fp8"}[self.format]
+        name = {"pack-quantized": "w4a16" if self.afmt.bits is None else "w4a8", "int-quantized": "w8a8-int8",
+                "float-quantized": "w8a8-fp8"}[self.format]
         return QuantScheme(name=f"compressed-tensors-{name}", weights=self.wfmt, activations=self.afmt,
                            lm_head="lm_head" in self.quantized_layers)
 
@@ -217,14 +227,16 @@ def export_scheme(wfmt: WeightFormat, afmt: ActivationFormat) -> tuple[str, Any]
     LowbitError names formats that have no compressed-tensors form lowbit writes."""
     QuantizationArgs, QuantizationScheme, *_ = _export_library()
     plain = not (afmt.outlier_columns or afmt.fmpq_block or wfmt.sparsity)
-    if plain and wfmt.bits == 4 and wfmt.dtype == "int" and afmt.bits is None:
+    if plain and wfmt.bits == 4 and wfmt.dtype == "int" and afmt.bits in (None, 8):
         if wfmt.act_order and not wfmt.static_groups:
             raise LowbitError("int4 weights with act-order (a g_idx) are not written to compressed-tensors yet; "
                               "quantize with static groups (the w4a16 preset) to export")
         group = wfmt.group_size
         args = QuantizationArgs(num_bits=4, type="int", symmetric=wfmt.symmetric,
                                 strategy="group" if group else "channel", group_size=group)
-        return "pack-quantized", QuantizationScheme(targets=["Linear"], weights=args)
+        acts = None if afmt.bits is None else QuantizationArgs(
+            num_bits=8, type="int" if afmt.dtype == "int" else "float", symmetric=True, strategy="token", dynamic=True)
+        return "pack-quantized", QuantizationScheme(targets=["Linear"], weights=args, input_activations=acts)
     if plain and wfmt.bits == 8 and afmt.bits == 8 and wfmt.group_size is None and wfmt.dtype == afmt.dtype:
         kind = "int" if wfmt.dtype == "int" else "float"
         weights = QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="channel")
@@ -234,7 +246,8 @@ def export_scheme(wfmt: WeightFormat, afmt: ActivationFormat) -> tuple[str, Any]
     a = "16-bit" if afmt.bits is None else f"{afmt.bits}-bit {afmt.dtype}"
     raise LowbitError(f"lowbit's {wfmt.bits}-bit {wfmt.dtype} weights (group {wfmt.group_size}) with {a} activations"
                       f"{'' if plain else ', outlier columns, FMPQ blocks or 2:4 sparsity'} have no compressed-tensors "
-                      "form lowbit writes; it writes W4A16 (int4 per group or channel), W8A8 int8 and FP8 W8A8")
+                      "form lowbit writes; it writes W4A16 and W4A8 (int4 per group or channel), W8A8 int8 "
+                      "and FP8 W8A8")
 
 
 def compress_layer(fmt: str, scheme: Any, weight: torch.Tensor, scales: torch.Tensor,
