@@ -23,8 +23,12 @@ from safetensors.torch import save_file  # noqa: E402
 
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.model.loader import load_model  # noqa: E402
-from lowbit.model.qlinear import QuantLinear  # noqa: E402
-from tests.tiny_models import make_hf_model  # noqa: E402
+from tests.tiny_models import (  # noqa: E402
+    assert_layers_dequantize_to,
+    assert_logits_match_dequantized,
+    make_hf_model,
+    quantized_layers,
+)
 
 
 def _pseudo_quantize(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,28 +75,16 @@ def test_layers_hold_autoawqs_own_dequantized_weights(tmp_path, group):
     model = load_model(path, device="cpu", dtype="fp32", with_tokenizer=False).model
     w = model.quant_scheme.weights
     assert (w.bits, w.symmetric, w.group_size) == (4, False, group)
-    layers = {f"model.{n}": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    assert len(layers) == len(expected) == 14
-    for name, want in expected.items():
-        # (q - z) * s: ours in fp32 from the fp16 scale, AutoAWQ's in fp16
-        torch.testing.assert_close(layers[name].dequantized_weight(), want.float(), rtol=2**-10, atol=2**-24)
+    assert len(quantized_layers(model)) == len(expected) == 14
+    # (q - z) * s: ours in fp32 from the fp16 scale, AutoAWQ's in fp16
+    assert_layers_dequantize_to(model, expected, atol=2**-24)
 
 
 def test_logits_equal_autoawqs_dequantized_model_through_our_reference_forward(tmp_path):
     path, expected = write_awq(tmp_path, 64)
     ours = load_model(path, device="cpu", dtype="fp32", with_tokenizer=False).model
-    hf = make_hf_model("llama2", hidden_size=128, intermediate_size=256)
-    with torch.no_grad():
-        sd = hf.state_dict()
-        for name, w in expected.items():
-            sd[f"{name}.weight"].copy_(w.float())
-    hf.save_pretrained(tmp_path / "dequantized")
-    ref = load_model(tmp_path / "dequantized", device="cpu", dtype="fp32", with_tokenizer=False).model
-    ids = torch.randint(3, 97, (2, 13), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        got, want = ours(ids), ref(ids)
-    assert ((got - want).norm() / want.norm()).item() < 2e-3
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    hf = make_hf_model("llama2", hidden_size=128, intermediate_size=256)  # the same seed: the packed model
+    assert_logits_match_dequantized(ours, hf, expected, tmp_path)
 
 
 def test_versions_not_read_are_named(tmp_path):

@@ -23,7 +23,12 @@ from safetensors.torch import save_file  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.model.loader import load_model  # noqa: E402
 from lowbit.model.qlinear import QuantLinear  # noqa: E402
-from tests.tiny_models import make_hf_model  # noqa: E402
+from tests.tiny_models import (  # noqa: E402
+    assert_layers_dequantize_to,
+    assert_logits_match_dequantized,
+    make_hf_model,
+    quantized_layers,
+)
 
 
 def _qparams(w: torch.Tensor, symmetric: bool, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,11 +100,9 @@ def test_layers_hold_the_librarys_own_dequantized_weights(tmp_path, symmetric, g
     path, expected, _ = write_checkpoint(tmp_path, symmetric, group)
     model = load_model(path, device="cpu", dtype="fp32", with_tokenizer=False).model
     assert model.quant_scheme.weights.group_size == group and model.quant_scheme.weights.symmetric == symmetric
-    layers = {f"model.{n}": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    assert len(layers) == len(expected) == 2 * 7 and not isinstance(model.lm_head, QuantLinear)
-    for name, w in expected.items():
-        # (q - zp) * s: ours in fp32 from the fp16 scale, the library's rounded to fp16
-        torch.testing.assert_close(layers[name].dequantized_weight(), w.float(), rtol=2**-10, atol=0)
+    assert len(quantized_layers(model)) == len(expected) == 2 * 7 and not isinstance(model.lm_head, QuantLinear)
+    # (q - zp) * s: ours in fp32 from the fp16 scale, the library's rounded to fp16
+    assert_layers_dequantize_to(model, expected, atol=0)
 
 
 @pytest.mark.parametrize("act, dtype", [("int", "int"), ("float", "fp8_e4m3")])
@@ -108,26 +111,13 @@ def test_w4a8_checkpoints_read_as_lowbits_8_bit_activation_layers(tmp_path, act,
     model = load_model(path, device="cpu", dtype="fp32", with_tokenizer=False).model
     w, a = model.quant_scheme.for_layer("layers.0.self_attn.q_proj")
     assert (w.bits, w.group_size, w.symmetric, a.bits, a.dtype) == (4, 128, False, 8, dtype)
-    layers = {f"model.{n}": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    for name, want in expected.items():
-        torch.testing.assert_close(layers[name].dequantized_weight(), want.float(), rtol=2**-10, atol=2**-24)
+    assert_layers_dequantize_to(model, expected, atol=2**-24)
 
 
 def test_logits_equal_the_library_dequantized_model_through_our_reference_forward(tmp_path):
     path, expected, hf = write_checkpoint(tmp_path, False, 64)
     ours = load_model(path, device="cpu", dtype="fp32", with_tokenizer=False).model
-    with torch.no_grad():
-        sd = hf.state_dict()
-        for name, w in expected.items():
-            sd[f"{name}.weight"].copy_(w.float())
-    hf.save_pretrained(tmp_path / "dequantized")
-    ref = load_model(tmp_path / "dequantized", device="cpu", dtype="fp32", with_tokenizer=False).model
-    ids = torch.randint(3, 97, (2, 13), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        got, want = ours(ids), ref(ids)
-    # the two differ only by each weight's fp16 rounding in the library's dequantization
-    assert ((got - want).norm() / want.norm()).item() < 2e-3
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert_logits_match_dequantized(ours, hf, expected, tmp_path)
 
 
 @pytest.mark.parametrize("fmt, per_tensor, scale_dtype", [("int-quantized", False, torch.float16),
@@ -143,12 +133,11 @@ def test_8bit_layers_keep_their_codes_and_the_librarys_scales(tmp_path, fmt, per
     assert (w.bits, w.dtype, w.group_size, a.bits, a.dtype) == (8, dtype, None, 8, dtype)
     # fp32 scales are rounded to fp16 (what the kernels read), and the load says so
     assert any("not exact in fp16" in str(c.message) for c in caught) == (scale_dtype == torch.float32)
-    layers = {f"model.{n}": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layers = quantized_layers(model)
     assert len(layers) == len(expected) == 14
-    for name, want in expected.items():
-        assert layers[name].qweight.dtype == (torch.int8 if dtype == "int" else torch.float8_e4m3fn)
-        # the library rounds each product to fp16, subnormals (below 2^-14) included: one fp16 step apart
-        torch.testing.assert_close(layers[name].dequantized_weight(), want.float(), rtol=2**-10, atol=2**-24)
+    assert all(layers[n].qweight.dtype == (torch.int8 if dtype == "int" else torch.float8_e4m3fn) for n in expected)
+    # the library rounds each product to fp16, subnormals (below 2^-14) included: one fp16 step apart
+    assert_layers_dequantize_to(model, expected, atol=2**-24)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(3, 97, (1, 9)))).all()
 
@@ -222,8 +211,7 @@ def test_export_round_trips_through_the_library_bit_for_bit(tmp_path, name):
     scheme = QuantizationConfig.model_validate(qc).config_groups["group_0"]
     compressor = PackedQuantizationCompressor if qc["format"] == "pack-quantized" else Naive
     tensors = load_file(out / "model.safetensors")
-    layers = {f"model.{n}": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    for prefix, m in layers.items():
+    for prefix, m in quantized_layers(model).items():
         own = {k.removeprefix(prefix + "."): v for k, v in tensors.items() if k.startswith(prefix + ".")}
         w = compressor.decompress(own, scheme)["weight"]
         # the library's fp16 dequantization of our codes and scales, bit for bit

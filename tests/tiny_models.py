@@ -80,3 +80,41 @@ def greedy_text(loaded, text: str, n: int) -> str:
     ids = loaded.tokenizer(text)["input_ids"]
     out = generate(loaded.model, [ids], SamplingParams(max_new_tokens=n, stop_token_ids=loaded.stop_token_ids))[0]
     return decode(loaded.tokenizer, out.token_ids)
+
+
+def quantized_layers(model) -> dict:  # noqa: ANN001
+    """A lowbit model's QuantLinears by checkpoint (Hugging Face) name: ``model.layers.0.self_attn.q_proj``."""
+    from lowbit.model.qlinear import QuantLinear
+
+    return {f"model.{n}": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def assert_layers_dequantize_to(model, expected: dict, atol: float) -> None:  # noqa: ANN001
+    """Every quantized layer's fp32 dequantized weight equals ``expected[name]`` (a producer's own
+    dequantization, rounded to fp16) within one fp16 rounding (rtol 2^-10) and ``atol``."""
+    import torch
+
+    layers = quantized_layers(model)
+    for name, want in expected.items():
+        torch.testing.assert_close(layers[name].dequantized_weight(), want.float(), rtol=2**-10, atol=atol)
+
+
+def assert_logits_match_dequantized(ours, hf, expected: dict, tmp_path) -> None:  # noqa: ANN001
+    """``ours`` (a lowbit model read from another tool's checkpoint) against ``hf`` (the transformers
+    model it was packed from) with each Linear replaced by the producer's dequantized weight, both
+    through our reference forward: the two differ only by the producer's fp16 rounding."""
+    import torch
+
+    from lowbit.model.loader import load_model
+
+    with torch.no_grad():
+        sd = hf.state_dict()
+        for name, w in expected.items():
+            sd[f"{name}.weight"].copy_(w.float())
+    hf.save_pretrained(tmp_path / "dequantized")
+    ref = load_model(tmp_path / "dequantized", device="cpu", dtype="fp32", with_tokenizer=False).model
+    ids = torch.randint(3, 97, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = ours(ids), ref(ids)
+    assert ((got - want).norm() / want.norm()).item() < 2e-3
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
