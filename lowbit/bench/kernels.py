@@ -45,7 +45,11 @@ PATHS = ("fp16", "fp8-cublas", "int8-cublas", "w4a16", "w4a8", "w4a8-g128", "w4a
 # kernels not yet in dispatch, timed only when asked for by name (``--paths``): the Gluon W4A16 wgmma
 # kernel (``lowbit.kernels.w4a16_wgmma``, Hopper only, g128 weights, its default 128 x 128 tile), with
 # its weights loaded 16 bytes at a time ("w4a16-wgmma") or straight into the operand layout ("-direct")
-EXTRA_PATHS = ("w4a16-wgmma", "w4a16-wgmma-direct")
+# and the pipelined Gluon kernels (``lowbit.kernels.mixed_wgmma``: W4A16 g128, W4A8 int8 per channel
+# with its activation quantization), at their default tile, on PackedInt4 ("-pipe") or on weights in
+# the MMA's fragment order ("-frag", FragmentInt4)
+EXTRA_PATHS = ("w4a16-wgmma", "w4a16-wgmma-direct", "w4a16-wgmma-pipe", "w4a8-wgmma-pipe", "w4a16-wgmma-frag",
+               "w4a8-wgmma-frag")
 # paths of the QUIK / COMET / 2:4 kernels: path -> (dispatch op, preset whose formats the path times)
 PRESET_PATHS: dict[str, tuple[str, str]] = {
     "w4a4-quik": ("w4a4", "w4a4-quik"),
@@ -192,13 +196,31 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None) 
 
         return make, N * K + 2 * N
     groups = {"w4a16": 128, "w4a8": None, "w4a8-g128": 128, "w4a8-fp8": None, "w4a16-wgmma": 128,
-              "w4a16-wgmma-direct": 128}
+              "w4a16-wgmma-direct": 128, "w4a16-wgmma-pipe": 128, "w4a8-wgmma-pipe": None,
+              "w4a16-wgmma-frag": 128, "w4a8-wgmma-frag": None}
     if path not in groups:
         raise LowbitError(f"unknown kernel path {path!r}; paths: {', '.join(PATHS)}")
-    tile_k = 128 if path.startswith("w4a16-wgmma") else tile_k or dispatch.layout_tile(torch.device(device), path)
+    tile_k = 128 if "-wgmma" in path else tile_k or dispatch.layout_tile(torch.device(device), path)
     packs = [_random_int4(N, K, groups[path], device, tile_k) for _ in range(_copies(N * K // 2))]
     adtype = "fp8_e4m3" if path == "w4a8-fp8" else "int"
 
+    if path.endswith(("-wgmma-pipe", "-wgmma-frag")):
+        from lowbit.kernels.act_quant import quantize_activations
+        from lowbit.kernels.mixed_wgmma import FragmentInt4, w4a8_mixed_wgmma, w4a16_mixed_wgmma
+
+        if path.endswith("-frag"):
+            packs = [FragmentInt4.from_packed(p, path.startswith("w4a8")) for p in packs]
+
+        def make(choice=None):
+            cfg = None if choice is None else choice.config
+            if path.startswith("w4a16"):
+                fn = lambda p: w4a16_mixed_wgmma(x16, p, config=cfg)
+            else:
+                fn = lambda p: w4a8_mixed_wgmma(*quantize_activations(x16, "int"), p, torch.float16, config=cfg)
+            return _rotating(fn, packs), \
+                f"gluon wgmma {path.rsplit('-', 1)[1]} {'default' if cfg is None else dispatch.Choice('triton', cfg).config_str()}"
+
+        return make, packs[0].nbytes()
     if path.startswith("w4a16-wgmma"):
         from lowbit.kernels.w4a16_wgmma import w4a16_wgmma_matmul
 

@@ -57,12 +57,14 @@ def compile_launch(kernel, args: tuple, kwargs: dict, target: GPUTarget = HOPPER
     return triton.compile(src, target=target, options=options)
 
 
-def ptxas_usage(ptx: str, arch: str = "sm_90a") -> tuple[int | None, int | None]:
-    """(registers per thread, bytes spilled) from ``ptxas -v`` (Triton's bundled ptxas); None if absent."""
+def ptxas_report(ptx: str, arch: str = "sm_90a") -> dict | None:
+    """What ``ptxas -v`` (Triton's bundled ptxas, else one on PATH) says of a kernel: registers per
+    thread, bytes spilled, and whether it serialized the wgmmas (warning C7515: an instruction other
+    than a wgmma writes registers an in-flight wgmma uses); None without a ptxas."""
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     exe = str(ptxas) if ptxas.is_file() else shutil.which("ptxas")
     if not exe:
-        return None, None
+        return None
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / "k.ptx"
         f.write_text(ptx)
@@ -71,7 +73,14 @@ def ptxas_usage(ptx: str, arch: str = "sm_90a") -> tuple[int | None, int | None]
     text = out.stderr + out.stdout
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores", text)
-    return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
+    return dict(regs=int(regs.group(1)) if regs else None, spilled=int(spill.group(1)) if spill else None,
+                serialized="C7515" in text)
+
+
+def ptxas_usage(ptx: str, arch: str = "sm_90a") -> tuple[int | None, int | None]:
+    """(registers per thread, bytes spilled) from ``ptxas_report``; (None, None) without a ptxas."""
+    r = ptxas_report(ptx, arch)
+    return (None, None) if r is None else (r["regs"], r["spilled"])
 
 
 def ptx_summary(ptx: str) -> dict[str, str]:

@@ -40,11 +40,11 @@ def _float_asm(hi: bool, pattern: int) -> str:
     )
 
 
-# constexpr: a @triton.jit function may only read globals that are
-_F16_LO, _F16_HI = tl.constexpr(_float_asm(False, 0x64006400)), tl.constexpr(_float_asm(True, 0x64006400))
-_BF16_LO, _BF16_HI = tl.constexpr(_float_asm(False, 0x43004300)), tl.constexpr(_float_asm(True, 0x43004300))
-_I8_LO = tl.constexpr("and.b32 $0, $1, 0x0F0F0F0F;")
-_I8_HI = tl.constexpr("{ .reg .b32 t;\nshr.b32 t, $1, 4;\nand.b32 $0, t, 0x0F0F0F0F;\n}")
+# constexpr: a @triton.jit (or @gluon.jit: lowbit.kernels.mixed_wgmma) function may only read globals that are
+F16_LO_ASM, F16_HI_ASM = tl.constexpr(_float_asm(False, 0x64006400)), tl.constexpr(_float_asm(True, 0x64006400))
+BF16_LO_ASM, BF16_HI_ASM = tl.constexpr(_float_asm(False, 0x43004300)), tl.constexpr(_float_asm(True, 0x43004300))
+I8_LO_ASM = tl.constexpr("and.b32 $0, $1, 0x0F0F0F0F;")
+I8_HI_ASM = tl.constexpr("{ .reg .b32 t;\nshr.b32 t, $1, 4;\nand.b32 $0, t, 0x0F0F0F0F;\n}")
 
 
 @triton.jit
@@ -54,14 +54,14 @@ def nibbles_float(b, HI: tl.constexpr, IS_FP16: tl.constexpr, ASM: tl.constexpr)
     if ASM:
         if IS_FP16:
             if HI:
-                out = tl.inline_asm_elementwise(_F16_HI, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
+                out = tl.inline_asm_elementwise(F16_HI_ASM, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
             else:
-                out = tl.inline_asm_elementwise(_F16_LO, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
+                out = tl.inline_asm_elementwise(F16_LO_ASM, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
         else:
             if HI:
-                out = tl.inline_asm_elementwise(_BF16_HI, "=r,=r,r", [b], dtype=tl.bfloat16, is_pure=True, pack=4)
+                out = tl.inline_asm_elementwise(BF16_HI_ASM, "=r,=r,r", [b], dtype=tl.bfloat16, is_pure=True, pack=4)
             else:
-                out = tl.inline_asm_elementwise(_BF16_LO, "=r,=r,r", [b], dtype=tl.bfloat16, is_pure=True, pack=4)
+                out = tl.inline_asm_elementwise(BF16_LO_ASM, "=r,=r,r", [b], dtype=tl.bfloat16, is_pure=True, pack=4)
     else:
         if HI:
             u = b.to(tl.int16) >> 4
@@ -79,9 +79,9 @@ def nibbles_int8(b, HI: tl.constexpr, ASM: tl.constexpr):
     """uint8 tensor -> its low or high nibble (0..15) as int8."""
     if ASM:
         if HI:
-            out = tl.inline_asm_elementwise(_I8_HI, "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+            out = tl.inline_asm_elementwise(I8_HI_ASM, "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
         else:
-            out = tl.inline_asm_elementwise(_I8_LO, "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+            out = tl.inline_asm_elementwise(I8_LO_ASM, "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
     else:
         if HI:
             out = (b >> 4).to(tl.int8)

@@ -1,0 +1,462 @@
+"""int4-weight GEMMs on Hopper's wgmma behind a cp.async ring of shared-memory stages (Gluon; issue 18).
+
+Two formats share one kernel: W4A16 (fp16 activations, fp16 MMA) and W4A8 with int8 activations
+(int8 MMA, 2x the fp16 rate on Hopper: ../shared/PERF.md). The first Gluon design
+(``w4a16_wgmma.py``) prefetched only one K step, in registers, and measured 0.2-0.9x of cuBLAS fp16
+on the H200 at M = 32-256 (docs/kernels.md): one step of loads in flight per program cannot cover
+the global-memory latency. Here:
+
+- ``STAGES`` K steps of packed weights and activations are in flight at once, copied by ``cp.async``
+  into a ring of shared-memory slots (the activations into wgmma's swizzled ``NVMMASharedLayout``);
+- each step reads its packed weight tile from shared memory straight into the MMA's register
+  operand layout (wgmma's "RS" form, as Machete and CUTLASS's mixed-input GEMMs use), converts the
+  nibbles there, and issues the step's MMAs asynchronously;
+- ``warpgroup_mma_wait(2)`` keeps that step's two MMAs in flight while it waits for the previous
+  step's, whose slot the next ``cp.async`` then overwrites; the conversion of step t + 1 so runs
+  under step t's MMAs;
+- split-K (``SPLIT_K`` programs per output tile, fp32 partials meeting in ``lowbit.kernels.splitk``'s
+  workspace) fills the SMs when there are few output tiles (the 8B down projection at M = 32: 64).
+
+The output is computed transposed, Y^T (BLOCK_N x BLOCK_M) = W (BLOCK_N x K) @ X^T: weight rows fill
+wgmma's 64-row M side, activation rows its N side (8-256).
+
+Numerics, against ``lowbit.kernels.reference``: W4A16, ``(u - zero) * scale`` rounded to fp16 with
+group scales (as Marlin and exllama fold them into the operand) or ``(u - zero)`` exact with the
+per-channel scale on the fp32 accumulator, fp32 accumulation. W4A8 int8 (per channel): ``u - zero``
+exact in int8, exact int32 accumulation, both scales in the fp32 epilogue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.kernels.config import TileConfig
+from lowbit.kernels.launch import cdiv, triton_launch
+from lowbit.kernels.layout import PackedInt4
+from lowbit.kernels.splitk import reserve
+from lowbit.kernels.unpack import I8_HI_ASM, I8_LO_ASM
+from lowbit.kernels.w4a16 import check_activation
+from lowbit.requirements import require_triton
+
+require_triton()
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+_HALF = 64  # columns per tile half (layout.TILE_K = 128: low nibbles, then high nibbles)
+HALF = gl.constexpr(_HALF)
+
+
+def _f16_asm(hi: bool, grouped: bool) -> str:
+    """Four packed bytes ($2) -> four fp16 weights ($0, $1: elements 0-1 and 2-3) of their low or high
+    nibbles: the bytes reordered (0, 2, 1, 3) so each fp16 half lines up with its own byte (the
+    operation stays elementwise, as inline_asm_elementwise requires), 1024 + u by mask-and-exponent
+    (``lowbit.kernels.unpack``), minus 1024 + zero ($3, $4) exactly, times the group scale ($5, $6)
+    with one rounding: fp16x2 instructions throughout (Triton's own code for the subtraction and the
+    product after an asm block was scalar fp16, twice the instructions, in this kernel's PTX)."""
+    s0, s1 = (4, 12) if hi else (0, 8)
+    lines = ["{ .reg .b32 t, u;", "prmt.b32 t, $2, 0, 0x3120;"]
+    for out, shift, z, sc in (("$0", s0, "$3", "$5"), ("$1", s1, "$4", "$6")):
+        lines += [f"shr.b32 u, t, {shift};", "lop3.b32 u, u, 0x000F000F, 0x64006400, 0xEA;"]
+        lines += [f"sub.f16x2 u, u, {z};", f"mul.rn.f16x2 {out}, u, {sc};"] if grouped else [f"sub.f16x2 {out}, u, {z};"]
+    return "\n".join(lines + ["}"])
+
+
+F16_ASM = {(hi, g): gl.constexpr(_f16_asm(hi, g)) for hi in (False, True) for g in (False, True)}
+_F16_LO, _F16_HI = F16_ASM[(False, False)], F16_ASM[(True, False)]
+_F16_LO_G, _F16_HI_G = F16_ASM[(False, True)], F16_ASM[(True, True)]
+
+
+@gluon.jit
+def _convert(b, z_lo, z_hi, s_lo, s_hi, INT8: gl.constexpr, GROUPED: gl.constexpr):
+    """Packed bytes (BLOCK_N, 64) uint8, in the MMA operand layout -> the two halves' operands.
+
+    Four bytes per few instructions of inline PTX (``lowbit.kernels.unpack``; Triton lowers uint8
+    elementwise ops a byte at a time: 3x the instructions, measured in this kernel's PTX)."""
+    if INT8:  # the unsigned nibbles u as int8; the zero point comes off in the epilogue (z * sum(x))
+        lo = gl.inline_asm_elementwise(I8_LO_ASM, "=r,r", [b], dtype=gl.int8, is_pure=True, pack=4)
+        hi = gl.inline_asm_elementwise(I8_HI_ASM, "=r,r", [b], dtype=gl.int8, is_pure=True, pack=4)
+    else:
+        # (u - zero) [* group scale] in fp16, four weights per asm block (_f16_asm)
+        zl = gl.broadcast(z_lo[:, None] + 1024.0, b)[0]
+        zh = gl.broadcast(z_hi[:, None] + 1024.0, b)[0]
+        if GROUPED:
+            sl = gl.broadcast(s_lo[:, None], b)[0]
+            sh = gl.broadcast(s_hi[:, None], b)[0]
+            lo = gl.inline_asm_elementwise(_F16_LO_G, "=r,=r,r,r,r,r,r", [b, zl, sl], dtype=gl.float16,
+                                           is_pure=True, pack=4)
+            hi = gl.inline_asm_elementwise(_F16_HI_G, "=r,=r,r,r,r,r,r", [b, zh, sh], dtype=gl.float16,
+                                           is_pure=True, pack=4)
+        else:
+            lo = gl.inline_asm_elementwise(_F16_LO, "=r,=r,r,r,r", [b, zl], dtype=gl.float16, is_pure=True, pack=4)
+            hi = gl.inline_asm_elementwise(_F16_HI, "=r,=r,r,r,r", [b, zh], dtype=gl.float16, is_pure=True, pack=4)
+    return lo, hi
+
+
+@gluon.jit
+def _group_params(s_ptr, z_ptr, k, rn, N, group_size, last_group, zdt: gl.constexpr, HAS_ZEROS: gl.constexpr):
+    """Scales and zero points of the two halves of the tile starting at column k, per weight row."""
+    g_lo = gl.minimum(k // group_size, last_group)
+    g_hi = gl.minimum((k + HALF) // group_size, last_group)
+    s_lo = gl.load(s_ptr + g_lo * N + rn)
+    s_hi = gl.load(s_ptr + g_hi * N + rn)
+    z_lo = gl.full(rn.shape, 8, zdt, layout=rn.type.layout)
+    z_hi = z_lo
+    if HAS_ZEROS:
+        z_lo = gl.load(z_ptr + g_lo * N + rn).to(zdt)
+        z_hi = gl.load(z_ptr + g_hi * N + rn).to(zdt)
+    return s_lo, s_hi, z_lo, z_hi
+
+
+@gluon.jit
+def _issue(w_s, xl_s, xh_s, slot, t, w_row, x_row, rk, m_ok, K, HALF_C: gl.constexpr, W_STEP: gl.constexpr):
+    """cp.async of tile t's packed weights (BLOCK_N x 64 bytes; ``W_STEP`` bytes per tile along a copy
+    row) and activation halves (BLOCK_M, 64) into ``slot``."""
+    k = t * (2 * HALF_C)
+    cp.async_copy_global_to_shared(w_s.index(slot), w_row + t * W_STEP)
+    cp.async_copy_global_to_shared(xl_s.index(slot), x_row + k, mask=m_ok & (k + rk[None, :] < K))
+    cp.async_copy_global_to_shared(xh_s.index(slot), x_row + k + HALF_C, mask=m_ok & (k + HALF_C + rk[None, :] < K))
+    cp.commit_group()
+
+
+@gluon.jit
+def _step(acc, i, n, t0, w_s, xl_s, xh_s, w_row, x_row, rk, m_ok, K, s_ptr, z_ptr, rn, N, group_size, last_group,
+          s_lo, s_hi, z_lo, z_hi, a_op: gl.constexpr, zdt: gl.constexpr, INT8: gl.constexpr,
+          GROUPED: gl.constexpr, HAS_ZEROS: gl.constexpr, STAGES: gl.constexpr, W_FRAG: gl.constexpr,
+          W_STEP: gl.constexpr):
+    """K step i of this program's n: convert tile i, issue its MMAs, free step i - 1's slot for tile
+    i + STAGES - 1, fetch tile i + 1's group scales. Returns the accumulator and those scales."""
+    slot = i % STAGES
+    cp.wait_group(STAGES - 2)  # tile i has landed (this thread's copies) ...
+    gl.thread_barrier()  # ... and every thread's
+    if W_FRAG is None:
+        b = w_s.index(slot).load(a_op)
+    else:  # fragment order (FragmentInt4): the same bytes seen as (BLOCK_N, 64), 16-32 contiguous per thread
+        b = w_s.index(slot)._reinterpret(gl.uint8, [rn.shape[0], HALF], W_FRAG).load(a_op)
+    w_lo, w_hi = _convert(b, z_lo, z_hi, s_lo, s_hi, INT8, GROUPED)
+    fence_async_shared()  # cp.async wrote the activation tiles through the generic proxy; wgmma reads async
+    acc = warpgroup_mma(w_lo, xl_s.index(slot).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma(w_hi, xh_s.index(slot).permute((1, 0)), acc, is_async=True)
+    # step i - 1's MMAs are done after this: its slot is free. Only the accumulator is a dependency:
+    # ptxas keeps the register operands of in-flight MMAs itself (passing them through the wait, which
+    # Triton 3.6 refuses for 8-bit tensors, made it serialize every wgmma: C7515)
+    acc = warpgroup_mma_wait(num_outstanding=2, deps=(acc,))
+    _issue(w_s, xl_s, xh_s, (i + STAGES - 1) % STAGES, t0 + gl.minimum(i + STAGES - 1, n - 1), w_row, x_row, rk,
+           m_ok, K, HALF, W_STEP)
+    if GROUPED:
+        s_lo, s_hi, z_lo, z_hi = _group_params(s_ptr, z_ptr, (t0 + gl.minimum(i + 1, n - 1)) * 2 * HALF, rn, N,
+                                               group_size, last_group, zdt, HAS_ZEROS)
+    return acc, s_lo, s_hi, z_lo, z_hi
+
+
+@gluon.jit
+def _mixed_wgmma_kernel(
+    x_ptr, xs_ptr, sx_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
+    M, N, K, n_tiles, tiles_per_split, group_size, stride_xm, stride_wn, stride_ym,
+    INT8: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr,
+    W_FRAG: gl.constexpr, num_warps: gl.constexpr,
+):
+    pid_m = gl.program_id(0)
+    pid_n = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    op_dt: gl.constexpr = gl.int8 if INT8 else gl.float16
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_M, 32 if INT8 else 16])
+    a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4 if INT8 else 2)
+    # copies: 16 contiguous bytes per thread (8 fp16 or 16 int8 activations, 16 packed weight bytes)
+    XV: gl.constexpr = 16 if INT8 else 8
+    x_ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, XV], threads_per_warp=[32 // (HALF // XV), HALF // XV],
+                                          warps_per_cta=[num_warps, 1], order=[1, 0])
+    w_ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[8, 4],
+                                          warps_per_cta=[num_warps, 1], order=[1, 0])
+    x_sh: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF], op_dt)
+    # packed weights: a 64-byte row per weight row, read in the operand layout 2 bytes (fp16) or 4
+    # (int8) per thread, 8 rows per instruction; unswizzled, rows r and r + 2 share banks (4-way
+    # conflicts). XOR-ing 8-byte chunks with the row (fp16) spreads the 8 rows over distinct banks;
+    # int8 XORs 16-byte chunks (2-way): with 8-byte ones ptxas serialized its wgmmas (C7515)
+    w_sh: gl.constexpr = gl.SwizzledSharedLayout(vec=16 if INT8 else 8, per_phase=1, max_phase=4 if INT8 else 8,
+                                                 order=[1, 0])
+    if W_FRAG is None:
+        W_STEP: gl.constexpr = HALF
+        w_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, HALF], w_sh)
+    else:
+        # fragment order: each 16-row group's tile is 1024 contiguous bytes, copied as they lie
+        W_STEP: gl.constexpr = 1024
+        w_fl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[1, 32],
+                                              warps_per_cta=[num_warps, 1], order=[1, 0])
+        w_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N // 16, 1024],
+                                        gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+    xl_s = gl.allocate_shared_memory(op_dt, [STAGES, BLOCK_M, HALF], x_sh)
+    xh_s = gl.allocate_shared_memory(op_dt, [STAGES, BLOCK_M, HALF], x_sh)
+
+    # this program's K tiles [t0, t1)
+    t0 = pid_k * tiles_per_split
+    n = gl.minimum(n_tiles - t0, tiles_per_split)
+    # copy addresses: weight rows past N repeat the last (never stored); activations past M or K load 0
+    if W_FRAG is None:
+        rn_w = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_ld)), N - 1)
+        w_row = w_ptr + rn_w[:, None] * stride_wn + gl.arange(0, HALF, layout=gl.SliceLayout(0, w_ld))[None, :]
+    else:  # stride_wn: bytes per 16-row group (n_tiles x 1024); groups past the last repeat it
+        g = gl.minimum(pid_n * (BLOCK_N // 16) + gl.arange(0, BLOCK_N // 16, layout=gl.SliceLayout(1, w_fl)),
+                       (N - 1) // 16)
+        w_row = w_ptr + g[:, None] * stride_wn + gl.arange(0, 1024, layout=gl.SliceLayout(0, w_fl))[None, :]
+    rm_x = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_ld))
+    rk = gl.arange(0, HALF, layout=gl.SliceLayout(0, x_ld))
+    x_row = x_ptr + rm_x[:, None] * stride_xm + rk[None, :]
+    m_ok = rm_x[:, None] < M
+
+    rows: gl.constexpr = gl.SliceLayout(1, a_op)
+    rn = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=rows), N - 1)
+    zdt: gl.constexpr = gl.int8 if INT8 else gl.float16
+    s_lo = gl.full([BLOCK_N], 1.0, gl.float16, layout=rows)  # per channel: scaled in the epilogue
+    s_hi = s_lo
+    z_lo = gl.full([BLOCK_N], 8, zdt, layout=rows)  # symmetric: the implicit 8
+    if HAS_ZEROS and not GROUPED and not INT8:  # int8: in the epilogue
+        z_lo = gl.load(z_ptr + rn).to(zdt)
+    z_hi = z_lo
+    # K here is x's width (a multiple of 16, _launch): padding columns past the layer's K load x = 0 and
+    # borrow the last group, which they never leave (groups are multiples of 64 columns)
+    last_group = (K - 1) // group_size
+
+    # prologue: STAGES - 1 tiles in flight (tiles past this split's end re-copy its last one, unused)
+    for s in gl.static_range(STAGES - 1):
+        _issue(w_s, xl_s, xh_s, s, t0 + gl.minimum(s, n - 1), w_row, x_row, rk, m_ok, K, HALF, W_STEP)
+    if GROUPED:
+        s_lo, s_hi, z_lo, z_hi = _group_params(s_ptr, z_ptr, t0 * 2 * HALF, rn, N, group_size, last_group, zdt,
+                                               HAS_ZEROS)
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.int32 if INT8 else gl.float32, layout=mma)
+    # two steps per iteration (an odd count peels one first): each step's register operand then has
+    # registers of its own, so the next step's conversion never writes registers an in-flight MMA
+    # reads; with one step per iteration ptxas serializes every wgmma (C7515)
+    if n % 2 == 1:
+        acc, s_lo, s_hi, z_lo, z_hi = _step(acc, 0, n, t0, w_s, xl_s, xh_s, w_row, x_row, rk, m_ok, K, s_ptr, z_ptr,
+                                            rn, N, group_size, last_group, s_lo, s_hi, z_lo, z_hi, a_op, zdt,
+                                            INT8, GROUPED, HAS_ZEROS, STAGES, W_FRAG, W_STEP)
+    for i in range(n % 2, n, 2):
+        acc, s_lo, s_hi, z_lo, z_hi = _step(acc, i, n, t0, w_s, xl_s, xh_s, w_row, x_row, rk, m_ok, K, s_ptr, z_ptr,
+                                            rn, N, group_size, last_group, s_lo, s_hi, z_lo, z_hi, a_op, zdt,
+                                            INT8, GROUPED, HAS_ZEROS, STAGES, W_FRAG, W_STEP)
+        acc, s_lo, s_hi, z_lo, z_hi = _step(acc, i + 1, n, t0, w_s, xl_s, xh_s, w_row, x_row, rk, m_ok, K, s_ptr,
+                                            z_ptr, rn, N, group_size, last_group, s_lo, s_hi, z_lo, z_hi, a_op, zdt,
+                                            INT8, GROUPED, HAS_ZEROS, STAGES, W_FRAG, W_STEP)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    cp.wait_group(0)
+
+    # epilogue: acc is Y^T (rows n, columns m). y's contiguous axis is n, so the tile moves (through
+    # shared memory) to a layout of 4 consecutive n per thread: 8- or 16-byte stores and vector atomics
+    # instead of the MMA layout's scattered 2-byte ones, and a quarter of the addresses
+    TN: gl.constexpr = BLOCK_N // 4 if BLOCK_N < 128 else 32
+    o_l: gl.constexpr = gl.BlockedLayout(size_per_thread=[4, 1], threads_per_warp=[TN, 32 // TN],
+                                         warps_per_cta=[1, num_warps], order=[0, 1])
+    out = gl.convert_layout(acc, o_l).to(gl.float32)  # INT8 rebuilds it below
+    rn_o = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, o_l))
+    rm_o = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, o_l))
+    n_ok = rn_o < N
+    m_o = rm_o < M
+    if INT8:
+        # x . (u - z) = x . u - z * sum(x), exact in int32 (OdysseyLLM's FastGEMM does the same)
+        zc = gl.full([BLOCK_N], 8, gl.int32, layout=gl.SliceLayout(1, o_l))
+        if HAS_ZEROS:
+            zc = gl.load(z_ptr + rn_o, mask=n_ok, other=0).to(gl.int32)
+        sx = gl.load(sx_ptr + rm_o, mask=m_o, other=0)
+        if SPLIT_K > 1:  # subtracted once, by the first split
+            sx = gl.where(pid_k == 0, sx, 0)
+        out = gl.convert_layout(acc, o_l) - zc[:, None] * sx[None, :]
+        out = out.to(gl.float32) * gl.load(xs_ptr + rm_o, mask=m_o, other=0.0)[None, :]
+    if not GROUPED:
+        out = out * gl.load(s_ptr + rn_o, mask=n_ok, other=0.0).to(gl.float32)[:, None]
+    if HAS_BIAS:
+        bias = gl.load(b_ptr + rn_o, mask=n_ok, other=0.0).to(gl.float32)
+        if SPLIT_K == 1:
+            out = out + bias[:, None]
+        else:  # added once, by the first split
+            out = out + gl.where(pid_k == 0, bias, 0.0)[:, None]
+    offs = rm_o[None, :] * stride_ym + rn_o[:, None]
+    mask = n_ok[:, None] & m_o[None, :]
+    if SPLIT_K == 1:
+        gl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        # lowbit.kernels.splitk.finish, written for this kernel's layouts: partials meet in the
+        # workspace, the last program of the tile writes y and leaves zeros behind
+        gl.atomic_add(ws_ptr + offs, out, mask=mask, sem="relaxed")
+        gl.thread_barrier()
+        lock = lock_ptr + pid_m * gl.num_programs(1) + pid_n
+        count = gl.atomic_add(lock, 1, sem="acq_rel")
+        if count == SPLIT_K - 1:
+            total = gl.atomic_add(ws_ptr + offs, gl.zeros_like(out), mask=mask, sem="relaxed")
+            gl.store(ws_ptr + offs, gl.zeros_like(out), mask=mask)
+            gl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=mask)
+            gl.store(lock, 0)
+
+
+# Where each byte of a 16-row x 64-byte tile lies in FragmentInt4: bit b of a byte's offset in the
+# tile's 1024 bytes moves it by FRAG_BASES[int8][b] (rows, byte columns). The first five bits are the
+# register bits of wgmma's register operand (DotOperandLayout; ``gl.to_linear_layout`` prints them:
+# fp16 k_width 2 [k+1, row+8, k+8, k+16, k+32], int8 k_width 4 [k+1, k+2, row+8, k+16, k+32]), then
+# its lane bits [2 along k, 3 along rows]: so each thread's bytes of a step are 32 contiguous bytes
+# (two 16-byte shared loads) and a warp's are 512 contiguous bytes (no bank conflicts).
+FRAG_BASES = {
+    False: ((0, 1), (8, 0), (0, 8), (0, 16), (0, 32), (0, 2), (0, 4), (1, 0), (2, 0), (4, 0)),
+    True: ((0, 1), (0, 2), (8, 0), (0, 16), (0, 32), (0, 4), (0, 8), (1, 0), (2, 0), (4, 0)),
+}
+
+
+@dataclass
+class FragmentInt4:
+    """PackedInt4's int4 weights (128-column tiles) reordered for this kernel's register operand.
+
+    ``qweight`` (ceil(N / 16), n_tiles * 1024) uint8: row g holds rows 16g .. 16g + 15 of the weight,
+    tile t (columns 128t .. 128t + 127) is bytes 1024t .. 1024t + 1023 of it, and within a tile the byte
+    of (row 16g + r, tile byte j) (PackedInt4's byte j: column j in the low nibble, j + 64 in the high)
+    lies at the offset whose bits pick ``FRAG_BASES[int8]`` summing to (r, j). Rows past N are zero.
+    ``scales``, ``zeros``, ``group_size``, ``K`` as in PackedInt4. The order differs for fp16 and int8
+    MMAs (``int8``)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    group_size: int | None
+    K: int
+    N: int
+    int8: bool
+    perm: None = None
+    tile_k: int = 2 * _HALF
+
+    @property
+    def Kp(self) -> int:
+        return self.qweight.shape[1] // 1024 * self.tile_k
+
+    def nbytes(self) -> int:
+        n = self.qweight.numel() + self.scales.numel() * 2
+        return n + (self.zeros.numel() if self.zeros is not None else 0)
+
+    @classmethod
+    def from_packed(cls, w: PackedInt4, int8: bool) -> "FragmentInt4":
+        if w.tile_k != 2 * _HALF or w.perm is not None:
+            raise LowbitError(f"FragmentInt4 takes 128-column tiles without act-order, got tile {w.tile_k}, "
+                              f"act-order {w.perm is not None}")
+        N, n_tiles = w.N, w.Kp // w.tile_k
+        rows, cols = _frag_index(int8, w.qweight.device)
+        q = torch.nn.functional.pad(w.qweight, (0, 0, 0, -N % 16))  # (N16 * 16, n_tiles * 64)
+        q = q.view(-1, 16, n_tiles, _HALF).permute(0, 2, 1, 3).reshape(-1, n_tiles, 16 * _HALF)
+        q = q[:, :, rows * _HALF + cols].reshape(-1, n_tiles * 1024).contiguous()
+        return cls(q, w.scales, w.zeros, w.group_size, w.K, N, int8)
+
+
+def _frag_index(int8: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, byte) of the tile for each of the 1024 offsets of the fragment order."""
+    off = torch.arange(1024, device=device)
+    rows = torch.zeros_like(off)
+    cols = torch.zeros_like(off)
+    for b, (dr, dc) in enumerate(FRAG_BASES[int8]):
+        bit = (off >> b) & 1
+        rows += bit * dr
+        cols += bit * dc
+    return rows, cols
+
+
+def _frag_layout(int8: bool, block_n: int):
+    """The (block_n, 64) view of a block's fragment-ordered bytes in shared memory, for the kernel."""
+    groups = [(16 << i, 0) for i in range((block_n // 16).bit_length() - 1)]
+    return gl.SharedLinearLayout(offset_bases=[list(b) for b in FRAG_BASES[int8]] + [list(b) for b in groups])
+
+
+def mixed_wgmma_takes(w: PackedInt4, int8: bool = False) -> bool:
+    """Whether the kernel takes these weights: no act-order, 128-column tiles, groups of a multiple of
+    64 columns (or per channel); the int8 variant per channel only."""
+    if w.perm is not None or w.tile_k != 2 * _HALF:
+        return False
+    if isinstance(w, FragmentInt4) and w.int8 != int8:
+        return False
+    if int8:
+        return w.group_size is None
+    return w.group_size is None or w.group_size % _HALF == 0
+
+
+def default_wgmma_config(M: int, N: int, K: int, sms: int) -> TileConfig:
+    """A starting tile: block_m the smallest power of two >= M (32-128), 128 weight rows on 8 warps,
+    4 stages, split-K to about two programs per SM."""
+    bm = min(128, max(32, 1 << (max(M, 1) - 1).bit_length()))
+    tiles = cdiv(M, bm) * cdiv(N, 128)
+    split = max(1, min(8, (2 * sms) // max(tiles, 1), cdiv(K, 128) // 4))
+    return TileConfig(block_m=bm, block_n=128, num_warps=8, num_stages=4, split_k=split)
+
+
+def _check_config(cfg: TileConfig) -> None:
+    if cfg.block_n < 16 * cfg.num_warps or cfg.block_n % (16 * cfg.num_warps) or cfg.block_m > 256 \
+            or cfg.num_stages < 2:
+        raise LowbitError("the wgmma kernel needs block_n a multiple of 16 x num_warps, block_m <= 256 and "
+                          f"num_stages >= 2, got {cfg}")
+
+
+def _launch(x, xs, w: PackedInt4 | FragmentInt4, bias, cfg: TileConfig, out_dtype: torch.dtype, int8: bool,
+            sx: torch.Tensor | None = None) -> torch.Tensor:
+    _check_config(cfg)
+    x = x.contiguous()
+    if x.shape[1] % 16 or x.data_ptr() % 16:
+        # cp.async moves 4-16 aligned bytes, and the compiler proves a 16-byte chunk all in or all out
+        # of the K mask only for a bound that is a multiple of 16: other K (model layers have K a
+        # multiple of 64; this is for odd test shapes) are zero-padded once to one
+        pad = -x.shape[1] % 16
+        x = torch.nn.functional.pad(x, (0, pad)) if pad else x.clone()
+    M, N = x.shape[0], w.N
+    n_tiles = w.Kp // w.tile_k
+    split = max(1, min(cfg.split_k, n_tiles))
+    per = cdiv(n_tiles, split)
+    split = cdiv(n_tiles, per)  # no empty split
+    grid = (cdiv(M, cfg.block_m), cdiv(N, cfg.block_n), split)
+    y = torch.empty(M, N, dtype=out_dtype, device=x.device)
+    ws, locks = reserve(x.device, M * N, grid[0] * grid[1]) if split > 1 else (y, y)
+    triton_launch(
+        _mixed_wgmma_kernel, grid,
+        x, xs if xs is not None else w.scales, sx if sx is not None else w.scales, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
+        bias if bias is not None else w.scales, y, ws, locks,
+        M, N, x.shape[1], n_tiles, per, w.group_size or w.K, x.stride(0), w.qweight.stride(0), y.stride(0),
+        W_FRAG=_frag_layout(int8, cfg.block_n) if isinstance(w, FragmentInt4) else None,
+        INT8=int8, HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None, GROUPED=w.group_size is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages, SPLIT_K=split, num_warps=cfg.num_warps,
+    )
+    return y
+
+
+def w4a16_mixed_wgmma(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None,
+                      config: TileConfig | None = None) -> torch.Tensor:
+    """x (M, K) fp16 @ W^T -> (M, N) fp16; ``w`` from ``pack_for_kernels`` (128-column tiles).
+
+    ``config``: block_m activation rows per program (the MMA's N side, 16-256), block_n weight rows (a
+    multiple of 16 per warp), num_stages shared-memory slots, split_k programs per output tile."""
+    check_activation(x, w.K, (torch.float16,), "w4a16 wgmma")
+    if not mixed_wgmma_takes(w):
+        raise LowbitError("the w4a16 wgmma kernel takes 128-column tiles, no act-order, and groups of a multiple "
+                          f"of {_HALF} columns; got tile {w.tile_k}, group {w.group_size}, act-order "
+                          f"{w.perm is not None} (use w4a16_matmul)")
+    cfg = config or default_wgmma_config(x.shape[0], w.N, w.K, _sms(x.device))
+    return _launch(x, None, w, bias, cfg, x.dtype, int8=False)
+
+
+def w4a8_mixed_wgmma(xq: torch.Tensor, x_scale: torch.Tensor, w: PackedInt4, out_dtype: torch.dtype,
+                     bias: torch.Tensor | None = None, config: TileConfig | None = None) -> torch.Tensor:
+    """Per-token int8 activations xq (M, K) with fp32 scales (M,) @ W^T -> (M, N) ``out_dtype``, on int8
+    wgmma; ``w`` per channel, from ``pack_for_kernels`` (128-column tiles)."""
+    check_activation(xq, w.K, (torch.int8,), "w4a8 wgmma")
+    if not mixed_wgmma_takes(w, int8=True):
+        raise LowbitError("the w4a8 wgmma kernel takes per-channel weights in 128-column tiles without act-order; "
+                          f"got tile {w.tile_k}, group {w.group_size}, act-order {w.perm is not None} "
+                          "(use w4a8_matmul)")
+    if x_scale.dtype != torch.float32 or x_scale.shape != (xq.shape[0],):
+        raise LowbitError(f"x_scale must be ({xq.shape[0]},) fp32, got {tuple(x_scale.shape)} {x_scale.dtype}")
+    cfg = config or default_wgmma_config(xq.shape[0], w.N, w.K, _sms(xq.device))
+    return _launch(xq, x_scale, w, bias, cfg, out_dtype, int8=True, sx=xq.sum(1, dtype=torch.int32))
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132

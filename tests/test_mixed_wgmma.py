@@ -1,0 +1,197 @@
+"""The pipelined Gluon wgmma kernels (W4A16, W4A8 int8): sm_90a PTX on any machine, errors, numerics on Hopper."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.kernels.config import TileConfig  # noqa: E402
+from lowbit.kernels.mixed_wgmma import (  # noqa: E402
+    FragmentInt4,
+    default_wgmma_config,
+    w4a8_mixed_wgmma,
+    w4a16_mixed_wgmma,
+)
+from lowbit.kernels.reference import w4a8_reference, w4a16_reference  # noqa: E402
+from tests.test_kernels import _rel, _weights  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# compiled in a process of its own: conftest turns on Triton's interpreter here, and the kernel must
+# be a JITFunction to be compiled; tensors stay on the CPU (record_launches(launch=False))
+_COMPILE = """
+import json, re, sys, torch
+from lowbit.bench.kernels import _random_int4
+from lowbit.kernels.aot import compile_launch, ptx_summary, ptxas_report
+from lowbit.kernels.config import TileConfig
+from lowbit.kernels.launch import record_launches
+from lowbit.kernels.mixed_wgmma import w4a8_mixed_wgmma, w4a16_mixed_wgmma
+out = []
+from lowbit.kernels.mixed_wgmma import FragmentInt4
+for int8, group, bm, bn, warps, stages, split, frag in json.loads(sys.argv[1]):
+    w = _random_int4(300, 1280, group, torch.device("cpu"), 128)
+    if frag:
+        w = FragmentInt4.from_packed(w, int8)
+    cfg = TileConfig(bm, bn, num_warps=warps, num_stages=stages, split_k=split)
+    with record_launches(launch=False) as rec:
+        if int8:
+            w4a8_mixed_wgmma(torch.ones(37, 1280, dtype=torch.int8), torch.ones(37), w, torch.float16, config=cfg)
+        else:
+            w4a16_mixed_wgmma(torch.randn(37, 1280, dtype=torch.float16), w, config=cfg)
+    (kernel, grid, args, kwargs), = rec
+    ptx = compile_launch(kernel, args, kwargs).asm["ptx"]
+    shared = sorted(set(re.findall(r"ld\\.shared[.a-z0-9]*", ptx)))
+    out.append(dict(grid=list(grid), summary=ptx_summary(ptx), ptxas=ptxas_report(ptx), shared=shared))
+print(json.dumps(out))
+"""
+
+
+def test_ptx_pipelines_wgmma_behind_cp_async_without_serializing():
+    """fp16 grouped and per channel, int8 per channel, with and without split-K: wgmma of the weight
+    tile's 64-row side, cp.async copies, one wait keeping a step's MMAs in flight (2) and the final one
+    (0), and ptxas neither serializes the wgmmas (C7515, what one step per loop iteration caused) nor
+    spills registers at these tiles."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cases = [[False, 128, 64, 128, 8, 4, 1, False], [False, None, 128, 128, 8, 4, 1, False],
+             [True, None, 128, 128, 8, 4, 1, False], [False, 128, 32, 64, 4, 6, 4, False],
+             [True, None, 32, 64, 4, 6, 4, False], [False, 128, 64, 128, 8, 4, 1, True],
+             [True, None, 64, 128, 8, 4, 1, True], [False, 128, 32, 64, 4, 4, 2, True]]
+    run = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(cases)], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    for (int8, _, bm, bn, _, _, split, frag), r in zip(cases, got):
+        assert r["grid"] == [-(-37 // bm), -(-300 // bn), split]
+        k = 32 if int8 else 16
+        assert r["summary"]["mma"].startswith(f"wgmma m64n{bm}k{k}"), r
+        assert r["summary"]["wgmma waits"] == "0:x1 2:x3", r  # 3 inlined steps, one final wait
+        assert int(r["summary"]["cp.async"]) > 0, r
+        if frag:  # the fragment order's point: 16-byte shared loads of the weights, no byte-wise ones
+            assert "ld.shared.v4.b32" in r["shared"], r
+            assert not [s for s in r["shared"] if s.endswith(("8", "16"))], r
+        if r["ptxas"] is not None:
+            assert not r["ptxas"]["serialized"], r
+            assert r["ptxas"]["spilled"] == 0, r
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("N, K", [(300, 640), (16, 128), (33, 1000)])
+def test_fragment_order_holds_every_byte_where_its_bases_say(int8, N, K):
+    """FragmentInt4 is a permutation of PackedInt4's bytes: byte (16g + r, tile t, j) sits at the
+    offset of g, t and the FRAG_BASES bits that sum to (r, j); rows past N are zero."""
+    from lowbit.kernels.mixed_wgmma import FRAG_BASES
+
+    _, _, _, p = _weights(N, K, None, seed=N)
+    f = FragmentInt4.from_packed(p, int8)
+    n_tiles = p.Kp // 128
+    assert f.qweight.shape == (-(-N // 16), n_tiles * 1024) and f.N == N and f.Kp == p.Kp and f.int8 == int8
+    q = f.qweight.view(-1, n_tiles, 1024)
+    rows = torch.nn.functional.pad(p.qweight, (0, 0, 0, -N % 16))
+    gen = torch.Generator().manual_seed(K)
+    for off in torch.randint(0, 1024, (64,), generator=gen).tolist() + [0, 1023]:
+        r = sum(dr for b, (dr, _) in enumerate(FRAG_BASES[int8]) if off >> b & 1)
+        j = sum(dj for b, (_, dj) in enumerate(FRAG_BASES[int8]) if off >> b & 1)
+        for g in range(q.shape[0]):
+            for t in range(n_tiles):
+                assert q[g, t, off] == rows[16 * g + r, 64 * t + j]
+    assert sorted(q.flatten().tolist()) == sorted(rows.flatten().tolist())
+
+
+def test_errors_name_what_the_kernel_takes():
+    _, _, _, p = _weights(64, 256, 128)
+    x = torch.randn(3, 256, dtype=torch.float16, device=p.qweight.device)
+    with pytest.raises(LowbitError, match="fp16 activations"):
+        w4a16_mixed_wgmma(x.bfloat16(), p)
+    _, _, _, p32 = _weights(64, 256, 32)
+    with pytest.raises(LowbitError, match="multiple of 64"):
+        w4a16_mixed_wgmma(x, p32)
+    _, _, _, p256 = _weights(64, 256, 128, tile_k=256)
+    with pytest.raises(LowbitError, match="128-column tiles"):
+        w4a16_mixed_wgmma(x, p256)
+    with pytest.raises(LowbitError, match="multiple of 16 x num_warps"):
+        w4a16_mixed_wgmma(x, p, config=TileConfig(block_m=64, block_n=64, num_warps=8))
+    with pytest.raises(LowbitError, match="num_stages >= 2"):
+        w4a16_mixed_wgmma(x, p, config=TileConfig(block_m=64, block_n=64, num_stages=1))
+    with pytest.raises(LowbitError, match=r"must be \(M, 256\)"):
+        w4a16_mixed_wgmma(x[:, :128], p)
+    xq = torch.ones(3, 256, dtype=torch.int8, device=p.qweight.device)
+    with pytest.raises(LowbitError, match="per-channel"):
+        w4a8_mixed_wgmma(xq, torch.ones(3, device=xq.device), p, torch.float16)
+    _, _, _, pc = _weights(64, 256, None)
+    with pytest.raises(LowbitError, match="x_scale must be"):
+        w4a8_mixed_wgmma(xq, torch.ones(3, device=xq.device).half(), pc, torch.float16)
+
+
+def test_default_config_splits_k_only_when_tiles_are_few():
+    small = default_wgmma_config(32, 4096, 14336, 132)  # 8B down at M = 32: 32 output tiles
+    assert small.block_m == 32 and small.split_k > 1
+    big = default_wgmma_config(256, 28672, 4096, 132)  # 8B gate+up at M = 256: 448 tiles
+    assert big.block_m == 128 and big.split_k == 1
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+_CONFIGS = (TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=4),
+            TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, split_k=3),
+            TileConfig(block_m=32, block_n=128, num_warps=8, num_stages=6, split_k=2),
+            TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="wgmma needs a Hopper GPU")
+@pytest.mark.parametrize("M", [1, 3, 17, 127, 200])
+@pytest.mark.parametrize("K, group, symmetric", [(640, None, True), (300, 128, True), (520, 64, False),
+                                                 (1000, None, False)])
+@pytest.mark.parametrize("frag", [False, True])
+def test_w4a16_matches_reference_on_hopper(M, K, group, symmetric, frag):
+    N = 300  # not a multiple of the N tile
+    qw, s, z, p = _weights(N, K, group, symmetric, seed=M + K)
+    if frag:
+        p = FragmentInt4.from_packed(p, int8=False)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).cuda().half()
+    ref = w4a16_reference(x, qw, s, z, group, K)
+    bias = torch.randn(N, device="cuda", dtype=torch.float16)
+    for cfg in _CONFIGS:
+        y = w4a16_mixed_wgmma(x, p, config=cfg)
+        assert y.shape == (M, N) and y.dtype == torch.float16
+        assert _rel(y, ref) < 2e-3, cfg
+        yb = w4a16_mixed_wgmma(x, p, bias, config=cfg)  # the bias once, also when K is split
+        assert _rel(yb, ref.float() + bias.float()) < 2e-3, cfg
+    assert _rel(w4a16_mixed_wgmma(x, p), ref) < 2e-3  # the default tile
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="wgmma needs a Hopper GPU")
+@pytest.mark.parametrize("M", [1, 17, 127, 200])
+@pytest.mark.parametrize("K, symmetric", [(640, True), (1000, False)])
+@pytest.mark.parametrize("frag", [False, True])
+def test_w4a8_int8_matches_reference_on_hopper(M, K, symmetric, frag):
+    from lowbit.kernels.act_quant import quantize_activations
+
+    N = 300
+    qw, s, z, p = _weights(N, K, None, symmetric, seed=M + K)
+    if frag:
+        p = FragmentInt4.from_packed(p, int8=True)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).cuda().half()
+    xq, xs = quantize_activations(x, "int")
+    ref = w4a8_reference(xq, xs, qw, s, z, None, K, torch.float16)
+    bias = torch.randn(N, device="cuda", dtype=torch.float16)
+    for cfg in _CONFIGS:
+        y = w4a8_mixed_wgmma(xq, xs, p, torch.float16, config=cfg)
+        assert y.shape == (M, N) and y.dtype == torch.float16
+        # int32 accumulation is exact: only the fp32 epilogue and the fp16 output round
+        assert _rel(y, ref) < 1e-3, cfg
+        yb = w4a8_mixed_wgmma(xq, xs, p, torch.float16, bias, config=cfg)
+        assert _rel(yb, ref.float() + bias.float()) < 1e-3, cfg
