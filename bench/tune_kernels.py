@@ -98,13 +98,22 @@ def _gemv_tiles() -> list[TileConfig]:
     return out
 
 
-def candidates(op: str, M: int, K: int | None = None, tile_k: int | None = None) -> list[Choice]:
+def candidates(op: str, M: int, K: int | None = None, tile_k: int | None = None, order: str = "rows",
+               N: int | None = None) -> list[Choice]:
     """Kernels and tile configs worth timing for this op at this M.
+
+    W4A16 in the "fragment" weight order (``--order``) has the Gluon wgmma kernel
+    (``mixed_wgmma.wgmma_candidates``; N and K given) and, from M = 256, dequant-cublas.
 
     The QUIK / COMET / 2:4 ops (``NEW_OPS``) have their Triton kernel (the tiles of the int4 kernels
     that it ``accepts`` for K columns, when given, in its layout tile: ``layout_tile``) and, for 2:4
     at M >= 64, the widen-then-cuBLAS path.
     """
+    if order == "fragment":
+        from lowbit.kernels.mixed_wgmma import wgmma_candidates
+
+        out = [Choice("wgmma", c) for c in wgmma_candidates(M, N, K, torch.cuda.get_device_properties(0).multi_processor_count)]
+        return out + ([Choice("dequant-cublas")] if M >= 256 else [])
     if op in NEW_OPS:
         tk = layout_tile(op, tile_k)
         out = [Choice("triton", c) for c in _triton_tiles(M) if accepts(op, c, K, tk)]
@@ -135,6 +144,9 @@ def main() -> None:
     ap.add_argument("--tile-k", type=int, default=None, choices=(128, 256),
                     help="int4 layout tile (PackedInt4.tile_k) to tune the int4 ops for, default 128 (sparse24: 256; "
                     "w4ax always 128); recorded per op in the table")
+    ap.add_argument("--order", default="rows", choices=("rows", "fragment"),
+                    help="int4 weight order to tune w4a16 in: PackedInt4's rows (every kernel) or FragmentInt4 "
+                    "(the Gluon wgmma kernel, Hopper); recorded in the table's weight_order")
     ap.add_argument("--top", type=int, default=1, help="print the N fastest candidates of each cell")
     ap.add_argument("--merge", action="store_true",
                     help="keep the existing table's entries for the cells not tuned now: those of --out if it "
@@ -153,9 +165,12 @@ def main() -> None:
         with open(base) as f:
             old = json.load(f)
         table["entries"], table["tile_k"] = old["entries"], old.get("tile_k", {})
+        table["weight_order"] = old.get("weight_order", {})
     shapes = parse_shapes(args.shapes)
     ms = [int(m) for m in args.ms.split(",")]
     ops = args.ops.split(",")
+    if args.order == "fragment" and ops != ["w4a16"]:
+        ap.error("--order fragment tunes the w4a16 op only: pass --ops w4a16")
     unknown = [op for op in ops if op not in ALL_OPS]
     if unknown:
         ap.error(f"unknown op(s) {', '.join(unknown)}; ops: {', '.join(ALL_OPS)}")
@@ -166,14 +181,16 @@ def main() -> None:
         # the cells tuned now replace their old entries; other shapes and other M keep theirs
         cells = {(N, K, M) for _, N, K in shapes for M in ms}
         entries = [e for e in table["entries"].get(op, []) if (e["N"], e["K"], e["M"]) not in cells]
+        if op == "w4a16" and table.get("weight_order", {}).get(op, "rows") != args.order:
+            entries = []  # entries of the other weight order name kernels this order's layers cannot run
         for name, N, K in shapes:
             for M in ms:
                 fp16_make, _ = build("fp16", N, K, M, dev)
                 fp16_us = time_us(fp16_make()[0])
                 del fp16_make
-                make, nbytes = build(OP_PATH.get(op, op), N, K, M, dev, tile_k=tile_k)
+                make, nbytes = build(OP_PATH.get(op, op), N, K, M, dev, tile_k=tile_k, order=args.order)
                 results = []
-                for c in candidates(op, M, K, tile_k):
+                for c in candidates(op, M, K, tile_k, args.order, N):
                     try:
                         fn, _ = make(c)
                         results.append((time_us(fn), c))
@@ -195,11 +212,13 @@ def main() -> None:
                         print(f"{'':>40}{tt:9.1f} us  {c.kernel} {c.config_str()}", flush=True)
                 del make
             torch.cuda.empty_cache()
-        table["entries"][op] = entries
-        table["tile_k"][op] = tile_k  # the int4 layout these entries were timed with
-        # written after every op (write_json: a temp file, then a rename), so that a run stopped by a
-        # time limit keeps the ops it finished
-        write_json(out, table)
+            # written after every shape (write_json: a temp file, then a rename), so that a run stopped
+            # by a time limit keeps the cells it finished
+            table["entries"][op] = list(entries)
+            table["tile_k"][op] = tile_k  # the int4 layout these entries were timed with
+            if op == "w4a16":
+                table.setdefault("weight_order", {})[op] = args.order
+            write_json(out, table)
         print(f"-- {op} tuned in {time.time() - t_op:.0f} s; wrote {out}", flush=True)
 
 

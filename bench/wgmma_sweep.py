@@ -21,8 +21,7 @@ from lowbit.kernels.dispatch import Choice
 
 # the first design (w4a16_wgmma.py): (block_m, block_n, num_warps); block_m is the MMA's N side
 CONFIGS = [(bm, bn, w) for bm in (32, 64, 128, 256) for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8))]
-# the pipelined kernels (mixed_wgmma.py): (block_n, num_warps) x stages; split-K 1 and the default's
-PIPE_TILES = ((64, 4), (128, 8), (256, 8))
+# the pipelined kernels (mixed_wgmma.py): mixed_wgmma.wgmma_candidates at these stage counts
 PIPE_STAGES = [4]  # --stages
 # the format each wgmma path stands in for: timed as dispatch runs it today
 BASE = {"w4a16-wgmma": "w4a16", "w4a16-wgmma-direct": "w4a16", "w4a16-wgmma-pipe": "w4a16",
@@ -38,18 +37,9 @@ def fits(M: int, bm: int, least: int = 32) -> bool:
 def candidates(path: str, M: int, N: int, K: int) -> list[TileConfig]:
     if not path.endswith(("-pipe", "-frag")):
         return [TileConfig(block_m=bm, block_n=bn, num_warps=w) for bm, bn, w in CONFIGS if fits(M, bm)]
-    from lowbit.kernels.mixed_wgmma import default_wgmma_config
+    from lowbit.kernels.mixed_wgmma import wgmma_candidates
 
-    out = []
-    for bm in (16, 32, 64, 128):
-        if not fits(M, bm, 16):
-            continue
-        for bn, w in PIPE_TILES:
-            for st in PIPE_STAGES:
-                auto = default_wgmma_config(M, N * 128 // bn, K, 132).split_k if bm == 128 or M <= bm else 1
-                for sk in sorted({1, auto}):
-                    out.append(TileConfig(block_m=bm, block_n=bn, num_warps=w, num_stages=st, split_k=sk))
-    return out
+    return wgmma_candidates(M, N, K, 132, tuple(PIPE_STAGES))
 
 
 def main(argv: list[str] | None = None) -> int:

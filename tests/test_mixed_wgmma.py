@@ -15,12 +15,8 @@ pytest.importorskip("triton")
 
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.kernels.config import TileConfig  # noqa: E402
-from lowbit.kernels.mixed_wgmma import (  # noqa: E402
-    FragmentInt4,
-    default_wgmma_config,
-    w4a8_mixed_wgmma,
-    w4a16_mixed_wgmma,
-)
+from lowbit.kernels.layout import FRAG_BASES, FragmentInt4  # noqa: E402
+from lowbit.kernels.mixed_wgmma import default_wgmma_config, w4a8_mixed_wgmma, w4a16_mixed_wgmma  # noqa: E402
 from lowbit.kernels.reference import w4a8_reference, w4a16_reference  # noqa: E402
 from tests.test_kernels import _rel, _weights  # noqa: E402
 
@@ -36,7 +32,7 @@ from lowbit.kernels.config import TileConfig
 from lowbit.kernels.launch import record_launches
 from lowbit.kernels.mixed_wgmma import w4a8_mixed_wgmma, w4a16_mixed_wgmma
 out = []
-from lowbit.kernels.mixed_wgmma import FragmentInt4
+from lowbit.kernels.layout import FragmentInt4
 for int8, group, bm, bn, warps, stages, split, frag in json.loads(sys.argv[1]):
     w = _random_int4(300, 1280, group, torch.device("cpu"), 128)
     if frag:
@@ -88,9 +84,8 @@ def test_ptx_pipelines_wgmma_behind_cp_async_without_serializing():
 @pytest.mark.parametrize("N, K", [(300, 640), (16, 128), (33, 1000)])
 def test_fragment_order_holds_every_byte_where_its_bases_say(int8, N, K):
     """FragmentInt4 is a permutation of PackedInt4's bytes: byte (16g + r, tile t, j) sits at the
-    offset of g, t and the FRAG_BASES bits that sum to (r, j); rows past N are zero."""
-    from lowbit.kernels.mixed_wgmma import FRAG_BASES
-
+    offset of g, t and the FRAG_BASES bits that sum to (r, j); rows past N are zero; ``to_packed``
+    gives PackedInt4's bytes back exactly."""
     _, _, _, p = _weights(N, K, None, seed=N)
     f = FragmentInt4.from_packed(p, int8)
     n_tiles = p.Kp // 128
@@ -105,13 +100,15 @@ def test_fragment_order_holds_every_byte_where_its_bases_say(int8, N, K):
             for t in range(n_tiles):
                 assert q[g, t, off] == rows[16 * g + r, 64 * t + j]
     assert sorted(q.flatten().tolist()) == sorted(rows.flatten().tolist())
+    back = f.to_packed()
+    assert torch.equal(back.qweight, p.qweight) and back.K == p.K and back.tile_k == p.tile_k
 
 
 def test_errors_name_what_the_kernel_takes():
     _, _, _, p = _weights(64, 256, 128)
     x = torch.randn(3, 256, dtype=torch.float16, device=p.qweight.device)
-    with pytest.raises(LowbitError, match="fp16 activations"):
-        w4a16_mixed_wgmma(x.bfloat16(), p)
+    with pytest.raises(LowbitError, match="fp16 or bf16 activations"):
+        w4a16_mixed_wgmma(x.float(), p)
     _, _, _, p32 = _weights(64, 256, 32)
     with pytest.raises(LowbitError, match="multiple of 64"):
         w4a16_mixed_wgmma(x, p32)
@@ -174,6 +171,23 @@ def test_w4a16_matches_reference_on_hopper(M, K, group, symmetric, frag):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="wgmma needs a Hopper GPU")
+@pytest.mark.parametrize("M", [3, 127])
+@pytest.mark.parametrize("group", [128, None])
+def test_w4a16_bf16_matches_reference_on_hopper(M, group):
+    N, K = 300, 520
+    qw, s, z, p = _weights(N, K, group, False, seed=M)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).cuda().bfloat16()
+    ref = w4a16_reference(x, qw, s, z, group, K)
+    for w in (p, FragmentInt4.from_packed(p, int8=False)):
+        for cfg in _CONFIGS:
+            y = w4a16_mixed_wgmma(x, w, config=cfg)
+            assert y.dtype == torch.bfloat16
+            # bf16 products, and group scales rounded to bf16 in the operand (8 bits: 2e-3 each)
+            assert _rel(y, ref) < 8e-3, cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="wgmma needs a Hopper GPU")
 @pytest.mark.parametrize("M", [1, 17, 127, 200])
 @pytest.mark.parametrize("K, symmetric", [(640, True), (1000, False)])
 @pytest.mark.parametrize("frag", [False, True])
@@ -195,3 +209,70 @@ def test_w4a8_int8_matches_reference_on_hopper(M, K, symmetric, frag):
         assert _rel(y, ref) < 1e-3, cfg
         yb = w4a8_mixed_wgmma(xq, xs, p, torch.float16, bias, config=cfg)
         assert _rel(yb, ref.float() + bias.float()) < 1e-3, cfg
+
+
+def test_fragment_op_reference_equals_the_rows_op_on_cpu():
+    """lowbit::w4a16_frag on the CPU (the reference through ``to_packed``) gives lowbit::w4a16's output
+    bit for bit, and its schema and fake pass opcheck."""
+    from lowbit.kernels import ops
+
+    from lowbit.kernels.layout import pack_for_kernels
+
+    qw, sc, z, _ = _weights(300, 640, 128, symmetric=False, seed=3)
+    p = pack_for_kernels(qw.cpu(), sc.cpu(), z.cpu(), 128, 640)  # on the CPU also where a GPU is
+    f = FragmentInt4.from_packed(p, int8=False)
+    x = torch.randn(5, 640, dtype=torch.float16)
+    bias = torch.randn(300, dtype=torch.float16)
+    rows = ops.w4a16(x, p.qweight, p.scales, p.zeros, None, bias, 128, 640, 128)
+    frag = ops.w4a16_frag(x, f.qweight, f.scales, f.zeros, bias, 128, 640, 300)
+    assert torch.equal(rows, frag)
+    torch.library.opcheck(ops.w4a16_frag, (x, f.qweight, f.scales, f.zeros, bias, 128, 640, 300))
+
+
+def test_table_weight_order_is_checked(tmp_path, monkeypatch):
+    from lowbit.kernels import dispatch
+
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"weight_order": {"w4a16": "columns"}, "entries": {}}))
+    monkeypatch.setenv("LOWBIT_KERNEL_TABLE", str(table))
+    dispatch.load_table.cache_clear()
+    assert dispatch.weight_order(torch.device("cpu"), "w4a16") == "rows"  # the CPU: always rows
+    if torch.cuda.is_available():
+        with pytest.raises(LowbitError, match="weight order 'columns'"):
+            dispatch.weight_order(torch.device("cuda"), "w4a16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="wgmma needs a Hopper GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layers_of_a_fragment_table_run_the_wgmma_kernel_and_match_the_rows_path(dtype, tmp_path, monkeypatch):
+    """A table naming weight_order "fragment" for w4a16 packs W4A16 layers as FragmentInt4; they give
+    what the rows path gives (every M through the table's fallbacks: no entries), keep one copy of
+    their int4 weights, and rebuild the checkpoint's qweight exactly."""
+    from lowbit.formats import ActivationFormat, WeightFormat
+    from lowbit.kernels import dispatch
+    from lowbit.model.qlinear import QuantLinear
+    from lowbit.quant.gptq import rtn_quantize
+
+    g = torch.Generator().manual_seed(0)
+    layer = QuantLinear.from_quantized(rtn_quantize(torch.randn(200, 384, generator=g),
+                                                    WeightFormat(bits=4, group_size=128, method="rtn")),
+                                       ActivationFormat(), in_features=384, dtype=dtype,
+                                       bias=torch.randn(200, generator=g)).cuda()
+    qweight = layer.qweight.clone()
+    assert layer.prepare_kernels()
+    rows_kernel = layer.kernel
+    xs = [torch.randn(M, 384, device="cuda", dtype=dtype) for M in (1, 17, 300)]
+    want = [layer(x) for x in xs]
+    table = tmp_path / "frag.json"
+    table.write_text(json.dumps({"weight_order": {"w4a16": "fragment"}, "entries": {}}))
+    monkeypatch.setenv("LOWBIT_KERNEL_TABLE", str(table))
+    dispatch.load_table.cache_clear()
+    dispatch._choose_cached.cache_clear()
+    assert layer.prepare_kernels()
+    assert isinstance(layer.kernel, FragmentInt4) and not isinstance(rows_kernel, FragmentInt4)
+    tol = 2e-3 if dtype == torch.float16 else 1e-2  # bf16: scales rounded to bf16 in the operand
+    for x, ref in zip(xs, want):
+        assert _rel(layer(x), ref) < tol
+    assert layer.release_checkpoint_layout() > 0
+    assert torch.equal(layer.state_dict()["qweight"], qweight)

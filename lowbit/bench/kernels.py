@@ -152,13 +152,15 @@ def _random_int4(N: int, K: int, group: int | None, device, tile_k: int):
     return pack_for_kernels(qw, s, None, group, K, tile_k=tile_k)
 
 
-def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None) -> tuple[Callable, int]:
+def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None,
+          order: str | None = None) -> tuple[Callable, int]:
     """Inputs for one path at one shape: ``(make, weight bytes)``.
 
     ``make(choice)`` returns ``(fn, description)``; ``fn()`` runs the GEMM once, rotating weight
     copies. ``choice`` None = what dispatch picks (``PRESET_PATHS``: the kernel's default config while
     dispatch has no such op, ``pick_choice``); the tuner passes its candidates (and ``tile_k``, the
-    int4 layout tile it tunes for; default: the one this GPU's table was tuned with, else the kernel's).
+    int4 layout tile it tunes for; default: the one this GPU's table was tuned with, else the kernel's;
+    and for "w4a16" the weight ``order``, "rows" or "fragment": default, the table's ``weight_order``).
     The weight bytes are what one call reads of the weight side (codes, scales, zero points, and for
     ``PRESET_PATHS`` fp16 outlier columns, weight sums, 2:4 patterns).
     """
@@ -232,6 +234,11 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None) 
                 f"gluon wgmma {'default' if cfg is None else dispatch.Choice('triton', cfg).config_str()}"
 
         return make, packs[0].nbytes()
+
+    if path == "w4a16" and (order or dispatch.weight_order(torch.device(device), path)) == "fragment":
+        from lowbit.kernels.layout import FragmentInt4
+
+        packs = [FragmentInt4.from_packed(p, int8=False) for p in packs]
 
     def make(choice=None):
         c = pick(choice)

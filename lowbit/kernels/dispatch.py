@@ -43,7 +43,9 @@ OPS = ("w4a16", "w4a8", "w4a8-g128", "w4a8-fp8", "w8a8-int8", "w8a8-fp8", "w4a4"
 UNTUNED_OPS = ("w4a4", "w4ax", "w4a16-2:4")
 # kernels each op may be run by
 KERNELS = {
-    "w4a16": ("triton", "dequant-cublas"),
+    # wgmma: lowbit.kernels.mixed_wgmma on FragmentInt4 weights (Hopper; tables with weight_order
+    # "fragment" for w4a16 name it, or dequant-cublas, at every M)
+    "w4a16": ("triton", "dequant-cublas", "wgmma"),
     # gemv: lowbit.kernels.gemv (dp4a, no tensor cores) for 1..4 rows of int8 activations, per channel
     "w4a8": ("triton", "gemv", "w4a16-fakequant", "widen-w8a8", "dequant-cublas"),
     "w4a8-g128": ("triton", "w4a16-fakequant", "dequant-cublas"),
@@ -140,6 +142,24 @@ def layout_tile(device: torch.device, op: str) -> int:
     if device.type != "cuda":
         return default
     return int(_device_table(device)[3].get("tile_k", {}).get(op, default))
+
+
+# the int4 weight orders a table may name per op (``weight_order``): PackedInt4's rows, or
+# FragmentInt4 for the Gluon wgmma kernel
+WEIGHT_ORDERS = ("rows", "fragment")
+
+
+def weight_order(device: torch.device, op: str) -> str:
+    """The int4 weight order this GPU's table tuned ``op`` with: "rows" (PackedInt4, every kernel) or
+    "fragment" (FragmentInt4, the wgmma kernel and dequant-cublas only). Fixed when a layer is loaded,
+    like ``layout_tile``; "rows" without a table or on the CPU."""
+    if device.type != "cuda":
+        return "rows"
+    order = _device_table(device)[3].get("weight_order", {}).get(op, "rows")
+    if order not in WEIGHT_ORDERS:
+        raise LowbitError(f"the tuned kernel table names weight order {order!r} for {op}; known: "
+                          f"{', '.join(WEIGHT_ORDERS)}")
+    return order
 
 
 def default_choice(op: str, M: int, N: int, K: int, sms: int) -> Choice:

@@ -20,6 +20,8 @@ Kernel layout (``PackedInt4``), chosen so that a K tile of 128 unpacks with no r
 - Padding columns (K .. Kp) hold code ``zero`` (value 0); the kernels also mask the activations.
 - ``scales`` (G, N) fp16 and ``zeros`` (G, N) uint8, transposed so that the scales of one group for
   a block of output rows are contiguous (one coalesced load per tile instead of N strided ones).
+- ``FragmentInt4``: the same bytes reordered for the Gluon wgmma kernel (see its docstring); dispatch
+  tables name it per op (``weight_order``), and the layer then holds only that order.
 - act-order with ``g_idx``: columns are sorted by group (``perm``) so that groups are contiguous;
   the kernel wrapper gathers ``x[:, perm]`` first (as exllama and Marlin do).
 """
@@ -65,6 +67,90 @@ class PackedInt4:
         """Bytes a GEMM must read for the weights (codes + scales + zeros)."""
         n = self.qweight.numel() + self.scales.numel() * 2
         return n + (self.zeros.numel() if self.zeros is not None else 0)
+
+
+# Where each byte of a 16-row x 64-byte tile lies in FragmentInt4: bit b of a byte's offset in the
+# tile's 1024 bytes moves it by FRAG_BASES[int8][b] (rows, byte columns). The first five bits are the
+# register bits of Hopper wgmma's register operand in lowbit.kernels.mixed_wgmma (DotOperandLayout; ``gl.to_linear_layout`` prints them:
+# fp16 k_width 2 [k+1, row+8, k+8, k+16, k+32], int8 k_width 4 [k+1, k+2, row+8, k+16, k+32]), then
+# its lane bits [2 along k, 3 along rows]: so each thread's bytes of a step are 32 contiguous bytes
+# (two 16-byte shared loads) and a warp's are 512 contiguous bytes (no bank conflicts).
+FRAG_BASES = {
+    False: ((0, 1), (8, 0), (0, 8), (0, 16), (0, 32), (0, 2), (0, 4), (1, 0), (2, 0), (4, 0)),
+    True: ((0, 1), (0, 2), (8, 0), (0, 16), (0, 32), (0, 4), (0, 8), (1, 0), (2, 0), (4, 0)),
+}
+
+
+@dataclass
+class FragmentInt4:
+    """PackedInt4's int4 weights (128-column tiles) reordered for the register operand of Hopper's wgmma
+    (``lowbit.kernels.mixed_wgmma``): its packed weights reach shared memory as they lie and each thread
+    reads its bytes 16 at a time (PackedInt4's rows there: 2 at a time).
+
+    ``qweight`` (ceil(N / 16), n_tiles * 1024) uint8: row g holds rows 16g .. 16g + 15 of the weight,
+    tile t (columns 128t .. 128t + 127) is bytes 1024t .. 1024t + 1023 of it, and within a tile the byte
+    of (row 16g + r, tile byte j) (PackedInt4's byte j: column j in the low nibble, j + 64 in the high)
+    lies at the offset whose bits pick ``FRAG_BASES[int8]`` summing to (r, j). Rows past N are zero.
+    ``scales``, ``zeros``, ``group_size``, ``K`` as in PackedInt4. The order differs for fp16 and int8
+    MMAs (``int8``)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    group_size: int | None
+    K: int
+    N: int
+    int8: bool
+    perm: None = None
+    tile_k: int = TILE_K
+
+    @property
+    def Kp(self) -> int:
+        return self.qweight.shape[1] // 1024 * self.tile_k
+
+    def nbytes(self) -> int:
+        n = self.qweight.numel() + self.scales.numel() * 2
+        return n + (self.zeros.numel() if self.zeros is not None else 0)
+
+    @classmethod
+    def from_packed(cls, w: PackedInt4, int8: bool) -> "FragmentInt4":
+        if w.tile_k != TILE_K or w.perm is not None:
+            raise LowbitError(f"FragmentInt4 takes 128-column tiles without act-order, got tile {w.tile_k}, "
+                              f"act-order {w.perm is not None}")
+        N, n_tiles = w.N, w.Kp // w.tile_k
+        q = torch.nn.functional.pad(w.qweight, (0, 0, 0, -N % 16))  # (N16 * 16, n_tiles * 64)
+        # (g, r, t, j) with r and j split into their bits, MSB first -> (g, t, offset bits, MSB first)
+        q = q.view(-1, *[2] * 4, n_tiles, *[2] * 6)
+        q = q.permute(0, 5, *[_FRAG_DIM_OF_BIT[int8][b] for b in range(9, -1, -1)])
+        return cls(q.reshape(-1, n_tiles * 1024).contiguous(), w.scales, w.zeros, w.group_size, w.K, N, int8)
+
+    def to_packed(self) -> PackedInt4:
+        """The same weights back in PackedInt4's row order (exactly: ``from_packed``'s inverse)."""
+        n_tiles = self.qweight.shape[1] // 1024
+        q = self.qweight.view(-1, n_tiles, *[2] * 10)  # (g, t, offset bits MSB first)
+        src = _FRAG_BIT_OF_DIM[self.int8]
+        q = q.permute(0, *[2 + 9 - src[d] for d in range(4)], 1, *[2 + 9 - src[d] for d in range(4, 10)])
+        q = q.reshape(-1, n_tiles * 64)[: self.N].contiguous()
+        return PackedInt4(q, self.scales, self.zeros, self.group_size, self.K, None, TILE_K)
+
+
+def _bit_maps(bases) -> tuple[dict[int, int], list[int]]:
+    """For the (row, byte) view of a tile, split into bits MSB first (rows 8 4 2 1, then bytes 32 16 8 4
+    2 1: view dims 1-4 and 6-11 of (g, r bits, t, j bits)): the view dim each offset bit comes from,
+    and for each of the 10 (row, byte) bits the offset bit that holds it."""
+    dims = {(8, 0): 1, (4, 0): 2, (2, 0): 3, (1, 0): 4, (0, 32): 6, (0, 16): 7, (0, 8): 8, (0, 4): 9, (0, 2): 10,
+            (0, 1): 11}
+    dim_of_bit = {b: dims[tuple(v)] for b, v in enumerate(bases)}
+    order = [(8, 0), (4, 0), (2, 0), (1, 0), (0, 32), (0, 16), (0, 8), (0, 4), (0, 2), (0, 1)]
+    bit_of_dim = [next(b for b, v in enumerate(bases) if tuple(v) == o) for o in order]
+    return dim_of_bit, bit_of_dim
+
+
+# offset bit b of the fragment order <- this dim of the (g, r bits, t, j bits) view (from_packed), and
+# the offset bit holding each (row, byte) bit, MSB first (to_packed): both orders are bit permutations,
+# so the repacking is one strided copy (a gather of bytes through an index ran at ~90 GB/s on the H200)
+_FRAG_DIM_OF_BIT = {k: _bit_maps(v)[0] for k, v in FRAG_BASES.items()}
+_FRAG_BIT_OF_DIM = {k: _bit_maps(v)[1] for k, v in FRAG_BASES.items()}
 
 
 def _interleave(u: torch.Tensor, tile_k: int) -> torch.Tensor:

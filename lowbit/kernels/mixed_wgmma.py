@@ -28,14 +28,12 @@ exact in int8, exact int32 accumulation, both scales in the fp32 epilogue.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
 from lowbit.kernels.launch import cdiv, triton_launch
-from lowbit.kernels.layout import PackedInt4
+from lowbit.kernels.layout import FRAG_BASES, FragmentInt4, PackedInt4
 from lowbit.kernels.splitk import reserve
 from lowbit.kernels.unpack import I8_HI_ASM, I8_LO_ASM
 from lowbit.kernels.w4a16 import check_activation
@@ -55,24 +53,50 @@ _HALF = 64  # columns per tile half (layout.TILE_K = 128: low nibbles, then high
 HALF = gl.constexpr(_HALF)
 
 
-def _f16_asm(hi: bool, grouped: bool) -> str:
-    """Four packed bytes ($2) -> four fp16 weights ($0, $1: elements 0-1 and 2-3) of their low or high
-    nibbles: the bytes reordered (0, 2, 1, 3) so each fp16 half lines up with its own byte (the
-    operation stays elementwise, as inline_asm_elementwise requires), 1024 + u by mask-and-exponent
-    (``lowbit.kernels.unpack``), minus 1024 + zero ($3, $4) exactly, times the group scale ($5, $6)
-    with one rounding: fp16x2 instructions throughout (Triton's own code for the subtraction and the
-    product after an asm block was scalar fp16, twice the instructions, in this kernel's PTX)."""
+def _float_asm(hi: bool, grouped: bool, bf16: bool) -> str:
+    """Four packed bytes ($2) -> four 16-bit weights ($0, $1: elements 0-1 and 2-3) of their low or
+    high nibbles: the bytes reordered (0, 2, 1, 3) so each half lines up with its own byte (the
+    operation stays elementwise, as inline_asm_elementwise requires), BASE + u by mask-and-exponent
+    (``lowbit.kernels.unpack``: BASE 1024 in fp16, 128 in bf16), minus BASE + zero ($3, $4) exactly,
+    times the group scale ($5, $6) with one rounding; x2 instructions throughout (Triton's own code
+    for the subtraction and the product after an asm block was scalar, twice the instructions)."""
     s0, s1 = (4, 12) if hi else (0, 8)
+    t, pattern = ("bf16x2", "0x43004300") if bf16 else ("f16x2", "0x64006400")
     lines = ["{ .reg .b32 t, u;", "prmt.b32 t, $2, 0, 0x3120;"]
     for out, shift, z, sc in (("$0", s0, "$3", "$5"), ("$1", s1, "$4", "$6")):
-        lines += [f"shr.b32 u, t, {shift};", "lop3.b32 u, u, 0x000F000F, 0x64006400, 0xEA;"]
-        lines += [f"sub.f16x2 u, u, {z};", f"mul.rn.f16x2 {out}, u, {sc};"] if grouped else [f"sub.f16x2 {out}, u, {z};"]
+        lines += [f"shr.b32 u, t, {shift};", f"lop3.b32 u, u, 0x000F000F, {pattern}, 0xEA;"]
+        lines += [f"sub.rn.{t} u, u, {z};", f"mul.rn.{t} {out}, u, {sc};"] if grouped else [f"sub.rn.{t} {out}, u, {z};"]
     return "\n".join(lines + ["}"])
 
 
-F16_ASM = {(hi, g): gl.constexpr(_f16_asm(hi, g)) for hi in (False, True) for g in (False, True)}
-_F16_LO, _F16_HI = F16_ASM[(False, False)], F16_ASM[(True, False)]
-_F16_LO_G, _F16_HI_G = F16_ASM[(False, True)], F16_ASM[(True, True)]
+# (hi, grouped) -> asm, fp16 and bf16 (constexpr: a @gluon.jit function may only read globals that are)
+_F16 = {(h, g): gl.constexpr(_float_asm(h, g, False)) for h in (False, True) for g in (False, True)}
+_BF16 = {(h, g): gl.constexpr(_float_asm(h, g, True)) for h in (False, True) for g in (False, True)}
+_F16_LO, _F16_HI, _F16_LO_G, _F16_HI_G = _F16[(False, False)], _F16[(True, False)], _F16[(False, True)], _F16[(True, True)]
+_BF16_LO, _BF16_HI = _BF16[(False, False)], _BF16[(True, False)]
+_BF16_LO_G, _BF16_HI_G = _BF16[(False, True)], _BF16[(True, True)]
+
+
+@gluon.jit
+def _asm16(b, z, sc, HI: gl.constexpr, GROUPED: gl.constexpr, BF16: gl.constexpr):
+    """One nibble half of packed bytes b as 16-bit (u - zero) [* scale] (_float_asm)."""
+    if GROUPED:
+        if BF16:
+            out = gl.inline_asm_elementwise(_BF16_HI_G if HI else _BF16_LO_G, "=r,=r,r,r,r,r,r", [b, z, sc],
+                                            dtype=gl.bfloat16,
+                                            is_pure=True, pack=4)
+        else:
+            out = gl.inline_asm_elementwise(_F16_HI_G if HI else _F16_LO_G, "=r,=r,r,r,r,r,r", [b, z, sc],
+                                            dtype=gl.float16,
+                                            is_pure=True, pack=4)
+    else:
+        if BF16:
+            out = gl.inline_asm_elementwise(_BF16_HI if HI else _BF16_LO, "=r,=r,r,r,r", [b, z], dtype=gl.bfloat16,
+                                            is_pure=True, pack=4)
+        else:
+            out = gl.inline_asm_elementwise(_F16_HI if HI else _F16_LO, "=r,=r,r,r,r", [b, z], dtype=gl.float16,
+                                            is_pure=True, pack=4)
+    return out
 
 
 @gluon.jit
@@ -85,19 +109,15 @@ def _convert(b, z_lo, z_hi, s_lo, s_hi, INT8: gl.constexpr, GROUPED: gl.constexp
         lo = gl.inline_asm_elementwise(I8_LO_ASM, "=r,r", [b], dtype=gl.int8, is_pure=True, pack=4)
         hi = gl.inline_asm_elementwise(I8_HI_ASM, "=r,r", [b], dtype=gl.int8, is_pure=True, pack=4)
     else:
-        # (u - zero) [* group scale] in fp16, four weights per asm block (_f16_asm)
-        zl = gl.broadcast(z_lo[:, None] + 1024.0, b)[0]
-        zh = gl.broadcast(z_hi[:, None] + 1024.0, b)[0]
-        if GROUPED:
-            sl = gl.broadcast(s_lo[:, None], b)[0]
-            sh = gl.broadcast(s_hi[:, None], b)[0]
-            lo = gl.inline_asm_elementwise(_F16_LO_G, "=r,=r,r,r,r,r,r", [b, zl, sl], dtype=gl.float16,
-                                           is_pure=True, pack=4)
-            hi = gl.inline_asm_elementwise(_F16_HI_G, "=r,=r,r,r,r,r,r", [b, zh, sh], dtype=gl.float16,
-                                           is_pure=True, pack=4)
-        else:
-            lo = gl.inline_asm_elementwise(_F16_LO, "=r,=r,r,r,r", [b, zl], dtype=gl.float16, is_pure=True, pack=4)
-            hi = gl.inline_asm_elementwise(_F16_HI, "=r,=r,r,r,r", [b, zh], dtype=gl.float16, is_pure=True, pack=4)
+        # (u - zero) [* group scale] in fp16 / bf16 (z_*, s_* in that dtype), four weights per asm block
+        BF16: gl.constexpr = z_lo.dtype == gl.bfloat16
+        BASE: gl.constexpr = 128.0 if BF16 else 1024.0
+        zl = gl.broadcast(z_lo[:, None] + BASE, b)[0]
+        zh = gl.broadcast(z_hi[:, None] + BASE, b)[0]
+        sl = gl.broadcast(s_lo[:, None], b)[0]
+        sh = gl.broadcast(s_hi[:, None], b)[0]
+        lo = _asm16(b, zl, sl, False, GROUPED, BF16)
+        hi = _asm16(b, zh, sh, True, GROUPED, BF16)
     return lo, hi
 
 
@@ -106,8 +126,8 @@ def _group_params(s_ptr, z_ptr, k, rn, N, group_size, last_group, zdt: gl.conste
     """Scales and zero points of the two halves of the tile starting at column k, per weight row."""
     g_lo = gl.minimum(k // group_size, last_group)
     g_hi = gl.minimum((k + HALF) // group_size, last_group)
-    s_lo = gl.load(s_ptr + g_lo * N + rn)
-    s_hi = gl.load(s_ptr + g_hi * N + rn)
+    s_lo = gl.load(s_ptr + g_lo * N + rn).to(zdt)  # fp16 scales: rounded to bf16 for a bf16 operand
+    s_hi = gl.load(s_ptr + g_hi * N + rn).to(zdt)
     z_lo = gl.full(rn.shape, 8, zdt, layout=rn.type.layout)
     z_hi = z_lo
     if HAS_ZEROS:
@@ -168,7 +188,7 @@ def _mixed_wgmma_kernel(
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
     pid_k = gl.program_id(2)
-    op_dt: gl.constexpr = gl.int8 if INT8 else gl.float16
+    op_dt: gl.constexpr = gl.int8 if INT8 else x_ptr.dtype.element_ty
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_M, 32 if INT8 else 16])
     a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4 if INT8 else 2)
@@ -216,8 +236,8 @@ def _mixed_wgmma_kernel(
 
     rows: gl.constexpr = gl.SliceLayout(1, a_op)
     rn = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=rows), N - 1)
-    zdt: gl.constexpr = gl.int8 if INT8 else gl.float16
-    s_lo = gl.full([BLOCK_N], 1.0, gl.float16, layout=rows)  # per channel: scaled in the epilogue
+    zdt: gl.constexpr = op_dt
+    s_lo = gl.full([BLOCK_N], 1.0, gl.float16 if INT8 else op_dt, layout=rows)  # per channel: in the epilogue
     s_hi = s_lo
     z_lo = gl.full([BLOCK_N], 8, zdt, layout=rows)  # symmetric: the implicit 8
     if HAS_ZEROS and not GROUPED and not INT8:  # int8: in the epilogue
@@ -298,72 +318,6 @@ def _mixed_wgmma_kernel(
             gl.store(lock, 0)
 
 
-# Where each byte of a 16-row x 64-byte tile lies in FragmentInt4: bit b of a byte's offset in the
-# tile's 1024 bytes moves it by FRAG_BASES[int8][b] (rows, byte columns). The first five bits are the
-# register bits of wgmma's register operand (DotOperandLayout; ``gl.to_linear_layout`` prints them:
-# fp16 k_width 2 [k+1, row+8, k+8, k+16, k+32], int8 k_width 4 [k+1, k+2, row+8, k+16, k+32]), then
-# its lane bits [2 along k, 3 along rows]: so each thread's bytes of a step are 32 contiguous bytes
-# (two 16-byte shared loads) and a warp's are 512 contiguous bytes (no bank conflicts).
-FRAG_BASES = {
-    False: ((0, 1), (8, 0), (0, 8), (0, 16), (0, 32), (0, 2), (0, 4), (1, 0), (2, 0), (4, 0)),
-    True: ((0, 1), (0, 2), (8, 0), (0, 16), (0, 32), (0, 4), (0, 8), (1, 0), (2, 0), (4, 0)),
-}
-
-
-@dataclass
-class FragmentInt4:
-    """PackedInt4's int4 weights (128-column tiles) reordered for this kernel's register operand.
-
-    ``qweight`` (ceil(N / 16), n_tiles * 1024) uint8: row g holds rows 16g .. 16g + 15 of the weight,
-    tile t (columns 128t .. 128t + 127) is bytes 1024t .. 1024t + 1023 of it, and within a tile the byte
-    of (row 16g + r, tile byte j) (PackedInt4's byte j: column j in the low nibble, j + 64 in the high)
-    lies at the offset whose bits pick ``FRAG_BASES[int8]`` summing to (r, j). Rows past N are zero.
-    ``scales``, ``zeros``, ``group_size``, ``K`` as in PackedInt4. The order differs for fp16 and int8
-    MMAs (``int8``)."""
-
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor | None
-    group_size: int | None
-    K: int
-    N: int
-    int8: bool
-    perm: None = None
-    tile_k: int = 2 * _HALF
-
-    @property
-    def Kp(self) -> int:
-        return self.qweight.shape[1] // 1024 * self.tile_k
-
-    def nbytes(self) -> int:
-        n = self.qweight.numel() + self.scales.numel() * 2
-        return n + (self.zeros.numel() if self.zeros is not None else 0)
-
-    @classmethod
-    def from_packed(cls, w: PackedInt4, int8: bool) -> "FragmentInt4":
-        if w.tile_k != 2 * _HALF or w.perm is not None:
-            raise LowbitError(f"FragmentInt4 takes 128-column tiles without act-order, got tile {w.tile_k}, "
-                              f"act-order {w.perm is not None}")
-        N, n_tiles = w.N, w.Kp // w.tile_k
-        rows, cols = _frag_index(int8, w.qweight.device)
-        q = torch.nn.functional.pad(w.qweight, (0, 0, 0, -N % 16))  # (N16 * 16, n_tiles * 64)
-        q = q.view(-1, 16, n_tiles, _HALF).permute(0, 2, 1, 3).reshape(-1, n_tiles, 16 * _HALF)
-        q = q[:, :, rows * _HALF + cols].reshape(-1, n_tiles * 1024).contiguous()
-        return cls(q, w.scales, w.zeros, w.group_size, w.K, N, int8)
-
-
-def _frag_index(int8: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, byte) of the tile for each of the 1024 offsets of the fragment order."""
-    off = torch.arange(1024, device=device)
-    rows = torch.zeros_like(off)
-    cols = torch.zeros_like(off)
-    for b, (dr, dc) in enumerate(FRAG_BASES[int8]):
-        bit = (off >> b) & 1
-        rows += bit * dr
-        cols += bit * dc
-    return rows, cols
-
-
 def _frag_layout(int8: bool, block_n: int):
     """The (block_n, 64) view of a block's fragment-ordered bytes in shared memory, for the kernel."""
     groups = [(16 << i, 0) for i in range((block_n // 16).bit_length() - 1)]
@@ -389,6 +343,23 @@ def default_wgmma_config(M: int, N: int, K: int, sms: int) -> TileConfig:
     tiles = cdiv(M, bm) * cdiv(N, 128)
     split = max(1, min(8, (2 * sms) // max(tiles, 1), cdiv(K, 128) // 4))
     return TileConfig(block_m=bm, block_n=128, num_warps=8, num_stages=4, split_k=split)
+
+
+def wgmma_candidates(M: int, N: int, K: int, sms: int, stages: tuple[int, ...] = (4,)) -> list[TileConfig]:
+    """Tiles worth timing at this M (bench/tune_kernels.py, bench/wgmma_sweep.py): block_m the smallest
+    power of two >= M (16-128) and down to a quarter of it, 64 weight rows on 4 warps or 128 / 256 on 8
+    (the H200 sweep's winners, docs/kernels.md), each without split-K and with the default's split."""
+    top = min(128, max(16, 1 << (max(M, 1) - 1).bit_length()))
+    out = []
+    for bm in (16, 32, 64, 128):
+        if bm > top or bm * 4 < top:
+            continue
+        for bn, warps in ((64, 4), (128, 8), (256, 8)):
+            split = default_wgmma_config(min(M, bm), N * 128 // bn, K, sms).split_k
+            for st in stages:
+                for sk in sorted({1, split}):
+                    out.append(TileConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=st, split_k=sk))
+    return out
 
 
 def _check_config(cfg: TileConfig) -> None:
@@ -430,11 +401,11 @@ def _launch(x, xs, w: PackedInt4 | FragmentInt4, bias, cfg: TileConfig, out_dtyp
 
 def w4a16_mixed_wgmma(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None,
                       config: TileConfig | None = None) -> torch.Tensor:
-    """x (M, K) fp16 @ W^T -> (M, N) fp16; ``w`` from ``pack_for_kernels`` (128-column tiles).
+    """x (M, K) fp16 or bf16 @ W^T -> (M, N) in x's dtype; ``w`` a PackedInt4 (128-column tiles) or FragmentInt4.
 
     ``config``: block_m activation rows per program (the MMA's N side, 16-256), block_n weight rows (a
     multiple of 16 per warp), num_stages shared-memory slots, split_k programs per output tile."""
-    check_activation(x, w.K, (torch.float16,), "w4a16 wgmma")
+    check_activation(x, w.K, (torch.float16, torch.bfloat16), "w4a16 wgmma")
     if not mixed_wgmma_takes(w):
         raise LowbitError("the w4a16 wgmma kernel takes 128-column tiles, no act-order, and groups of a multiple "
                           f"of {_HALF} columns; got tile {w.tile_k}, group {w.group_size}, act-order "

@@ -6,6 +6,8 @@ known then), and has a fake implementation (shape and dtype only) for ``torch.co
 a CPU tensor the op runs the PyTorch reference instead: same numerics, no Triton.
 
 - ``lowbit::w4a16``  (x, qweight, scales, zeros?, perm?, bias?, group_size, K, tile_k)
+- ``lowbit::w4a16_frag`` (x, qweight, scales, zeros?, bias?, group_size, K, N): the same GEMM on the
+  tensors of a ``FragmentInt4`` (the weight order of the Gluon wgmma kernel)
 - ``lowbit::w4a8``   (x, qweight, scales, zeros?, perm?, smooth?, bias?, group_size, K, tile_k, act_dtype)
 - ``lowbit::w8a8``   (x, wq, w_scale, smooth?, bias?)   activations quantized like ``wq``'s dtype
 - ``lowbit::w4a8_quantized`` / ``lowbit::w8a8_quantized``: the same GEMMs on activations a fused kernel
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor
 
 from lowbit.kernels import dispatch, run
-from lowbit.kernels.layout import PackedInt4, unpack_kernel_codes
+from lowbit.kernels.layout import FragmentInt4, PackedInt4, unpack_kernel_codes
 
 if TYPE_CHECKING:
     from lowbit.kernels.sparse24 import PackedSparse24
@@ -99,6 +101,25 @@ EAGER[w4a16] = _w4a16
 @w4a16.register_fake
 def _(x, qweight, scales, zeros, perm, bias, group_size, K, tile_k):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def _w4a16_frag(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Tensor | None,
+                group_size: int, K: int, N: int) -> Tensor:
+    w = FragmentInt4(qweight, scales, zeros, group_size or None, K, N, int8=False)
+    x2 = x.reshape(-1, K)
+    if x.device.type != "cuda":
+        return _finish(x2.float() @ _dequant_reference(w.to_packed()).t(), bias, x).reshape(*x.shape[:-1], N)
+    choice = dispatch.choose("w4a16", x2.shape[0], N, K, x.device)
+    return run.run_w4a16(x2, w, choice, bias).reshape(*x.shape[:-1], N)
+
+
+w4a16_frag = torch.library.custom_op("lowbit::w4a16_frag", _w4a16_frag, mutates_args=())
+EAGER[w4a16_frag] = _w4a16_frag
+
+
+@w4a16_frag.register_fake
+def _(x, qweight, scales, zeros, bias, group_size, K, N):
+    return x.new_empty(*x.shape[:-1], N)
 
 
 def w4a8_op_name(group_size: int, act_dtype: str) -> str:

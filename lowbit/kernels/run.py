@@ -15,12 +15,21 @@ from lowbit.kernels.dispatch import Choice, default_choice
 
 
 def run_w4a16(x: torch.Tensor, w, choice: Choice, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) fp16/bf16, w ``PackedInt4`` -> (M, N) in x's dtype."""
+    """x (M, K) fp16/bf16, w ``PackedInt4`` or ``FragmentInt4`` -> (M, N) in x's dtype."""
+    from lowbit.kernels.layout import FragmentInt4
     from lowbit.kernels.w4a16 import w4a16_matmul
 
+    if isinstance(w, FragmentInt4) and choice.kernel != "dequant-cublas":
+        from lowbit.kernels.mixed_wgmma import w4a16_mixed_wgmma
+
+        # a choice for another kernel (a table beyond its tuned range: default_choice) keeps only
+        # the wgmma kernel's own default tile
+        return w4a16_mixed_wgmma(x, w, bias, choice.config if choice.kernel == "wgmma" else None)
     if choice.kernel == "dequant-cublas":  # large M: widen once, then cuBLAS fp16/bf16
         from lowbit.kernels.widen import widen_int4
 
+        if isinstance(w, FragmentInt4):  # back to rows first (a gather of the int4 bytes)
+            w = w.to_packed()
         if w.perm is not None:
             x = x.index_select(1, w.perm)
         y = x @ widen_int4(w, x.dtype).t()

@@ -13,7 +13,7 @@ import torch
 
 from lowbit.kernels import ops
 from lowbit.kernels.activations import ActQuantSpec, QuantizedActivations
-from lowbit.kernels.layout import TILE_K, PackedInt4, checkpoint_qweight, pack_for_kernels
+from lowbit.kernels.layout import TILE_K, FragmentInt4, PackedInt4, checkpoint_qweight, pack_for_kernels
 from lowbit.methods.base import FormatMethod, QuantTensors
 
 
@@ -34,8 +34,8 @@ class _Int4Dense(FormatMethod):
     def pack(self, layer: QuantTensors, tile_k: int | None = None) -> PackedInt4:
         return _pack(layer, tile_k)
 
-    def checkpoint_qweight(self, layer: QuantTensors, p: PackedInt4) -> torch.Tensor:
-        return checkpoint_qweight(p)
+    def checkpoint_qweight(self, layer: QuantTensors, p: PackedInt4 | FragmentInt4) -> torch.Tensor:
+        return checkpoint_qweight(p.to_packed() if isinstance(p, FragmentInt4) else p)
 
 
 class W4A16(_Int4Dense):
@@ -46,7 +46,23 @@ class W4A16(_Int4Dense):
     def takes(self, layer: QuantTensors) -> bool:
         return _int4(layer) and layer.afmt.bits is None and layer.smooth is None
 
-    def apply(self, layer: QuantTensors, p: PackedInt4, x: torch.Tensor) -> torch.Tensor:
+    def pack(self, layer: QuantTensors, tile_k: int | None = None) -> PackedInt4 | FragmentInt4:
+        """PackedInt4, or FragmentInt4 where this GPU's table tuned W4A16 in that order (the Gluon wgmma
+        kernel, Hopper) and the kernel takes the layer (no act-order, groups of a multiple of 64)."""
+        from lowbit.kernels.dispatch import weight_order
+
+        p = _pack(layer, tile_k)
+        if weight_order(p.qweight.device, self.table_op) == "fragment":
+            from lowbit.kernels.mixed_wgmma import mixed_wgmma_takes  # Gluon: imported on a GPU only
+
+            if mixed_wgmma_takes(p):
+                return FragmentInt4.from_packed(p, int8=False)
+        return p
+
+    def apply(self, layer: QuantTensors, p: PackedInt4 | FragmentInt4, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(p, FragmentInt4):
+            return ops.run_op(ops.w4a16_frag, x, p.qweight, p.scales, p.zeros, layer.bias, p.group_size or 0, p.K,
+                              p.N)
         return ops.run_op(ops.w4a16, x, p.qweight, p.scales, p.zeros, p.perm, layer.bias, p.group_size or 0, p.K,
                           p.tile_k)
 
