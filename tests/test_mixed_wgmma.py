@@ -247,8 +247,8 @@ def test_table_weight_order_is_checked(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_layers_of_a_fragment_table_run_the_wgmma_kernel_and_match_the_rows_path(dtype, tmp_path, monkeypatch):
     """A table naming weight_order "fragment" for w4a16 packs W4A16 layers as FragmentInt4; they give
-    what the rows path gives (every M through the table's fallbacks: no entries), keep one copy of
-    their int4 weights, and rebuild the checkpoint's qweight exactly."""
+    what the rows path gives, keep one copy of their int4 weights, and rebuild the checkpoint's qweight
+    exactly. A layer the wgmma kernel does not take keeps the rows and runs the Triton kernel."""
     from lowbit.formats import ActivationFormat, WeightFormat
     from lowbit.kernels import dispatch
     from lowbit.model.qlinear import QuantLinear
@@ -265,7 +265,10 @@ def test_layers_of_a_fragment_table_run_the_wgmma_kernel_and_match_the_rows_path
     xs = [torch.randn(M, 384, device="cuda", dtype=dtype) for M in (1, 17, 300)]
     want = [layer(x) for x in xs]
     table = tmp_path / "frag.json"
-    table.write_text(json.dumps({"weight_order": {"w4a16": "fragment"}, "entries": {}}))
+    # one entry, for every M up to 2048: the wgmma kernel at a tile the Triton kernel could not take
+    cfg = dict(block_m=64, block_n=256, block_k=128, split_k=2, num_warps=8, num_stages=4, swap=False)
+    table.write_text(json.dumps({"weight_order": {"w4a16": "fragment"}, "entries": {"w4a16": [
+        {"N": 200, "K": 384, "M": 512, "kernel": "wgmma", "us": 1.0, "config": cfg}]}}))
     monkeypatch.setenv("LOWBIT_KERNEL_TABLE", str(table))
     dispatch.load_table.cache_clear()
     dispatch._choose_cached.cache_clear()
@@ -276,3 +279,11 @@ def test_layers_of_a_fragment_table_run_the_wgmma_kernel_and_match_the_rows_path
         assert _rel(layer(x), ref) < tol
     assert layer.release_checkpoint_layout() > 0
     assert torch.equal(layer.state_dict()["qweight"], qweight)
+    # groups of 32: the wgmma kernel does not take them; the layer keeps the rows and the table's
+    # wgmma entries fall back to the Triton kernel
+    small = QuantLinear.from_quantized(rtn_quantize(torch.randn(200, 384, generator=g),
+                                                    WeightFormat(bits=4, group_size=32, method="rtn")),
+                                       ActivationFormat(), in_features=384, dtype=dtype).cuda()
+    ref = small(xs[1])
+    assert small.prepare_kernels() and not isinstance(small.kernel, FragmentInt4)
+    assert _rel(small(xs[1]), ref) < tol

@@ -28,12 +28,19 @@ def run_w4a16(x: torch.Tensor, w, choice: Choice, bias: torch.Tensor | None = No
     if choice.kernel == "dequant-cublas":  # large M: widen once, then cuBLAS fp16/bf16
         from lowbit.kernels.widen import widen_int4
 
-        if isinstance(w, FragmentInt4):  # back to rows first (a gather of the int4 bytes)
+        if isinstance(w, FragmentInt4):  # back to rows first (one strided copy of the int4 bytes)
             w = w.to_packed()
         if w.perm is not None:
             x = x.index_select(1, w.perm)
         y = x @ widen_int4(w, x.dtype).t()
         return y if bias is None else y + bias.to(y.dtype)  # a bias in another dtype must not promote y
+    if choice.kernel == "wgmma":
+        # a table in the fragment order, for a layer its kernel does not take in that order (act-order,
+        # groups of 32): the Triton kernel, with the heuristic tile (a wgmma tile may not fit it)
+        from lowbit.kernels.dispatch import default_choice
+
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        choice = default_choice("w4a16", x.shape[0], w.N, w.K, sms)
     return w4a16_matmul(x, w, bias, choice.config)
 
 
