@@ -103,7 +103,8 @@ def candidates(op: str, M: int, K: int | None = None, tile_k: int | None = None,
     """Kernels and tile configs worth timing for this op at this M.
 
     W4A16 in the "fragment" weight order (``--order``) has the Gluon wgmma kernel
-    (``mixed_wgmma.wgmma_candidates``; N and K given) and, from M = 256, dequant-cublas.
+    (``mixed_wgmma.wgmma_candidates``, 4 and 6 stages up to M = 32; N and K given), the fragment GEMV
+    up to its 4 rows, and from M = 256 dequant-cublas.
 
     The QUIK / COMET / 2:4 ops (``NEW_OPS``) have their Triton kernel (the tiles of the int4 kernels
     that it ``accepts`` for K columns, when given, in its layout tile: ``layout_tile``) and, for 2:4
@@ -112,7 +113,14 @@ def candidates(op: str, M: int, K: int | None = None, tile_k: int | None = None,
     if order == "fragment":
         from lowbit.kernels.mixed_wgmma import wgmma_candidates
 
-        out = [Choice("wgmma", c) for c in wgmma_candidates(M, N, K, torch.cuda.get_device_properties(0).multi_processor_count)]
+        from lowbit.kernels.gemv_frag import FRAG_GEMV_MAX_M, default_frag_gemv_config
+
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        out = [Choice("wgmma", c) for c in wgmma_candidates(M, N, K, sms, (4, 6) if M <= 32 else (4,))]
+        if M <= FRAG_GEMV_MAX_M:  # the fragment GEMV: 1-8 row groups per program, split-K around its default
+            split = default_frag_gemv_config(N, K, sms).split_k
+            out += [Choice("gemv", TileConfig(block_m=16, block_n=bn, split_k=sk, num_warps=8, num_stages=1))
+                    for bn in (16, 32, 64, 128) for sk in sorted({1, split, 2 * split})]
         return out + ([Choice("dequant-cublas")] if M >= 256 else [])
     if op in NEW_OPS:
         tk = layout_tile(op, tile_k)

@@ -86,7 +86,8 @@ kern="skipped"
 if want kernels; then
   python3 -m pytest -q -p no:cacheprovider $par tests/test_kernels.py tests/test_kernel_ops.py tests/test_w4a4_kernels.py \
     tests/test_w4ax_kernels.py tests/test_sparse24_kernels.py tests/test_new_format_ops.py \
-    tests/test_bench_new_formats.py tests/test_launch.py tests/test_w4a16_wgmma.py 2>&1 | tee "$OUTDIR/kernels.log"
+    tests/test_bench_new_formats.py tests/test_launch.py tests/test_w4a16_wgmma.py tests/test_mixed_wgmma.py \
+    tests/test_gemv_frag.py 2>&1 | tee "$OUTDIR/kernels.log"
   kern=$(tail -n 1 "$OUTDIR/kernels.log")
 fi
 eng="skipped"

@@ -38,8 +38,14 @@ def test_70b_in_fp16_does_not_fit_an_h200_and_w4_does():
 def test_predicted_ranking_agrees_with_the_measured_one_on_the_h200():
     """bench e2e on the H200, 2026-12-01, Llama-3-8B shape, context 512 (issue 18's table): decode over
     our fp16 at batch 1 w4a8 2.05x > w4a16 1.25x > fp16; at batch 64 w4a8 1.30x > fp16 > w4a16 0.92x;
-    at batch 256 w8a8-fp8 1.16x > fp16 > w4a16 0.72x (w4a8 1.00x, a tie with fp16, is left out)."""
-    by = {a.scheme: a.decode_tok_s for a in advise(CFG_8B, GPUS["h200"], context=512)}
+    at batch 256 w8a8-fp8 1.16x > fp16 > w4a16 0.72x (w4a8 1.00x, a tie with fp16, is left out).
+    The advisor reads the table those kernels ran on (tests/data: the H200 table of 2026-11-21); the
+    shipped table's W4A16 entries have since moved to the Gluon kernels, not yet measured end to end."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    then = replace(GPUS["h200"], table=str(Path(__file__).parent / "data" / "h200_table_2026-11-21.json"))
+    by = {a.scheme: a.decode_tok_s for a in advise(CFG_8B, then, context=512)}
     rank = lambda B, names: sorted(names, key=lambda s: -by[s][B])  # noqa: E731
     assert rank(1, ["fp16", "w4a16", "w4a8"]) == ["w4a8", "w4a16", "fp16"]
     assert rank(64, ["fp16", "w4a16", "w4a8"]) == ["w4a8", "fp16", "w4a16"]

@@ -44,8 +44,9 @@ UNTUNED_OPS = ("w4a4", "w4ax", "w4a16-2:4")
 # kernels each op may be run by
 KERNELS = {
     # wgmma: lowbit.kernels.mixed_wgmma on FragmentInt4 weights (Hopper; tables with weight_order
-    # "fragment" for w4a16 name it, or dequant-cublas, at every M)
-    "w4a16": ("triton", "dequant-cublas", "wgmma"),
+    # "fragment" for w4a16 name it, the fragment GEMV (lowbit.kernels.gemv_frag) at 1..4 rows, or
+    # dequant-cublas, at every M)
+    "w4a16": ("triton", "dequant-cublas", "wgmma", "gemv"),
     # gemv: lowbit.kernels.gemv (dp4a, no tensor cores) for 1..4 rows of int8 activations, per channel
     "w4a8": ("triton", "gemv", "w4a16-fakequant", "widen-w8a8", "dequant-cublas"),
     "w4a8-g128": ("triton", "w4a16-fakequant", "dequant-cublas"),

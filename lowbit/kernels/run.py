@@ -19,6 +19,12 @@ def run_w4a16(x: torch.Tensor, w, choice: Choice, bias: torch.Tensor | None = No
     from lowbit.kernels.layout import FragmentInt4
     from lowbit.kernels.w4a16 import w4a16_matmul
 
+    if isinstance(w, FragmentInt4) and choice.kernel == "gemv":
+        from lowbit.kernels.gemv_frag import frag_gemv_takes, w4a16_frag_gemv
+
+        if frag_gemv_takes(x, w):
+            return w4a16_frag_gemv(x, w, bias, choice.config)
+        choice = Choice("wgmma")  # more rows than the GEMV takes (a table entry's M range): its default
     if isinstance(w, FragmentInt4) and choice.kernel != "dequant-cublas":
         from lowbit.kernels.mixed_wgmma import w4a16_mixed_wgmma
 
@@ -34,13 +40,10 @@ def run_w4a16(x: torch.Tensor, w, choice: Choice, bias: torch.Tensor | None = No
             x = x.index_select(1, w.perm)
         y = x @ widen_int4(w, x.dtype).t()
         return y if bias is None else y + bias.to(y.dtype)  # a bias in another dtype must not promote y
-    if choice.kernel == "wgmma":
-        # a table in the fragment order, for a layer its kernel does not take in that order (act-order,
+    if choice.kernel in ("wgmma", "gemv"):
+        # a table in the fragment order, for a layer its kernels do not take in that order (act-order,
         # groups of 32): the Triton kernel, with the heuristic tile (a wgmma tile may not fit it)
-        from lowbit.kernels.dispatch import default_choice
-
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        choice = default_choice("w4a16", x.shape[0], w.N, w.K, sms)
+        choice = default_choice("w4a16", x.shape[0], w.N, w.K, sm_count(x.device, 132))
     return w4a16_matmul(x, w, bias, choice.config)
 
 
