@@ -1,8 +1,8 @@
 """int4-weight GEMMs on Hopper's wgmma behind a cp.async ring of shared-memory stages (Gluon; issue 18).
 
-Two formats share one kernel: W4A16 (fp16 activations, fp16 MMA) and W4A8 with int8 activations
-(int8 MMA, 2x the fp16 rate on Hopper: ../shared/PERF.md). The first Gluon design
-(``w4a16_wgmma.py``) prefetched only one K step, in registers, and measured 0.2-0.9x of cuBLAS fp16
+Two formats share one kernel: W4A16 (fp16 or bf16 activations and MMA) and W4A8 with int8
+activations (int8 MMA, 2x the fp16 rate on Hopper: ../shared/PERF.md). The first Gluon design
+(``w4a16_wgmma.py``) prefetched only one K step, in registers, and measured 0.2-0.96x of cuBLAS fp16
 on the H200 at M = 32-256 (docs/kernels.md): one step of loads in flight per program cannot cover
 the global-memory latency. Here:
 
@@ -10,20 +10,26 @@ the global-memory latency. Here:
   into a ring of shared-memory slots (the activations into wgmma's swizzled ``NVMMASharedLayout``);
 - each step reads its packed weight tile from shared memory straight into the MMA's register
   operand layout (wgmma's "RS" form, as Machete and CUTLASS's mixed-input GEMMs use), converts the
-  nibbles there, and issues the step's MMAs asynchronously;
+  nibbles there with inline PTX, and issues the step's MMAs asynchronously;
 - ``warpgroup_mma_wait(2)`` keeps that step's two MMAs in flight while it waits for the previous
   step's, whose slot the next ``cp.async`` then overwrites; the conversion of step t + 1 so runs
-  under step t's MMAs;
+  under step t's MMAs. Two K steps per loop iteration, or ptxas serializes the wgmmas (C7515);
 - split-K (``SPLIT_K`` programs per output tile, fp32 partials meeting in ``lowbit.kernels.splitk``'s
   workspace) fills the SMs when there are few output tiles (the 8B down projection at M = 32: 64).
 
-The output is computed transposed, Y^T (BLOCK_N x BLOCK_M) = W (BLOCK_N x K) @ X^T: weight rows fill
-wgmma's 64-row M side, activation rows its N side (8-256).
+The weights come as ``PackedInt4`` (128-column tiles) or, faster, as ``FragmentInt4``: the same bytes
+in the register operand's order, read 16 bytes per thread (``lowbit.kernels.layout``). On the H200,
+W4A16 g128 on FragmentInt4 measured 1.5-1.7x cuBLAS fp16 at M = 32 and 0.6-0.8x at M = 128-256
+(docs/kernels.md, "Hopper wgmma kernels"); the H200 table runs W4A16 on it.
 
-Numerics, against ``lowbit.kernels.reference``: W4A16, ``(u - zero) * scale`` rounded to fp16 with
-group scales (as Marlin and exllama fold them into the operand) or ``(u - zero)`` exact with the
-per-channel scale on the fp32 accumulator, fp32 accumulation. W4A8 int8 (per channel): ``u - zero``
-exact in int8, exact int32 accumulation, both scales in the fp32 epilogue.
+The output is computed transposed, Y^T (BLOCK_N x BLOCK_M) = W (BLOCK_N x K) @ X^T: weight rows fill
+wgmma's 64-row M side, activation rows its N side (16-256).
+
+Numerics, against ``lowbit.kernels.reference``: W4A16, ``(u - zero) * scale`` rounded to the
+activation dtype with group scales (as Marlin and exllama fold them into the operand; bf16 rounds the
+fp16 scale too) or ``(u - zero)`` exact with the per-channel scale on the fp32 accumulator, fp32
+accumulation. W4A8 int8 (per channel): the unsigned codes u exact in int8, exact int32 accumulation,
+``zero * sum(x)`` subtracted in int32 and both scales applied in the fp32 epilogue.
 """
 
 from __future__ import annotations
