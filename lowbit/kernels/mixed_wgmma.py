@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.device import sm_count
 from lowbit.errors import LowbitError
 from lowbit.kernels.config import TileConfig
 from lowbit.kernels.launch import cdiv, triton_launch
@@ -416,7 +417,7 @@ def w4a16_mixed_wgmma(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None 
         raise LowbitError("the w4a16 wgmma kernel takes 128-column tiles, no act-order, and groups of a multiple "
                           f"of {_HALF} columns; got tile {w.tile_k}, group {w.group_size}, act-order "
                           f"{w.perm is not None} (use w4a16_matmul)")
-    cfg = config or default_wgmma_config(x.shape[0], w.N, w.K, _sms(x.device))
+    cfg = config or default_wgmma_config(x.shape[0], w.N, w.K, sm_count(x.device, 132))
     return _launch(x, None, w, bias, cfg, x.dtype, int8=False)
 
 
@@ -431,9 +432,6 @@ def w4a8_mixed_wgmma(xq: torch.Tensor, x_scale: torch.Tensor, w: PackedInt4, out
                           "(use w4a8_matmul)")
     if x_scale.dtype != torch.float32 or x_scale.shape != (xq.shape[0],):
         raise LowbitError(f"x_scale must be ({xq.shape[0]},) fp32, got {tuple(x_scale.shape)} {x_scale.dtype}")
-    cfg = config or default_wgmma_config(xq.shape[0], w.N, w.K, _sms(xq.device))
+    cfg = config or default_wgmma_config(xq.shape[0], w.N, w.K, sm_count(xq.device, 132))
     return _launch(xq, x_scale, w, bias, cfg, out_dtype, int8=True, sx=xq.sum(1, dtype=torch.int32))
 
-
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
