@@ -15,6 +15,9 @@
 #             at the same shape (issue 17 item 4)
 #   prefill-profile: bench/prefill_profile.py (GPU busy time against wall time of one engine prefill)
 #   prefill: bench e2e fp16 prefill against transformers at batch 1 and 16, prompts 512, 2048, 4096 (item 6)
+#   ncu: Nsight Compute on what dispatch runs, per "PATH:MODEL:LAYER:M" in $NCU_CELLS (default: W4A16 on
+#        the 8B gate+up at M = 1, 16, 64, 256, 1024): duration, DRAM / SM throughput, occupancy,
+#        issue efficiency, registers; the full reports come back under $OUT/ncu/
 #
 # The default model's GGUF (98 MB) is larger than what one call may carry (64 MiB), so it travels in
 # two parts over two calls to the same warm machine; parts are kept in /tmp/lowbit-parts in between.
@@ -129,6 +132,20 @@ if want gen-rand; then
 fi
 if want prefill-profile; then
   python3 bench/prefill_profile.py --lengths ${PREFILL_LENGTHS:-64,512,2048} 2>&1 | tee "$OUTDIR/prefill_profile.log"
+fi
+if want ncu; then
+  mkdir -p "$OUTDIR/ncu"
+  for cell in ${NCU_CELLS:-w4a16:llama3-8b:gateup:1 w4a16:llama3-8b:gateup:16 w4a16:llama3-8b:gateup:64 w4a16:llama3-8b:gateup:256 w4a16:llama3-8b:gateup:1024}; do
+    IFS=: read -r path model layer m <<< "$cell"
+    f="$OUTDIR/ncu/${path}_${layer}_${m}.txt"
+    # the 5 calls of profile_one.py: skip 2 (compilation, first touch), report the third; any lowbit kernel
+    timeout 120 ncu --clock-control none -k regex:'_kernel$' --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
+      --section MemoryWorkloadAnalysis python3 scripts/profile_one.py "$path" "$model:$layer" "$m" > "$f" 2>&1
+    echo "== $cell: $(grep -m1 "$path" "$f")"
+    grep -E "^ +(Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread|Warp Cycles Per Issued Instruction|Grid Size|Block Limit Registers) " "$f" \
+      | sed 's/  */ /g' | tee -a "$OUTDIR/ncu.log"
+  done
 fi
 if want prefill; then
   for L in 512 2048 4096; do
