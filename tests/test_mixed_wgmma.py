@@ -33,11 +33,11 @@ from lowbit.kernels.launch import record_launches
 from lowbit.kernels.mixed_wgmma import w4a8_mixed_wgmma, w4a16_mixed_wgmma
 out = []
 from lowbit.kernels.layout import FragmentInt4
-for int8, group, bm, bn, warps, stages, split, frag in json.loads(sys.argv[1]):
+for int8, group, bm, bn, warps, stages, split, frag, bk in json.loads(sys.argv[1]):
     w = _random_int4(300, 1280, group, torch.device("cpu"), 128)
     if frag:
         w = FragmentInt4.from_packed(w, int8)
-    cfg = TileConfig(bm, bn, num_warps=warps, num_stages=stages, split_k=split)
+    cfg = TileConfig(bm, bn, block_k=bk, num_warps=warps, num_stages=stages, split_k=split)
     with record_launches(launch=False) as rec:
         if int8:
             w4a8_mixed_wgmma(torch.ones(37, 1280, dtype=torch.int8), torch.ones(37), w, torch.float16, config=cfg)
@@ -52,25 +52,27 @@ print(json.dumps(out))
 
 
 def test_ptx_pipelines_wgmma_behind_cp_async_without_serializing():
-    """fp16 grouped and per channel, int8 per channel, with and without split-K: wgmma of the weight
-    tile's 64-row side, cp.async copies, one wait keeping a step's MMAs in flight (2) and the final one
-    (0), and ptxas neither serializes the wgmmas (C7515, what one step per loop iteration caused) nor
-    spills registers at these tiles."""
+    """fp16 grouped and per channel, int8 per channel, with and without split-K, one or two tiles per
+    copy group: wgmma of the weight tile's 64-row side, cp.async copies, one wait keeping a tile's MMAs
+    in flight (2) and the final one (0), and ptxas neither serializes the wgmmas (C7515, what one tile
+    per loop iteration caused) nor spills registers at these tiles."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cases = [[False, 128, 64, 128, 8, 4, 1, False], [False, None, 128, 128, 8, 4, 1, False],
-             [True, None, 128, 128, 8, 4, 1, False], [False, 128, 32, 64, 4, 6, 4, False],
-             [True, None, 32, 64, 4, 6, 4, False], [False, 128, 64, 128, 8, 4, 1, True],
-             [True, None, 64, 128, 8, 4, 1, True], [False, 128, 32, 64, 4, 4, 2, True]]
+    cases = [[False, 128, 64, 128, 8, 4, 1, False, 128], [False, None, 128, 128, 8, 4, 1, False, 128],
+             [True, None, 128, 128, 8, 4, 1, False, 128], [False, 128, 32, 64, 4, 6, 4, False, 128],
+             [True, None, 32, 64, 4, 6, 4, False, 128], [False, 128, 64, 128, 8, 4, 1, True, 128],
+             [True, None, 64, 128, 8, 4, 1, True, 128], [False, 128, 32, 64, 4, 4, 2, True, 128],
+             [False, 128, 32, 128, 8, 3, 1, True, 256], [True, None, 32, 128, 8, 3, 1, True, 256]]
     run = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(cases)], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    for (int8, _, bm, bn, _, _, split, frag), r in zip(cases, got):
+    for (int8, _, bm, bn, _, _, split, frag, bk), r in zip(cases, got):
         assert r["grid"] == [-(-37 // bm), -(-300 // bn), split]
         k = 32 if int8 else 16
         assert r["summary"]["mma"].startswith(f"wgmma m64n{bm}k{k}"), r
-        assert r["summary"]["wgmma waits"] == "0:x1 2:x3", r  # 3 inlined steps, one final wait
+        # 3 inlined tiles (a peeled one, two per iteration), or 2 with two tiles per copy group; one final wait
+        assert r["summary"]["wgmma waits"] == ("0:x1 2:x3" if bk == 128 else "0:x1 2:x2"), r
         assert int(r["summary"]["cp.async"]) > 0, r
         if frag:  # the fragment order's point: 16-byte shared loads of the weights, no byte-wise ones
             assert "ld.shared.v4.b32" in r["shared"], r
@@ -143,7 +145,10 @@ def _hopper() -> bool:
 _CONFIGS = (TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=4),
             TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, split_k=3),
             TileConfig(block_m=32, block_n=128, num_warps=8, num_stages=6, split_k=2),
-            TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=2))
+            TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=2),
+            # two tiles per copy group: odd tile counts end on a tile past K (zero activations)
+            TileConfig(block_m=32, block_n=128, block_k=256, num_warps=8, num_stages=3, split_k=2),
+            TileConfig(block_m=64, block_n=64, block_k=256, num_warps=4, num_stages=2, split_k=3))
 
 
 @pytest.mark.gpu

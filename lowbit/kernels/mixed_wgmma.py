@@ -144,43 +144,48 @@ def _group_params(s_ptr, z_ptr, k, rn, N, group_size, last_group, zdt: gl.conste
 
 
 @gluon.jit
-def _issue(w_s, xl_s, xh_s, slot, t, w_row, x_row, rk, m_ok, K, HALF_C: gl.constexpr, W_STEP: gl.constexpr):
-    """cp.async of tile t's packed weights (BLOCK_N x 64 bytes; ``W_STEP`` bytes per tile along a copy
-    row) and activation halves (BLOCK_M, 64) into ``slot``."""
-    k = t * (2 * HALF_C)
-    cp.async_copy_global_to_shared(w_s.index(slot), w_row + t * W_STEP)
-    cp.async_copy_global_to_shared(xl_s.index(slot), x_row + k, mask=m_ok & (k + rk[None, :] < K))
-    cp.async_copy_global_to_shared(xh_s.index(slot), x_row + k + HALF_C, mask=m_ok & (k + HALF_C + rk[None, :] < K))
+def _issue(w_s, xl_s, xh_s, slot, t, n_tiles, w_row, x_row, rk, m_ok, K, HALF_C: gl.constexpr, W_STEP: gl.constexpr,
+           TPS: gl.constexpr):
+    """cp.async of tiles t .. t + TPS - 1 (one copy group): packed weights (BLOCK_N x 64 bytes; ``W_STEP``
+    bytes per tile along a copy row) and activation halves (BLOCK_M, 64), into ring slot ``slot``
+    (buffers slot * TPS + j). A tile past the last reads the last one's weights and zero activations."""
+    for j in gl.static_range(TPS):
+        k = (t + j) * (2 * HALF_C)
+        cp.async_copy_global_to_shared(w_s.index(slot * TPS + j), w_row + gl.minimum(t + j, n_tiles - 1) * W_STEP)
+        cp.async_copy_global_to_shared(xl_s.index(slot * TPS + j), x_row + k, mask=m_ok & (k + rk[None, :] < K))
+        cp.async_copy_global_to_shared(xh_s.index(slot * TPS + j), x_row + k + HALF_C,
+                                       mask=m_ok & (k + HALF_C + rk[None, :] < K))
     cp.commit_group()
 
 
 @gluon.jit
-def _step(acc, i, n, t0, w_s, xl_s, xh_s, w_row, x_row, rk, m_ok, K, s_ptr, z_ptr, rn, N, group_size, last_group,
-          s_lo, s_hi, z_lo, z_hi, a_op: gl.constexpr, zdt: gl.constexpr, INT8: gl.constexpr,
-          GROUPED: gl.constexpr, HAS_ZEROS: gl.constexpr, STAGES: gl.constexpr, W_FRAG: gl.constexpr,
-          W_STEP: gl.constexpr):
-    """K step i of this program's n: convert tile i, issue its MMAs, free step i - 1's slot for tile
-    i + STAGES - 1, fetch tile i + 1's group scales. Returns the accumulator and those scales."""
-    slot = i % STAGES
-    cp.wait_group(STAGES - 2)  # tile i has landed (this thread's copies) ...
-    gl.thread_barrier()  # ... and every thread's
+def _step(acc, buf, land, issue_slot, issue_t, next_k, n_tiles, w_s, xl_s, xh_s, w_row, x_row, rk, m_ok, K, s_ptr,
+          z_ptr, rn, N, group_size, last_group, s_lo, s_hi, z_lo, z_hi, a_op: gl.constexpr, zdt: gl.constexpr,
+          INT8: gl.constexpr, GROUPED: gl.constexpr, HAS_ZEROS: gl.constexpr, W_FRAG: gl.constexpr,
+          W_STEP: gl.constexpr, TPS: gl.constexpr, STAGES: gl.constexpr, LAND: gl.constexpr, ISSUE: gl.constexpr):
+    """One K tile: convert the tile in shared-memory buffer ``buf``, issue its MMAs, and once they are
+    in flight retire the tile before it. ``LAND``: first wait for the copy group holding the tile.
+    ``ISSUE``: then copy the group of tiles ``issue_t`` into ring slot ``issue_slot`` (whose tiles the
+    retired MMAs read last). Fetches the group scales of the tile at column ``next_k``."""
+    if LAND:
+        cp.wait_group(STAGES - 2)  # the group has landed (this thread's copies) ...
+        gl.thread_barrier()  # ... and every thread's
     if W_FRAG is None:
-        b = w_s.index(slot).load(a_op)
+        b = w_s.index(buf).load(a_op)
     else:  # fragment order (FragmentInt4): the same bytes seen as (BLOCK_N, 64), 16-32 contiguous per thread
-        b = w_s.index(slot)._reinterpret(gl.uint8, [rn.shape[0], HALF], W_FRAG).load(a_op)
+        b = w_s.index(buf)._reinterpret(gl.uint8, [rn.shape[0], HALF], W_FRAG).load(a_op)
     w_lo, w_hi = _convert(b, z_lo, z_hi, s_lo, s_hi, INT8, GROUPED)
     fence_async_shared()  # cp.async wrote the activation tiles through the generic proxy; wgmma reads async
-    acc = warpgroup_mma(w_lo, xl_s.index(slot).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma(w_hi, xh_s.index(slot).permute((1, 0)), acc, is_async=True)
-    # step i - 1's MMAs are done after this: its slot is free. Only the accumulator is a dependency:
-    # ptxas keeps the register operands of in-flight MMAs itself (passing them through the wait, which
-    # Triton 3.6 refuses for 8-bit tensors, made it serialize every wgmma: C7515)
+    acc = warpgroup_mma(w_lo, xl_s.index(buf).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma(w_hi, xh_s.index(buf).permute((1, 0)), acc, is_async=True)
+    # the tile before's MMAs are done after this. Only the accumulator is a dependency: ptxas keeps the
+    # register operands of in-flight MMAs itself (passing them through the wait, which Triton 3.6
+    # refuses for 8-bit tensors, made it serialize every wgmma: C7515)
     acc = warpgroup_mma_wait(num_outstanding=2, deps=(acc,))
-    _issue(w_s, xl_s, xh_s, (i + STAGES - 1) % STAGES, t0 + gl.minimum(i + STAGES - 1, n - 1), w_row, x_row, rk,
-           m_ok, K, HALF, W_STEP)
+    if ISSUE:
+        _issue(w_s, xl_s, xh_s, issue_slot, issue_t, n_tiles, w_row, x_row, rk, m_ok, K, HALF, W_STEP, TPS)
     if GROUPED:
-        s_lo, s_hi, z_lo, z_hi = _group_params(s_ptr, z_ptr, (t0 + gl.minimum(i + 1, n - 1)) * 2 * HALF, rn, N,
-                                               group_size, last_group, zdt, HAS_ZEROS)
+        s_lo, s_hi, z_lo, z_hi = _group_params(s_ptr, z_ptr, next_k, rn, N, group_size, last_group, zdt, HAS_ZEROS)
     return acc, s_lo, s_hi, z_lo, z_hi
 
 
@@ -190,7 +195,7 @@ def _mixed_wgmma_kernel(
     M, N, K, n_tiles, tiles_per_split, group_size, stride_xm, stride_wn, stride_ym,
     INT8: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr,
-    W_FRAG: gl.constexpr, num_warps: gl.constexpr,
+    W_FRAG: gl.constexpr, TPS: gl.constexpr, num_warps: gl.constexpr,
 ):
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
@@ -214,20 +219,22 @@ def _mixed_wgmma_kernel(
                                                  order=[1, 0])
     if W_FRAG is None:
         W_STEP: gl.constexpr = HALF
-        w_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, HALF], w_sh)
+        w_s = gl.allocate_shared_memory(gl.uint8, [STAGES * TPS, BLOCK_N, HALF], w_sh)
     else:
         # fragment order: each 16-row group's tile is 1024 contiguous bytes, copied as they lie
         W_STEP: gl.constexpr = 1024
         w_fl: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[1, 32],
                                               warps_per_cta=[num_warps, 1], order=[1, 0])
-        w_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N // 16, 1024],
+        w_s = gl.allocate_shared_memory(gl.uint8, [STAGES * TPS, BLOCK_N // 16, 1024],
                                         gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
-    xl_s = gl.allocate_shared_memory(op_dt, [STAGES, BLOCK_M, HALF], x_sh)
-    xh_s = gl.allocate_shared_memory(op_dt, [STAGES, BLOCK_M, HALF], x_sh)
+    # the ring: STAGES slots of TPS tiles (one copy group each)
+    xl_s = gl.allocate_shared_memory(op_dt, [STAGES * TPS, BLOCK_M, HALF], x_sh)
+    xh_s = gl.allocate_shared_memory(op_dt, [STAGES * TPS, BLOCK_M, HALF], x_sh)
 
-    # this program's K tiles [t0, t1)
+    # this program's K tiles [t0, t0 + n): tiles_per_split is a multiple of TPS
     t0 = pid_k * tiles_per_split
     n = gl.minimum(n_tiles - t0, tiles_per_split)
+    n_groups = (n + TPS - 1) // TPS  # copy groups of TPS tiles (a last group past the end: zero x)
     # copy addresses: weight rows past N repeat the last (never stored); activations past M or K load 0
     if W_FRAG is None:
         rn_w = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_ld)), N - 1)
@@ -254,27 +261,46 @@ def _mixed_wgmma_kernel(
     # borrow the last group, which they never leave (groups are multiples of 64 columns)
     last_group = (K - 1) // group_size
 
-    # prologue: STAGES - 1 tiles in flight (tiles past this split's end re-copy its last one, unused)
+    # prologue: STAGES - 1 copy groups in flight (groups past this split's end re-copy its last one, unused)
     for s in gl.static_range(STAGES - 1):
-        _issue(w_s, xl_s, xh_s, s, t0 + gl.minimum(s, n - 1), w_row, x_row, rk, m_ok, K, HALF, W_STEP)
+        _issue(w_s, xl_s, xh_s, s, t0 + gl.minimum(s, n_groups - 1) * TPS, n_tiles, w_row, x_row, rk, m_ok, K, HALF,
+               W_STEP, TPS)
     if GROUPED:
         s_lo, s_hi, z_lo, z_hi = _group_params(s_ptr, z_ptr, t0 * 2 * HALF, rn, N, group_size, last_group, zdt,
                                                HAS_ZEROS)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.int32 if INT8 else gl.float32, layout=mma)
-    # two steps per iteration (an odd count peels one first): each step's register operand then has
-    # registers of its own, so the next step's conversion never writes registers an in-flight MMA
-    # reads; with one step per iteration ptxas serializes every wgmma (C7515)
-    if n % 2 == 1:
-        acc, s_lo, s_hi, z_lo, z_hi = _step(acc, 0, n, t0, w_s, xl_s, xh_s, w_row, x_row, rk, m_ok, K, s_ptr, z_ptr,
-                                            rn, N, group_size, last_group, s_lo, s_hi, z_lo, z_hi, a_op, zdt,
-                                            INT8, GROUPED, HAS_ZEROS, STAGES, W_FRAG, W_STEP)
-    for i in range(n % 2, n, 2):
-        acc, s_lo, s_hi, z_lo, z_hi = _step(acc, i, n, t0, w_s, xl_s, xh_s, w_row, x_row, rk, m_ok, K, s_ptr, z_ptr,
-                                            rn, N, group_size, last_group, s_lo, s_hi, z_lo, z_hi, a_op, zdt,
-                                            INT8, GROUPED, HAS_ZEROS, STAGES, W_FRAG, W_STEP)
-        acc, s_lo, s_hi, z_lo, z_hi = _step(acc, i + 1, n, t0, w_s, xl_s, xh_s, w_row, x_row, rk, m_ok, K, s_ptr,
-                                            z_ptr, rn, N, group_size, last_group, s_lo, s_hi, z_lo, z_hi, a_op, zdt,
-                                            INT8, GROUPED, HAS_ZEROS, STAGES, W_FRAG, W_STEP)
+    # two K tiles per iteration: each tile's register operand then has registers of its own, so the
+    # next tile's conversion never writes registers an in-flight MMA reads; with one tile per
+    # iteration ptxas serializes every wgmma (C7515). TPS = 1: one copy group per tile (an odd count
+    # peels one first); TPS = 2: one copy group, one wait and one barrier per iteration's two tiles.
+    if TPS == 1:
+        if n % 2 == 1:
+            acc, s_lo, s_hi, z_lo, z_hi = _step(
+                acc, 0, 0, (STAGES - 1) % STAGES, t0 + gl.minimum(STAGES - 1, n - 1), (t0 + gl.minimum(1, n - 1)) * 2 * HALF,
+                n_tiles, w_s, xl_s, xh_s, w_row, x_row, rk, m_ok, K, s_ptr, z_ptr, rn, N, group_size, last_group,
+                s_lo, s_hi, z_lo, z_hi, a_op, zdt, INT8, GROUPED, HAS_ZEROS, W_FRAG, W_STEP, TPS, STAGES, True, True)
+        for i in range(n % 2, n, 2):
+            for d in gl.static_range(2):
+                acc, s_lo, s_hi, z_lo, z_hi = _step(
+                    acc, (i + d) % STAGES, 0, (i + d + STAGES - 1) % STAGES, t0 + gl.minimum(i + d + STAGES - 1, n - 1),
+                    (t0 + gl.minimum(i + d + 1, n - 1)) * 2 * HALF, n_tiles, w_s, xl_s, xh_s, w_row, x_row, rk, m_ok,
+                    K, s_ptr, z_ptr, rn, N, group_size, last_group, s_lo, s_hi, z_lo, z_hi, a_op, zdt, INT8,
+                    GROUPED, HAS_ZEROS, W_FRAG, W_STEP, TPS, STAGES, True, True)
+    else:
+        for c in range(0, n_groups):
+            slot = c % STAGES
+            nxt = gl.minimum(c + STAGES - 1, n_groups - 1)
+            # the first tile lands the group; the second, once the first's MMAs are in flight and the
+            # group before's retired, refills that group's slot
+            acc, s_lo, s_hi, z_lo, z_hi = _step(
+                acc, slot * 2, 0, 0, 0, (t0 + 2 * c + 1) * 2 * HALF, n_tiles, w_s, xl_s, xh_s, w_row, x_row, rk,
+                m_ok, K, s_ptr, z_ptr, rn, N, group_size, last_group, s_lo, s_hi, z_lo, z_hi, a_op, zdt, INT8,
+                GROUPED, HAS_ZEROS, W_FRAG, W_STEP, TPS, STAGES, True, False)
+            acc, s_lo, s_hi, z_lo, z_hi = _step(
+                acc, slot * 2 + 1, 0, (c + STAGES - 1) % STAGES, t0 + nxt * 2,
+                (t0 + 2 * gl.minimum(c + 1, n_groups - 1)) * 2 * HALF, n_tiles, w_s, xl_s, xh_s, w_row, x_row, rk,
+                m_ok, K, s_ptr, z_ptr, rn, N, group_size, last_group, s_lo, s_hi, z_lo, z_hi, a_op, zdt, INT8,
+                GROUPED, HAS_ZEROS, W_FRAG, W_STEP, TPS, STAGES, False, True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     cp.wait_group(0)
 
@@ -366,14 +392,17 @@ def wgmma_candidates(M: int, N: int, K: int, sms: int, stages: tuple[int, ...] =
             for st in stages:
                 for sk in sorted({1, split}):
                     out.append(TileConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=st, split_k=sk))
+            if bm <= 64:  # two tiles per slot: half the waits and barriers (the shared memory of 2 stages)
+                out += [TileConfig(block_m=bm, block_n=bn, block_k=256, num_warps=warps, num_stages=st, split_k=sk)
+                        for st in (2, 3) for sk in sorted({1, split})]
     return out
 
 
 def _check_config(cfg: TileConfig) -> None:
     if cfg.block_n < 16 * cfg.num_warps or cfg.block_n % (16 * cfg.num_warps) or cfg.block_m > 256 \
-            or cfg.num_stages < 2:
-        raise LowbitError("the wgmma kernel needs block_n a multiple of 16 x num_warps, block_m <= 256 and "
-                          f"num_stages >= 2, got {cfg}")
+            or cfg.num_stages < 2 or cfg.block_k not in (128, 256):
+        raise LowbitError("the wgmma kernel needs block_n a multiple of 16 x num_warps, block_m <= 256, "
+                          f"num_stages >= 2 and block_k 128 or 256 (tiles per copy group), got {cfg}")
 
 
 def _launch(x, xs, w: PackedInt4 | FragmentInt4, bias, cfg: TileConfig, out_dtype: torch.dtype, int8: bool,
@@ -388,8 +417,9 @@ def _launch(x, xs, w: PackedInt4 | FragmentInt4, bias, cfg: TileConfig, out_dtyp
         x = torch.nn.functional.pad(x, (0, pad)) if pad else x.clone()
     M, N = x.shape[0], w.N
     n_tiles = w.Kp // w.tile_k
+    tps = cfg.block_k // 128  # tiles per copy group
     split = max(1, min(cfg.split_k, n_tiles))
-    per = cdiv(n_tiles, split)
+    per = cdiv(cdiv(n_tiles, split), tps) * tps  # whole copy groups per split
     split = cdiv(n_tiles, per)  # no empty split
     grid = (cdiv(M, cfg.block_m), cdiv(N, cfg.block_n), split)
     y = torch.empty(M, N, dtype=out_dtype, device=x.device)
@@ -401,7 +431,8 @@ def _launch(x, xs, w: PackedInt4 | FragmentInt4, bias, cfg: TileConfig, out_dtyp
         M, N, x.shape[1], n_tiles, per, w.group_size or w.K, x.stride(0), w.qweight.stride(0), y.stride(0),
         W_FRAG=_frag_layout(int8, cfg.block_n) if isinstance(w, FragmentInt4) else None,
         INT8=int8, HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None, GROUPED=w.group_size is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages, SPLIT_K=split, num_warps=cfg.num_warps,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages, SPLIT_K=split, TPS=tps,
+        num_warps=cfg.num_warps,
     )
     return y
 
@@ -411,7 +442,8 @@ def w4a16_mixed_wgmma(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None 
     """x (M, K) fp16 or bf16 @ W^T -> (M, N) in x's dtype; ``w`` a PackedInt4 (128-column tiles) or FragmentInt4.
 
     ``config``: block_m activation rows per program (the MMA's N side, 16-256), block_n weight rows (a
-    multiple of 16 per warp), num_stages shared-memory slots, split_k programs per output tile."""
+    multiple of 16 per warp), num_stages shared-memory slots, block_k the K columns of one slot (128: a
+    tile; 256: two, so one wait and one barrier per two tiles), split_k programs per output tile."""
     check_activation(x, w.K, (torch.float16, torch.bfloat16), "w4a16 wgmma")
     if not mixed_wgmma_takes(w):
         raise LowbitError("the w4a16 wgmma kernel takes 128-column tiles, no act-order, and groups of a multiple "
