@@ -3,6 +3,8 @@ layout against the KV fake-quant numerics of issue 3 (lowbit.numerics.kv)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -94,3 +96,63 @@ def test_decode_attention_errors():
     with pytest.raises(LowbitError, match="query's dtype"):
         plain = quantize_kv(torch.randn(1, 1, 8, 64, dtype=torch.bfloat16).to(DEVICE), "fp16")
         decode_attention(q, plain, plain, one, one * 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and fp8: GPU only")
+@pytest.mark.parametrize("dtype", ["int8", "int4", "fp8_e4m3", "fp16"])
+def test_decode_attention_with_bf16_queries(dtype):
+    """bf16 queries take the conversions of their own dtype (int4: the 128 + u bit pattern; int8: the
+    cvt path), against the same reference."""
+    gen = torch.Generator().manual_seed(7)
+    S, L, D, Hq, Hkv = 2, 80, 128, 8, 2
+    k, v = (quantize_kv(torch.randn(S, Hkv, L, D, generator=gen).cuda().to(torch.bfloat16 if dtype == "fp16" else
+                                                                          torch.float32), dtype) for _ in range(2))
+    q = torch.randn(2, Hq, D, generator=gen).cuda().bfloat16()
+    lengths = torch.tensor([80, 33], dtype=torch.int32, device="cuda")
+    slots = torch.tensor([1, 0], dtype=torch.int32, device="cuda")
+    ref = decode_attention_reference(q, k, v, lengths, slots, D ** -0.5)
+    out = decode_attention(q, k, v, lengths, slots)
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
+
+
+_PTX = """
+import json, re, torch
+from lowbit.kernels.aot import compile_launch
+from lowbit.kernels.attention import decode_attention, quantize_kv
+from lowbit.kernels.launch import record_launches
+out = {}
+for dtype, qdt in [("int4", torch.float16), ("int8", torch.float16), ("fp16", torch.float16), ("int4", torch.bfloat16)]:
+    t = torch.randn(2, 8, 256, 128)
+    k, v = (quantize_kv(t.to(qdt) if dtype == "fp16" else t, dtype) for _ in range(2))
+    with record_launches(launch=False) as rec:
+        decode_attention(torch.randn(2, 32, 128).to(qdt), k, v, torch.tensor([256, 100], dtype=torch.int32),
+                         torch.tensor([0, 1], dtype=torch.int32), check=False, n_splits=2)
+    kernel, grid, args, kwargs = rec[0]
+    ptx = compile_launch(kernel, args, kwargs).asm["ptx"]
+    out[f"{dtype} {qdt}"] = sorted(set(re.findall(r"cvt[.a-z0-9]*", ptx)))
+print(json.dumps(out))
+"""
+
+
+def test_ptx_converts_no_cache_value_through_a_cvt():
+    """sm_90a PTX of the per-token int4 / int8 and the plain fp16 cache kernels: the cache values reach
+    the MMA's dtype by their bits, with no int -> float or float -> float cvt per value (those run at a
+    quarter of the SM's rate; with them the int4 cache decoded slower than fp16, issue 18). The only
+    float cvts left pack the fp32 probabilities for the PV product."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", _PTX], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for case, cvts in json.loads(run.stdout.strip().splitlines()[-1]).items():
+        per_value = [c for c in cvts if re.fullmatch(r"cvt\.rn\.b?f16\.[su](8|16|32)|cvt\.f32\.b?f16|cvt\.rn\.f32\.[su]\d+", c)]
+        assert per_value == [], (case, cvts)
+        assert set(cvts) <= {"cvt.u64.u32", "cvt.s64.s32", "cvt.rn.f16x2.f32", "cvt.rn.bf16x2.f32"}, (case, cvts)

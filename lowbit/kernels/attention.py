@@ -35,6 +35,7 @@ import triton.language as tl
 from lowbit.errors import LowbitError
 from lowbit.kernels.launch import next_power_of_2, triton_launch
 from lowbit.kernels.pdl import launch_options, start_small
+from lowbit.kernels.unpack import USE_ASM, nibbles_float
 
 
 @dataclass
@@ -150,13 +151,74 @@ def _load_kv_tile(codes_ptr, scales_ptr, base, sbase, rs, rd, s_ok, D_HALF: tl.c
     return vals
 
 
+# four int8 codes ($2) -> four fp16 numbers 1024 + q + 128 ($0: codes 0-1, $1: codes 2-3): the sign bit
+# flipped makes q + 128 a byte, and prmt puts each byte under the fp16 exponent byte 0x64
+_I8_F16_ASM = tl.constexpr("{ .reg .b32 t;\nxor.b32 t, $2, 0x80808080;\nprmt.b32 $0, t, 0x64646464, 0x4140;\n"
+                           "prmt.b32 $1, t, 0x64646464, 0x4342;\n}")
+
+
+@triton.jit
+def _int8_as_fp16(raw, ASM: tl.constexpr):
+    """int8 codes -> the same values in fp16, exactly, with no int -> float conversion."""
+    if ASM:
+        v = tl.inline_asm_elementwise(_I8_F16_ASM, "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+    else:  # the int16 q + 0x6400 + 128 is the bit pattern of 1024 + q + 128
+        v = (raw.to(tl.int16) + 25728).to(tl.float16, bitcast=True)
+    return v - 1152.0
+
+
+@triton.jit
+def _raw_codes(codes_ptr, base, rs, rd, s_ok, D_HALF: tl.constexpr, KIND: tl.constexpr, IS_FP16: tl.constexpr,
+               ASM: tl.constexpr):
+    """The (BLOCK_S, D_HALF) low and high channel halves of a per-token-scaled (or plain) cache tile as raw codes,
+    exactly, in the query's dtype (fp16 or bf16), with no int -> float conversion instruction.
+
+    An int -> fp32 cvt and then an fp32 -> fp16 cvt per value both run at a quarter of the SM's
+    rate: at batch 64 and 4096 tokens of int4 cache that is ~8 ms per Llama-3-8B decode step on the
+    H200, more than reading an fp16 cache takes (the int4 cache measured 0.87x of fp16's decode
+    speed there, issue 18). Instead, by the bits (``lowbit.kernels.unpack``):
+    - int4 (one load for both halves): the nibbles with their sign bit flipped, u ^ 8 = q + 8, become
+      BASE + q + 8 (fp16: BASE 1024 from ``| 0x6400``; bf16: 128 from ``| 0x4300``), minus BASE + 8;
+    - int8, fp16 queries: each byte with its sign bit flipped (q + 128) under the fp16 exponent
+      byte 0x64 is 1024 + q + 128, minus 1152 (``_int8_as_fp16``); a bf16
+      query keeps the cvt path (bf16 has too few mantissa bits for 1024 + 255);
+    - fp8 e4m3: one cvt straight to the query's dtype;
+    - a plain fp16 / bf16 cache: no conversion at all.
+    """
+    if KIND == 1:
+        b = tl.load(codes_ptr + base + rs[:, None] * D_HALF + rd[None, :], mask=s_ok[:, None], other=0)
+        f = (b ^ 0x88).to(tl.uint8)
+        off = 1032.0 if IS_FP16 else 136.0
+        lo = nibbles_float(f, False, IS_FP16, ASM) - off
+        hi = nibbles_float(f, True, IS_FP16, ASM) - off
+    else:
+        ptrs = codes_ptr + base + rs[:, None] * (2 * D_HALF) + rd[None, :]
+        raw_lo = tl.load(ptrs, mask=s_ok[:, None], other=0)
+        raw_hi = tl.load(ptrs + D_HALF, mask=s_ok[:, None], other=0)
+        DT: tl.constexpr = tl.float16 if IS_FP16 else tl.bfloat16
+        if KIND == 3:  # a plain cache in the query's dtype: as it is (it went through fp32 before)
+            lo = raw_lo
+            hi = raw_hi
+        elif KIND == 2:  # fp8 travels as uint8 bytes
+            lo = raw_lo.to(tl.float8e4nv, bitcast=True).to(DT)
+            hi = raw_hi.to(tl.float8e4nv, bitcast=True).to(DT)
+        elif IS_FP16:
+            lo = _int8_as_fp16(raw_lo, ASM)
+            hi = _int8_as_fp16(raw_hi, ASM)
+        else:
+            lo = raw_lo.to(tl.float32).to(DT)
+            hi = raw_hi.to(tl.float32).to(DT)
+    return lo, hi
+
+
 @triton.jit
 def _decode_attn_kernel(
     q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, len_ptr, slot_ptr, part_o_ptr, part_ml_ptr,
     Hq, Hkv, L, sm_scale, tokens_per_split,
     G: tl.constexpr, G_PAD: tl.constexpr, D_HALF: tl.constexpr, BLOCK_S: tl.constexpr,
     GROUP: tl.constexpr, N_GROUPS: tl.constexpr, KIND: tl.constexpr, STATIC: tl.constexpr,
-    CODE_D: tl.constexpr, PER_TOKEN: tl.constexpr, PDL: tl.constexpr = False,
+    CODE_D: tl.constexpr, PER_TOKEN: tl.constexpr, IS_FP16: tl.constexpr = True, ASM: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     # PER_TOKEN (one scale per token and head, dynamic): the products run on the raw codes (exact in
     # fp16/bf16) and the scales are applied to the (G, BLOCK_S) scores for K and folded into the
@@ -192,10 +254,13 @@ def _decode_attn_kernel(
     for s0 in range(start, stop, BLOCK_S):
         rs = s0 + tl.arange(0, BLOCK_S)
         s_ok = rs < stop
-        k_lo = _load_kv_tile(kc_ptr, ks_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, False,
-                             STATIC, k_static, PER_TOKEN)
-        k_hi = _load_kv_tile(kc_ptr, ks_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, True,
-                             STATIC, k_static, PER_TOKEN)
+        if PER_TOKEN or KIND == 3:
+            k_lo, k_hi = _raw_codes(kc_ptr, base, rs, rd, s_ok, D_HALF, KIND, IS_FP16, ASM)
+        else:
+            k_lo = _load_kv_tile(kc_ptr, ks_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, False,
+                                 STATIC, k_static, PER_TOKEN)
+            k_hi = _load_kv_tile(kc_ptr, ks_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, True,
+                                 STATIC, k_static, PER_TOKEN)
         scores = (tl.dot(q_lo.to(DT), tl.trans(k_lo.to(DT)))
                   + tl.dot(q_hi.to(DT), tl.trans(k_hi.to(DT)))) * sm_scale  # (G_PAD, BLOCK_S)
         if PER_TOKEN:
@@ -205,10 +270,13 @@ def _decode_attn_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_lo = _load_kv_tile(vc_ptr, vs_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, False,
-                             STATIC, v_static, PER_TOKEN)
-        v_hi = _load_kv_tile(vc_ptr, vs_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, True,
-                             STATIC, v_static, PER_TOKEN)
+        if PER_TOKEN or KIND == 3:
+            v_lo, v_hi = _raw_codes(vc_ptr, base, rs, rd, s_ok, D_HALF, KIND, IS_FP16, ASM)
+        else:
+            v_lo = _load_kv_tile(vc_ptr, vs_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, False,
+                                 STATIC, v_static, PER_TOKEN)
+            v_hi = _load_kv_tile(vc_ptr, vs_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, True,
+                                 STATIC, v_static, PER_TOKEN)
         if PER_TOKEN:
             # relative to the block's largest scale, so that p * scale keeps p's range in fp16
             vs = tl.load(vs_ptr + sbase + rs, mask=s_ok, other=0.0)
@@ -305,7 +373,8 @@ def decode_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, lengths: t
         part_o, part_ml, Hq, Hkv, L, scale if scale is not None else D ** -0.5, tokens_per_split,
         G=G, G_PAD=max(16, next_power_of_2(G)), D_HALF=D // 2, BLOCK_S=block_s,
         GROUP=k.group, N_GROUPS=D // k.group, KIND=kind, STATIC=static, CODE_D=k.codes.shape[-1],
-        PER_TOKEN=kind in (0, 1, 2) and not static and k.group == D, num_warps=num_warps, **pdl,
+        PER_TOKEN=kind in (0, 1, 2) and not static and k.group == D, IS_FP16=q.dtype == torch.float16,
+        ASM=USE_ASM, num_warps=num_warps, **pdl,
     )
     triton_launch(_merge_splits_kernel, (B * Hq,), part_o, part_ml, out, N_SPLITS=n_splits,
                                     SPLITS_PAD=max(2, next_power_of_2(n_splits)), D=D, **pdl)
