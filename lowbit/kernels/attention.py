@@ -116,9 +116,9 @@ def decode_attention_reference(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, 
 @triton.jit
 def _load_kv_tile(codes_ptr, scales_ptr, base, sbase, rs, rd, s_ok, D_HALF: tl.constexpr,
                   GROUP: tl.constexpr, N_GROUPS: tl.constexpr, KIND: tl.constexpr, HI: tl.constexpr,
-                  STATIC: tl.constexpr, static_scale, RAW: tl.constexpr):
-    """(BLOCK_S, D_HALF) fp32 dequantized values of channels [HI * D_HALF, (HI + 1) * D_HALF);
-    with RAW the codes without their scales (the caller applies per-token scales itself).
+                  STATIC: tl.constexpr, static_scale):
+    """(BLOCK_S, D_HALF) fp32 dequantized values of channels [HI * D_HALF, (HI + 1) * D_HALF), for
+    caches scaled per group or statically (per-token and plain caches: ``_raw_codes``).
 
     KIND 0 int8, 1 int4 (halves layout), 2 fp8 e4m3 (passed as its bytes, uint8), 3 a plain fp16/bf16
     cache (no scale). ``base`` points at the slot/head's first token.
@@ -140,7 +140,7 @@ def _load_kv_tile(codes_ptr, scales_ptr, base, sbase, rs, rd, s_ok, D_HALF: tl.c
             vals = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         else:
             vals = raw.to(tl.float32)
-    if KIND == 3 or RAW:
+    if KIND == 3:
         pass
     elif STATIC:
         vals = vals * static_scale
@@ -212,6 +212,22 @@ def _raw_codes(codes_ptr, base, rs, rd, s_ok, D_HALF: tl.constexpr, KIND: tl.con
 
 
 @triton.jit
+def _kv_halves(codes_ptr, scales_ptr, base, sbase, rs, rd, s_ok, D_HALF: tl.constexpr, GROUP: tl.constexpr,
+               N_GROUPS: tl.constexpr, KIND: tl.constexpr, STATIC: tl.constexpr, static_scale,
+               PER_TOKEN: tl.constexpr, IS_FP16: tl.constexpr, ASM: tl.constexpr):
+    """A K or V tile's two channel halves: raw codes in the query's dtype for per-token and plain
+    caches (their scales are applied by the caller), dequantized fp32 values otherwise."""
+    if PER_TOKEN or KIND == 3:
+        lo, hi = _raw_codes(codes_ptr, base, rs, rd, s_ok, D_HALF, KIND, IS_FP16, ASM)
+    else:
+        lo = _load_kv_tile(codes_ptr, scales_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, False,
+                           STATIC, static_scale)
+        hi = _load_kv_tile(codes_ptr, scales_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, True,
+                           STATIC, static_scale)
+    return lo, hi
+
+
+@triton.jit
 def _decode_attn_kernel(
     q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, len_ptr, slot_ptr, part_o_ptr, part_ml_ptr,
     Hq, Hkv, L, sm_scale, tokens_per_split,
@@ -254,13 +270,8 @@ def _decode_attn_kernel(
     for s0 in range(start, stop, BLOCK_S):
         rs = s0 + tl.arange(0, BLOCK_S)
         s_ok = rs < stop
-        if PER_TOKEN or KIND == 3:
-            k_lo, k_hi = _raw_codes(kc_ptr, base, rs, rd, s_ok, D_HALF, KIND, IS_FP16, ASM)
-        else:
-            k_lo = _load_kv_tile(kc_ptr, ks_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, False,
-                                 STATIC, k_static, PER_TOKEN)
-            k_hi = _load_kv_tile(kc_ptr, ks_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, True,
-                                 STATIC, k_static, PER_TOKEN)
+        k_lo, k_hi = _kv_halves(kc_ptr, ks_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, STATIC,
+                                k_static, PER_TOKEN, IS_FP16, ASM)
         scores = (tl.dot(q_lo.to(DT), tl.trans(k_lo.to(DT)))
                   + tl.dot(q_hi.to(DT), tl.trans(k_hi.to(DT)))) * sm_scale  # (G_PAD, BLOCK_S)
         if PER_TOKEN:
@@ -270,13 +281,8 @@ def _decode_attn_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if PER_TOKEN or KIND == 3:
-            v_lo, v_hi = _raw_codes(vc_ptr, base, rs, rd, s_ok, D_HALF, KIND, IS_FP16, ASM)
-        else:
-            v_lo = _load_kv_tile(vc_ptr, vs_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, False,
-                                 STATIC, v_static, PER_TOKEN)
-            v_hi = _load_kv_tile(vc_ptr, vs_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, True,
-                                 STATIC, v_static, PER_TOKEN)
+        v_lo, v_hi = _kv_halves(vc_ptr, vs_ptr, base, sbase, rs, rd, s_ok, D_HALF, GROUP, N_GROUPS, KIND, STATIC,
+                                v_static, PER_TOKEN, IS_FP16, ASM)
         if PER_TOKEN:
             # relative to the block's largest scale, so that p * scale keeps p's range in fp16
             vs = tl.load(vs_ptr + sbase + rs, mask=s_ok, other=0.0)
