@@ -106,6 +106,22 @@ def test_fragment_order_holds_every_byte_where_its_bases_say(int8, N, K):
     assert torch.equal(back.qweight, p.qweight) and back.K == p.K and back.tile_k == p.tile_k
 
 
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("N, K, group, symmetric", [(37, 200, None, True), (64, 384, 128, False), (50, 256, 64, True)])
+def test_widening_reads_the_fragment_order_in_place(int8, N, K, group, symmetric):
+    """widen_int4 on a FragmentInt4 (the large-M dequant-cublas path, no repacking into rows first)
+    writes exactly what it writes from the PackedInt4 the fragment order came from: fp16 and bf16
+    weights, and int8 codes for per-channel weights; N not a multiple of 16, K not one of 128."""
+    from lowbit.kernels.widen import widen_int4
+
+    _, _, _, p = _weights(N, K, group, symmetric, seed=N + K)
+    f = FragmentInt4.from_packed(p, int8)
+    for dtype in (torch.float16, torch.bfloat16) + ((torch.int8,) if group is None else ()):
+        got, want = widen_int4(f, dtype), widen_int4(p, dtype)
+        assert got.shape == (N, K) and got.dtype == dtype
+        assert torch.equal(got, want), dtype
+
+
 def test_errors_name_what_the_kernel_takes():
     _, _, _, p = _weights(64, 256, 128)
     x = torch.randn(3, 256, dtype=torch.float16, device=p.qweight.device)

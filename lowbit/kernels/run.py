@@ -34,8 +34,6 @@ def run_w4a16(x: torch.Tensor, w, choice: Choice, bias: torch.Tensor | None = No
     if choice.kernel == "dequant-cublas":  # large M: widen once, then cuBLAS fp16/bf16
         from lowbit.kernels.widen import widen_int4
 
-        if isinstance(w, FragmentInt4):  # back to rows first (one strided copy of the int4 bytes)
-            w = w.to_packed()
         if w.perm is not None:
             x = x.index_select(1, w.perm)
         y = x @ widen_int4(w, x.dtype).t()
