@@ -117,10 +117,13 @@ def candidates(op: str, M: int, K: int | None = None, tile_k: int | None = None,
 
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         out = [Choice("wgmma", c) for c in wgmma_candidates(M, N, K, sms, (4, 6) if M <= 32 else (4,))]
-        if M <= FRAG_GEMV_MAX_M:  # the fragment GEMV: 1-8 row groups per program, split-K around its default
+        if M <= FRAG_GEMV_MAX_M:  # the fragment GEMV: 1-4 row groups and 1-8 tiles per step, split-K
+            # around its default, the weights loaded one step ahead (stages 2) or not
             split = default_frag_gemv_config(N, K, sms).split_k
-            out += [Choice("gemv", TileConfig(block_m=16, block_n=bn, split_k=sk, num_warps=8, num_stages=1))
-                    for bn in (16, 32, 64, 128) for sk in sorted({1, split, 2 * split})]
+            out += [Choice("gemv", TileConfig(block_m=16, block_n=bn, block_k=bk, split_k=sk, num_warps=8,
+                                              num_stages=st))
+                    for bn in (16, 32, 64) for bk, st in ((128, 2), (256, 1), (256, 2), (512, 2), (1024, 2))
+                    for sk in sorted({max(1, split // 2), split, 2 * split})]
         return out + ([Choice("dequant-cublas")] if M >= 256 else [])
     if op in NEW_OPS:
         tk = layout_tile(op, tile_k)

@@ -281,6 +281,12 @@ def test_layers_of_a_fragment_table_run_the_wgmma_kernel_and_match_the_rows_path
                                        ActivationFormat(), in_features=384, dtype=dtype,
                                        bias=torch.randn(200, generator=g)).cuda()
     qweight = layer.qweight.clone()
+    # first with a table that names no weight order (the shipped H200 table names "fragment")
+    rows_table = tmp_path / "rows.json"
+    rows_table.write_text(json.dumps({"entries": {}}))
+    monkeypatch.setenv("LOWBIT_KERNEL_TABLE", str(rows_table))
+    dispatch.load_table.cache_clear()
+    dispatch._choose_cached.cache_clear()
     assert layer.prepare_kernels()
     rows_kernel = layer.kernel
     xs = [torch.randn(M, 384, device="cuda", dtype=dtype) for M in (1, 17, 300)]
