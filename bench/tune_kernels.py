@@ -189,12 +189,13 @@ def main() -> None:
     for op in ops:
         t_op = time.time()
         tile_k = layout_tile(op, args.tile_k)
-        # the cells tuned now replace their old entries; other shapes and other M keep theirs
-        cells = {(N, K, M) for _, N, K in shapes for M in ms}
-        entries = [e for e in table["entries"].get(op, []) if (e["N"], e["K"], e["M"]) not in cells]
+        # each shape's cells replace their old entries once that shape is tuned; other shapes and
+        # other M keep theirs, so a run stopped by a time limit loses none of the old table
+        entries = list(table["entries"].get(op, []))
         if op == "w4a16" and table.get("weight_order", {}).get(op, "rows") != args.order:
             entries = []  # entries of the other weight order name kernels this order's layers cannot run
         for name, N, K in shapes:
+            entries = [e for e in entries if (e["N"], e["K"]) != (N, K) or e["M"] not in ms]
             for M in ms:
                 fp16_make, _ = build("fp16", N, K, M, dev)
                 fp16_us = time_us(fp16_make()[0])

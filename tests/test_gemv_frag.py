@@ -15,33 +15,41 @@ from lowbit.kernels.layout import FragmentInt4  # noqa: E402
 from lowbit.kernels.reference import w4a16_reference  # noqa: E402
 from tests.test_kernels import DEVICE, _rel, _weights  # noqa: E402
 
-# the default; split-K over 3 programs; one program per row block; 2 and 4 tiles per loop step, with
-# splits that end inside a step (K = 1000: 8 tiles in 2 splits of 4 and 4; K = 300: 3 tiles, one
-# split of a step of 4); the weights loaded a step ahead
-_CONFIGS = (None, TileConfig(block_m=16, block_n=32, split_k=3, num_warps=8),
-            TileConfig(block_m=16, block_n=16, split_k=1, num_warps=8),
-            TileConfig(block_m=16, block_n=32, block_k=256, split_k=2, num_warps=8),
-            TileConfig(block_m=16, block_n=16, block_k=512, split_k=3, num_warps=8),
-            TileConfig(block_m=16, block_n=32, block_k=256, split_k=2, num_warps=8, num_stages=2),
-            TileConfig(block_m=16, block_n=64, block_k=1024, split_k=1, num_warps=8, num_stages=2))
+def _cfg(block_n, block_k=128, split_k=1, num_stages=1):
+    return TileConfig(block_m=16, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=8,
+                      num_stages=num_stages)
 
 
-@pytest.mark.parametrize("M, K, group, symmetric", [(1, 640, 128, True), (3, 300, 64, False), (2, 1000, None, False),
-                                                    (4, 520, 256, True), (1, 128, None, True)])
-def test_matches_reference(M, K, group, symmetric):
+# (M, K, group, symmetric, configs): each case with the default (bn32, 2 tiles per step, the weights
+# loaded a step ahead), and configs that reach the kernel's other branches: one tile per step and
+# none ahead; splits that end inside a step (K = 300, 3 tiles, 2 per step: splits of 2 and 1; K = 520,
+# 5 tiles, 8 per step: one split of 5; K = 640 at the default: 5 tiles, 2 per step); splits of whole
+# steps (K = 1000, 8 tiles: 3 splits of 3, 3, 2 at one tile per step, 2 of 4 at four). Interpreted in
+# CI, so each case runs a few configs rather than all of them.
+_CASES = [
+    (1, 640, 128, True, (None, _cfg(16))),
+    (3, 300, 64, False, (None, _cfg(32, 256, 2, 2))),
+    (2, 1000, None, False, (_cfg(32, split_k=3), _cfg(16, 512, 3, 2))),
+    (4, 520, 256, True, (None, _cfg(64, 1024, 1, 2))),
+    (1, 128, None, True, (None, _cfg(32, 256, 2))),
+]
+
+
+@pytest.mark.parametrize("M, K, group, symmetric, configs", _CASES)
+def test_matches_reference(M, K, group, symmetric, configs):
     """fp32 arithmetic on exact u - zero: equal to the reference to its fp16 rounding. N = 300: rows
-    past the last full 16-row group; K not a multiple of the tile; split-K over 3 programs and none."""
+    past the last full 16-row group; K not a multiple of the tile; the bias with the first config."""
     N = 300
     qw, s, z, p = _weights(N, K, group, symmetric, seed=M + K)
     f = FragmentInt4.from_packed(p, int8=False)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(DEVICE).half()
     ref = w4a16_reference(x.float(), qw, s, z, group, K)  # fp32: the sum before its fp16 rounding
     bias = torch.randn(N, generator=torch.Generator().manual_seed(K)).to(DEVICE).half()
-    for cfg in _CONFIGS:
+    for cfg in configs:
         y = w4a16_frag_gemv(x, f, config=cfg)
         assert y.shape == (M, N) and y.dtype == torch.float16
         _assert_fp16_rounding_of(y, ref, cfg)
-        _assert_fp16_rounding_of(w4a16_frag_gemv(x, f, bias, config=cfg), ref + bias.float(), cfg)
+    _assert_fp16_rounding_of(w4a16_frag_gemv(x, f, bias, config=configs[0]), ref + bias.float(), configs[0])
 
 
 def _assert_fp16_rounding_of(y, ref32, cfg):
