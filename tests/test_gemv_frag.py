@@ -37,7 +37,7 @@ _CASES = [
 
 @pytest.mark.parametrize("M, K, group, symmetric, configs", _CASES)
 def test_matches_reference(M, K, group, symmetric, configs):
-    """fp32 arithmetic on exact u - zero: equal to the reference to its fp16 rounding. N = 300: rows
+    """fp32 arithmetic on exactly decoded nibbles: the reference to its fp16 rounding. N = 300: rows
     past the last full 16-row group; K not a multiple of the tile; the bias with the first config."""
     N = 300
     qw, s, z, p = _weights(N, K, group, symmetric, seed=M + K)

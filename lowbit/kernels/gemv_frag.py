@@ -9,12 +9,17 @@ as in the W4A8 GEMV (``lowbit.kernels.gemv``), each thread keeps the 32-bit word
   layer keeps one int4 layout for every M. A (16-row group, 128-column tile) block is 256 words; word
   w holds 4 bytes, of rows r and r + 8 (r = w >> 5) and byte columns j and j + 1, with j given by the
   low five bits of w (``FRAG_BASES``: 8, 16, 32, 2, 4). Byte j holds column j in its low nibble and
-  column j + 64 in its high one. So thread t of a block's 256 reads word t: a warp reads 128
-  contiguous bytes, and all of a word's 8 weights share the thread's 4 activations x[j], x[j + 1],
-  x[j + 64], x[j + 65].
-- Each nibble becomes an fp32 number with no conversion instruction: ``nibble | 0x4B000000`` read as
-  fp32 is 2^23 + u, and subtracting 2^23 + zero gives u - zero exactly. Then one fp32 FMA per weight
-  and activation row, and the group scale once per (row, tile): fp32 throughout, as the reference.
+  column j + 64 in its high one. A program takes G row groups and, per loop step, TK consecutive
+  tiles (``block_n`` = 16 G, ``block_k`` = 128 TK); lane c of a step reads one word of tile c >> 8,
+  so a warp reads 128 contiguous bytes, and all of a word's 8 weights share 4 activations x[j],
+  x[j + 1], x[j + 64], x[j + 65]. With ``num_stages`` >= 2 the next step's words are loaded before
+  this step's arithmetic (in registers).
+- Each nibble u becomes an fp32 number with no conversion instruction: placed in mantissa bits
+  19-22 of 1.0 it reads as n = 1 + u / 16 (one shift and one LOP3). Then (u - z) x = 16 n x -
+  (16 + z) x: one FMA per weight and activation row, and per half word (4 weights of one row and
+  group) one FMA for the zero point against the activations' sum and one for the group scale. fp32
+  throughout; the cancellation in 16 n x - (16 + z) x is of terms within 2-3x of the result, so the
+  outputs stay within an fp16 ulp of the reference's fp32 sum (the tests hold them to that).
 - The 32 threads of a warp share their rows; their sums meet in one reduction at the end.
 
 Limits (``frag_gemv_takes``): M <= ``FRAG_GEMV_MAX_M``, groups of a multiple of 64 columns or per
