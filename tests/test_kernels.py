@@ -201,16 +201,18 @@ def test_w4a8_gemv_matches_reference(M, K, symmetric, tile_k):
     bias = torch.randn(N, generator=torch.Generator().manual_seed(M)).to(DEVICE, torch.float16)
     ref = w4a8_reference(xq, xs, qw, s, z, None, K, torch.float16)
     # one step per program, steps shared by split-K programs (3 of 2-3 steps each), a step past Kp;
-    # 1, 2 and 3 steps loaded ahead (num_stages), so that buffers run past the last step too
-    for cfg in (TileConfig(block_n=32, block_k=64, num_stages=1),
-                TileConfig(block_n=16, block_k=128, split_k=3, num_stages=2),
-                TileConfig(block_n=64, block_k=1024, split_k=2, num_stages=3),
-                TileConfig(block_n=16, block_k=32, num_stages=3)):
+    # 1, 2 and 3 steps loaded ahead (num_stages), so that buffers run past the last step too; the
+    # bias (the shared epilogue) with the split-K config only: interpreted in CI, each launch costs
+    for i, cfg in enumerate((TileConfig(block_n=32, block_k=64, num_stages=1),
+                             TileConfig(block_n=16, block_k=128, split_k=3, num_stages=2),
+                             TileConfig(block_n=64, block_k=1024, split_k=2, num_stages=3),
+                             TileConfig(block_n=16, block_k=32, num_stages=3))):
         y = w4a8_gemv(xq, xs, p, torch.float16, config=cfg)
         assert y.shape == (M, N) and y.dtype == torch.float16
         assert _rel(y, ref) < 1e-3, cfg
-        yb = w4a8_gemv(xq, xs, p, torch.float16, bias, config=cfg)
-        assert _rel(yb, ref.float() + bias.float()) < 1e-3, cfg
+        if i == 1:
+            yb = w4a8_gemv(xq, xs, p, torch.float16, bias, config=cfg)
+            assert _rel(yb, ref.float() + bias.float()) < 1e-3, cfg
     assert _rel(w4a8_gemv(xq, xs, p, torch.float16), ref) < 1e-3  # the default launch
     # what dispatch runs for a table entry naming it
     from lowbit.kernels.dispatch import Choice
