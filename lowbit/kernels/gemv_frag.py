@@ -150,17 +150,13 @@ def _w4a16_frag_gemv_kernel(
                 wn = _words(w_tile, t + TK, t1, tile, False)
         else:
             wv = _words(w_tile, t, t1, tile, EVEN_SPLIT)
-        if EVEN_SPLIT:  # every split holds whole steps of TK tiles
-            x0 = _x_at(xt, k, K, 0, EVEN_K)
-            x1 = _x_at(xt, k, K, 1, EVEN_K)
-            x2 = _x_at(xt, k, K, 64, EVEN_K)
-            x3 = _x_at(xt, k, K, 65, EVEN_K)
-        else:  # tiles past this split's end read 0, and their activations count as past K
-            kin = k + (t + tile >= t1) * K
-            x0 = _x_at(xt, kin, K, 0, False)
-            x1 = _x_at(xt, kin, K, 1, False)
-            x2 = _x_at(xt, kin, K, 64, False)
-            x3 = _x_at(xt, kin, K, 65, False)
+        if not EVEN_SPLIT:  # tiles past this split's end read 0, and their activations count as past K
+            k = k + (t + tile >= t1) * K
+        # every split of whole steps and K a multiple of the tile: no column past K, no mask
+        x0 = _x_at(xt, k, K, 0, EVEN_SPLIT and EVEN_K)
+        x1 = _x_at(xt, k, K, 1, EVEN_SPLIT and EVEN_K)
+        x2 = _x_at(xt, k, K, 64, EVEN_SPLIT and EVEN_K)
+        x3 = _x_at(xt, k, K, 65, EVEN_SPLIT and EVEN_K)
         if GROUP_HALVES > 0:
             # padding tiles past K borrow the last group (their x is 0); GROUP_HALVES is a constant,
             # so the loop divides by no runtime value
@@ -181,18 +177,24 @@ def _w4a16_frag_gemv_kernel(
         x23 = x2 + x3
         if GROUP_HALVES % 2 == 0:  # one group for the whole word: one FMA chain per row pair
             xs = x01 + x23
-            q_a = 16.0 * (_nib(wv, 0, nib_mask, nib_one)[None] * x0 + _nib(wv, 8, nib_mask, nib_one)[None] * x1 + _nib(wv, 4, nib_mask, nib_one)[None] * x2
+            q_a = 16.0 * (_nib(wv, 0, nib_mask, nib_one)[None] * x0 + _nib(wv, 8, nib_mask, nib_one)[None] * x1
+                          + _nib(wv, 4, nib_mask, nib_one)[None] * x2
                           + _nib(wv, 12, nib_mask, nib_one)[None] * x3) - zc_a[None] * xs
-            q_b = 16.0 * (_nib(wv, 16, nib_mask, nib_one)[None] * x0 + _nib(wv, 24, nib_mask, nib_one)[None] * x1 + _nib(wv, 20, nib_mask, nib_one)[None] * x2
+            q_b = 16.0 * (_nib(wv, 16, nib_mask, nib_one)[None] * x0 + _nib(wv, 24, nib_mask, nib_one)[None] * x1
+                          + _nib(wv, 20, nib_mask, nib_one)[None] * x2
                           + _nib(wv, 28, nib_mask, nib_one)[None] * x3) - zc_b[None] * xs
             if GROUP_HALVES > 0:
                 q_a = s_a[None] * q_a
                 q_b = s_b[None] * q_b
         else:
-            q_a = (s_a[None] * _half(_nib(wv, 0, nib_mask, nib_one), x0, _nib(wv, 8, nib_mask, nib_one), x1, zc_a, x01)
-                   + s_ah[None] * _half(_nib(wv, 4, nib_mask, nib_one), x2, _nib(wv, 12, nib_mask, nib_one), x3, zc_ah, x23))
-            q_b = (s_b[None] * _half(_nib(wv, 16, nib_mask, nib_one), x0, _nib(wv, 24, nib_mask, nib_one), x1, zc_b, x01)
-                   + s_bh[None] * _half(_nib(wv, 20, nib_mask, nib_one), x2, _nib(wv, 28, nib_mask, nib_one), x3, zc_bh, x23))
+            q_a = (s_a[None] * _half(_nib(wv, 0, nib_mask, nib_one), x0,
+                                     _nib(wv, 8, nib_mask, nib_one), x1, zc_a, x01)
+                   + s_ah[None] * _half(_nib(wv, 4, nib_mask, nib_one), x2,
+                                        _nib(wv, 12, nib_mask, nib_one), x3, zc_ah, x23))
+            q_b = (s_b[None] * _half(_nib(wv, 16, nib_mask, nib_one), x0,
+                                     _nib(wv, 24, nib_mask, nib_one), x1, zc_b, x01)
+                   + s_bh[None] * _half(_nib(wv, 20, nib_mask, nib_one), x2,
+                                        _nib(wv, 28, nib_mask, nib_one), x3, zc_bh, x23))
         # the TK tiles of a lane sum in its thread (it holds lanes c, c + 256, ...): accumulators for
         # one tile only, so more tiles per step cost loads in flight, not accumulator registers
         acc_a += tl.sum(tl.reshape(q_a, (BLOCK_M, G, TK, 256)), axis=2)
@@ -256,6 +258,7 @@ def w4a16_frag_gemv(x: torch.Tensor, w: FragmentInt4, bias: torch.Tensor | None 
         M, N, w.K, w32.shape[0], per, n_tiles, x.stride(0), w32.stride(0), y.stride(0), _NIB_MASK, _NIB_ONE,
         HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None, GROUP_HALVES=(w.group_size or 0) // 64,
         BLOCK_M=next_power_of_2(M), G=G, TK=TK, SPLIT_K=split, EVEN_K=w.K % 128 == 0,
-        EVEN_SPLIT=n_tiles % TK == 0, AHEAD=cfg.num_stages > 1, num_warps=cfg.num_warps, num_stages=1, **launch_options(x.device),
+        EVEN_SPLIT=n_tiles % TK == 0, AHEAD=cfg.num_stages > 1, num_warps=cfg.num_warps, num_stages=1,
+        **launch_options(x.device),
     )
     return y
