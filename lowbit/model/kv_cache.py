@@ -247,19 +247,29 @@ class SlotKVCache:
 
     def attend_rotary(self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-        """Decode (kernel mode) on a plain cache: the rotary embedding of q, k (B, 1, heads, hd),
-        not yet applied, and the cache write of k and v done by one kernel
-        (``lowbit.kernels.fused.rope_store``), then decode attention -> (B, heads, 1, hd).
+        """Decode (kernel mode): the rotary embedding of q, k (B, 1, heads, hd), not yet applied, and
+        the cache write of k and v done by one kernel, then decode attention -> (B, heads, 1, hd).
+        A plain cache takes ``lowbit.kernels.fused.rope_store``; a quantized one with a scale per
+        (token, head) ``lowbit.kernels.kv_store.rope_quant_store`` (quantized in the same pass).
 
-        None where that path does not apply (prefill, quantized caches, other dtypes): the caller
-        then applies the rotary embedding itself and calls ``attend``.
+        None where that path does not apply (prefill, grouped or static scales, other dtypes): the
+        caller then applies the rotary embedding itself and calls ``attend``.
         """
-        if self._lengths is None or self.quantized or q.dtype != self.dtype or cos.dtype != q.dtype:
+        if self._lengths is None or q.dtype != self.dtype or cos.dtype != q.dtype:
             return None
         from lowbit.kernels.attention import decode_attention
-        from lowbit.kernels.fused import rope_store
 
-        qr = rope_store(q, k, v, cos, sin, self.keys[layer], self.values[layer], self._rows32, self._pos[:, 0])
+        if self.quantized:
+            if self.static or (self.kv.group_size or self.head_dim) != self.head_dim:
+                return None
+            from lowbit.kernels.kv_store import rope_quant_store
+
+            qr = rope_quant_store(q, k, v, cos, sin, self.keys[layer], self.key_scales[layer], self.values[layer],
+                                  self.value_scales[layer], self._rows32, self._pos[:, 0], self.kv.dtype)
+        else:
+            from lowbit.kernels.fused import rope_store
+
+            qr = rope_store(q, k, v, cos, sin, self.keys[layer], self.values[layer], self._rows32, self._pos[:, 0])
         kq, vq = self.layer_kv(layer)
         return decode_attention(qr, kq, vq, self._lengths, self._rows32, n_splits=self.splits, check=False)[:, :, None]
 
