@@ -23,7 +23,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--formats", default="fp16,int8,int4,int4/32,fp8_e4m3",
+                    help="cache formats to time; int4/32: int4 with scales per 32 channels")
+    ap.add_argument("--blocks", default="32,64,128", help="tokens per loop step (block_s)")
+    ap.add_argument("--warps", default="2,4,8")
+    ap.add_argument("--splits", default="",
+                    help="multiples of splits_for()'s split count to try, e.g. 1,2,4,8 (default: 1 only); more "
+                    "splits = more programs per SM to hide the cache's load latency")
+    ap.add_argument("--stages", default="", help="num_stages values to try (default: Triton's)")
     args = ap.parse_args()
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     B, L, Hkv, Hq, D = args.batch, args.context, 8, 32, 128
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -31,25 +40,37 @@ def main() -> None:
     lengths = torch.full((B,), L, dtype=torch.int32, device=dev)
     slots = torch.arange(B, dtype=torch.int32, device=dev)
     print(f"{torch.cuda.get_device_name(dev)}: B={B} context={L} heads {Hq}/{Hkv} head_dim {D}")
-    for fmt, group in (("fp16", None), ("int8", None), ("int4", None), ("int4", 32), ("fp8_e4m3", None)):
+    formats = [(f.split("/")[0], int(f.split("/")[1]) if "/" in f else None) for f in args.formats.split(",")]
+    best: dict[str, tuple[float, str]] = {}
+    for fmt, group in formats:
         t = torch.randn(B, Hkv, L, D, device=dev, dtype=torch.float16)
         k = quantize_kv(t, fmt, group)
         v = quantize_kv(t.flip(2), fmt, group)
         nbytes = 2 * (k.codes.nbytes + (k.scales.nbytes if k.scales.ndim > 1 else 0))
         del t
-        for block_s in (32, 64, 128):
-            for warps in (2, 4, 8):
-                n = splits_for(B, Hkv, L, sms, block_s)
-                try:
-                    us = triton.testing.do_bench(lambda: decode_attention(
-                        q, k, v, lengths, slots, block_s=block_s, n_splits=n, check=False, num_warps=warps)) * 1e3
-                except Exception as exc:  # a config the compiler rejects
-                    print(f"{fmt}/{group} block {block_s} warps {warps}: {type(exc).__name__}")
-                    continue
-                print(f"{fmt:<9} g{group or D:<4} block_s {block_s:<4} warps {warps}  {us:9.1f} us  "
-                      f"{nbytes / us / 1e3:7.0f} GB/s", flush=True)
+        for block_s in ints(args.blocks):
+            for warps in ints(args.warps):
+                for mult in ints(args.splits) or [1]:
+                    for stages in ints(args.stages) or [None]:
+                        n = splits_for(B, Hkv, L, sms, block_s) * mult
+                        n = min(n, -(-L // block_s))
+                        how = f"block_s {block_s:<4} warps {warps} splits {n:<3} stages {stages or '-'}"
+                        try:
+                            us = triton.testing.do_bench(lambda: decode_attention(
+                                q, k, v, lengths, slots, block_s=block_s, n_splits=n, check=False, num_warps=warps,
+                                num_stages=stages)) * 1e3
+                        except Exception as exc:  # a config the compiler rejects
+                            print(f"{fmt}/{group} {how}: {type(exc).__name__}")
+                            continue
+                        print(f"{fmt:<9} g{group or D:<4} {how}  {us:9.1f} us  {nbytes / us / 1e3:7.0f} GB/s", flush=True)
+                        key = f"{fmt} g{group or D}"
+                        if key not in best or us < best[key][0]:
+                            best[key] = (us, how)
         del k, v
         torch.cuda.empty_cache()
+    print("\n| cache | best us per layer | config |\n|---|---|---|")
+    for key, (us, how) in best.items():
+        print(f"| {key} | {us:.1f} | {how} |")
 
 
 if __name__ == "__main__":

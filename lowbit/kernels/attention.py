@@ -325,7 +325,7 @@ def _merge_splits_kernel(part_o_ptr, part_ml_ptr, out_ptr, N_SPLITS: tl.constexp
 def decode_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, lengths: torch.Tensor,
                      slot_of_row: torch.Tensor, scale: float | None = None, *, block_s: int | None = None,
                      tokens_per_split: int = 512, n_splits: int | None = None, check: bool = True,
-                     num_warps: int | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """q (B, Hq, D) fp16/bf16 -> (B, Hq, D); row b attends to tokens [0, lengths[b]) of cache slot slot_of_row[b].
 
     ``lengths`` (B,) int32, each >= 1; ``slot_of_row`` (B,) int32. K and V share dtype, group and shape.
@@ -352,12 +352,13 @@ def decode_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, lengths: t
         raise LowbitError(f"lengths must be in [1, {L}] and slots < {S}")
     G = Hq // Hkv
     kind = {"int8": 0, "int4": 1, "fp8_e4m3": 2, "fp16": 3}[k.dtype]
-    # tiles measured fastest on the H100 at batch 64, context 4096 (bench/attention_sweep.py, docs/engine.md):
-    # 128 tokens x 4 warps for fp16 caches, 64 x 2 for the 8- and 4-bit ones
+    # tiles measured fastest at batch 64, context 4096 (bench/attention_sweep.py, docs/engine.md): 128
+    # tokens x 4 warps for fp16 caches and, on the H200, for int4 (152 against 169 us per layer at 64 x 2);
+    # 64 x 2 for the 8-bit ones. More splits than splits_for() gives changed none of them by over 3%.
     if block_s is None:
-        block_s = 128 if kind == 3 else 64
+        block_s = 128 if kind in (1, 3) else 64
     if num_warps is None:
-        num_warps = 4 if kind == 3 else 2
+        num_warps = 4 if kind in (1, 3) else 2
     static = kind == 2 and k.scales.ndim == 1
     if n_splits is None:
         n_splits = max(1, math.ceil(int(lengths.max()) / tokens_per_split)) if B else 1
@@ -380,7 +381,7 @@ def decode_attention(q: torch.Tensor, k: QuantizedKV, v: QuantizedKV, lengths: t
         G=G, G_PAD=max(16, next_power_of_2(G)), D_HALF=D // 2, BLOCK_S=block_s,
         GROUP=k.group, N_GROUPS=D // k.group, KIND=kind, STATIC=static, CODE_D=k.codes.shape[-1],
         PER_TOKEN=kind in (0, 1, 2) and not static and k.group == D, IS_FP16=q.dtype == torch.float16,
-        ASM=USE_ASM, num_warps=num_warps, **pdl,
+        ASM=USE_ASM, num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}), **pdl,
     )
     triton_launch(_merge_splits_kernel, (B * Hq,), part_o, part_ml, out, N_SPLITS=n_splits,
                                     SPLITS_PAD=max(2, next_power_of_2(n_splits)), D=D, **pdl)
