@@ -83,6 +83,10 @@ def _triton_tiles(M: int) -> list[TileConfig]:
     else:
         out += [TileConfig(bm, bn, 128, 1, nw, ns) for bm, bn, nw, ns in (
             (64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 4, 3), (128, 256, 8, 3), (64, 256, 4, 3), (128, 128, 8, 4))]
+        # narrow layers (N = 4096-6144: the 8B o, qkv and down) have 32-48 tiles of 128 x 128 at M = 128
+        # on 132 SMs: split-K fills the machine (the 8B down at M = 128 ran 0.49-0.76x of fp16 unsplit)
+        if M <= 512:
+            out += [TileConfig(bm, 128, 128, sk, nw, ns) for bm, nw, ns in ((64, 4, 4), (128, 8, 3)) for sk in (2, 4)]
     return out
 
 

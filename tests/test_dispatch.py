@@ -31,18 +31,24 @@ def test_shipped_tables_are_complete_and_valid():
         assert set(table["tile_k"].values()) <= {128, 256}
 
 
-# Where the shipped tables may name a kernel slower than cuBLAS fp16 (issue 18, open): W4A16 from M = 64,
-# where the GEMM turns compute-bound and every int4-weight kernel of ours (Triton, the Gluon wgmma
-# kernel, widening then cuBLAS) measured below fp16 on the H200 (docs/kernels.md, "Where W4A16 still
-# loses"). A weight-only format holds no fp16 copy to fall back on. Any other loss fails the test.
-KNOWN_LOSSES = {"w4a16": 64}
+# Where the shipped tables may name a kernel slower than cuBLAS fp16 (issue 18, open), as (first M, last M)
+# per op, every loss measured on the H200 (docs/kernels.md, "Where each format still loses"):
+# - W4A16 from M = 64, where the GEMM turns compute-bound and every int4-weight kernel of ours (Triton,
+#   the Gluon wgmma kernel, widening then cuBLAS) measured below fp16;
+# - W4A8 (int8 and fp8 tensor cores) at M = 128-512 on the narrow layers (8B qkv, o, down: 0.52-0.98x),
+#   W4A8-g128 at M = 512 (dequant-cublas, 0.43-0.66x);
+# - W8A8 on the 8B qkv and o at M = 128-256 (0.89-0.99x): 14-17 us layers, where the separate activation
+#   quantization launch is what cuBLAS fp16 does not pay.
+# None of these formats holds an fp16 copy of its weights to fall back on. Any other loss fails the test.
+KNOWN_LOSSES = {"w4a16": (64, 4096), "w4a8": (128, 512), "w4a8-fp8": (128, 512), "w4a8-g128": (512, 512),
+                "w8a8-int8": (128, 256), "w8a8-fp8": (128, 256)}
 
 
 def test_no_table_entry_is_slower_than_the_fp16_baseline_it_was_tuned_against():
     """Issue 18: a cell whose best kernel lost to cuBLAS fp16 in the same tuning run is a defect of
     the kernels, named here. Shipped tables tuned before the baseline was recorded (no ``fp16_us``)
     are not judged; the synthetic table shows what is. The losses still measured are ``KNOWN_LOSSES``
-    (op: the smallest M they may start at)."""
+    (op: the range of M they lie in)."""
     synthetic = {"entries": {"w4a16": [
         {"N": 4096, "K": 4096, "M": 1, "kernel": "triton", "us": 10.0, "fp16_us": 30.0},
         {"N": 4096, "K": 4096, "M": 256, "kernel": "dequant-cublas", "us": 80.0, "fp16_us": 60.0},
@@ -54,7 +60,7 @@ def test_no_table_entry_is_slower_than_the_fp16_baseline_it_was_tuned_against():
         table = dispatch.load_table(key)
         unexpected = [e for op, entries in table["entries"].items() for e in entries
                       if e.get("fp16_us") is not None and e["us"] > e["fp16_us"]
-                      and not (op in KNOWN_LOSSES and e["M"] >= KNOWN_LOSSES[op])]
+                      and not (op in KNOWN_LOSSES and KNOWN_LOSSES[op][0] <= e["M"] <= KNOWN_LOSSES[op][1])]
         assert unexpected == [], (key, unexpected)
 
 
