@@ -138,12 +138,16 @@ if want ncu; then
   for cell in ${NCU_CELLS:-w4a16:llama3-8b:gateup:1 w4a16:llama3-8b:gateup:16 w4a16:llama3-8b:gateup:64 w4a16:llama3-8b:gateup:256 w4a16:llama3-8b:gateup:1024}; do
     IFS=: read -r path model layer m <<< "$cell"
     f="$OUTDIR/ncu/${path}_${layer}_${m}.txt"
-    # the 5 calls of profile_one.py: skip 2 (compilation, first touch), report the third; any lowbit kernel
-    timeout 120 ncu --clock-control none -k regex:'_kernel$' --launch-skip 2 --launch-count 1 \
+    # the 5 calls of profile_one.py: skip 2 (compilation, first touch), report the third. The filter names
+    # our GEMM kernels ('_kernel$' alone also matched PyTorch's RNG kernel that draws the inputs);
+    # NCU_KERNEL widens it, e.g. to '_act_quant|nvjet|xmma|cutlass' for a cuBLAS path and its quantization,
+    # with NCU_SKIP / NCU_COUNT for the launches of one call
+    timeout 120 ncu --clock-control none -k regex:"${NCU_KERNEL:-^_(w4a16|w4a8|mixed|w8a8|w4a4|w4ax|sparse24)}" \
+      --launch-skip ${NCU_SKIP:-2} --launch-count ${NCU_COUNT:-1} \
       --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
       --section MemoryWorkloadAnalysis python3 scripts/profile_one.py "$path" "$model:$layer" "$m" > "$f" 2>&1
     echo "== $cell: $(grep -m1 "$path" "$f")"
-    grep -E "^ +(Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread|Warp Cycles Per Issued Instruction|Grid Size|Block Limit Registers) " "$f" \
+    grep -E "Context [0-9]+, Stream|^ +(Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread|Warp Cycles Per Issued Instruction|Grid Size|Block Limit Registers) " "$f" \
       | sed 's/  */ /g' | tee -a "$OUTDIR/ncu.log"
   done
 fi
