@@ -45,8 +45,11 @@ demo: install
 	$(VENV)/bin/lowbit compare smollm2-135m $(DEMO_DIR) --prompt "$(PROMPT)" --max-new-tokens 96 \
 		--max-chunks $(DEMO_CHUNKS)
 
+# Test files run in parallel workers, one file per worker at a time (-n auto: one per core; most of the
+# time is Triton's CPU interpreter, one core per process). PYTEST_WORKERS=0 runs them in this process.
+PYTEST_WORKERS ?= auto
 test: install-dev
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info .pytest_cache

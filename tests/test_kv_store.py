@@ -11,7 +11,7 @@ from lowbit.errors import LowbitError
 
 pytest.importorskip("triton")
 from lowbit.kernels import fused  # noqa: E402
-from lowbit.kernels.attention import QuantizedKV, dequantize_kv, quantize_kv  # noqa: E402
+from lowbit.kernels.attention import quantize_kv  # noqa: E402
 from lowbit.kernels.kv_store import rope_quant_store  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,12 +61,20 @@ def test_rope_quant_store_matches_reference(kv_dtype, dtype, B, hq, hkv):
     plain_v = torch.zeros_like(plain_k)
     ref_q = fused.rope_store_reference(q, k, v, cos, sin, plain_k, plain_v, slot, pos)
     rows, p = slot.long(), pos.long()
+    exact = DEVICE == "cpu"
+    # Compiled, a rotary product may round one step of the activation dtype apart from PyTorch's
+    # (test_fused_kernels tolerates it); when the products nearly cancel, that step is large against
+    # the rotated key itself, and it can move the head's absmax and so every code of the head. On a
+    # GPU the keys are therefore checked against the same quantization of the key that the rotary
+    # kernel ``fused.rope`` produces (H200, 2026-12-03: 121 of 544 rotated fp16 keys one step apart,
+    # the stored codes equal to quantize_kv of fused.rope's keys in every case); values are not rotated
+    # and must match the reference everywhere.
+    keys = plain_k[rows, :, p] if exact else fused.rope(k, cos, sin)[:, 0]
     ref = {}
-    for name, plain in (("k", plain_k), ("v", plain_v)):
-        r = quantize_kv(plain[rows, :, p][:, :, None], kv_dtype)  # (B, hkv, 1, ...)
+    for name, plain in (("k", keys), ("v", plain_v[rows, :, p])):
+        r = quantize_kv(plain[:, :, None], kv_dtype)  # (B, hkv, 1, ...)
         ref[name] = (r.codes[:, :, 0], r.scales[:, :, 0])
     assert out.shape == (B, hq, hd) and out.is_contiguous()
-    exact = DEVICE == "cpu"  # compiled, a rotary product may round one step apart (test_fused_kernels)
     if exact:
         assert torch.equal(out, ref_q)
     else:
@@ -74,18 +82,8 @@ def test_rope_quant_store_matches_reference(kv_dtype, dtype, B, hq, hkv):
     for name, codes, scales in (("k", kc, ks), ("v", vc, vs)):
         got_c, got_s = codes[rows, :, p], scales[rows, :, p]
         want_c, want_s = ref[name]
-        if exact or name == "v":  # values are not rotated: the same bits on every device
-            assert torch.equal(got_c.view(torch.uint8), want_c.view(torch.uint8)), f"{name} codes"
-            assert torch.equal(got_s, want_s), f"{name} scales"
-        else:
-            # compiled, a rotated key may round one step of its dtype apart, which can also move its
-            # head's absmax and so every code of the head: check instead that what was stored is the
-            # reference's rotated key within half a code step (fp8: half an e4m3 ulp) plus that rounding
-            x = plain_k[rows, :, p].float()  # (B, hkv, hd): the reference's rotated key
-            got = dequantize_kv(QuantizedKV(got_c[:, :, None], got_s[:, :, None], kv_dtype, hd))[:, :, 0]
-            rel = (2 ** -7 if dtype == torch.bfloat16 else 2 ** -10) + (2 ** -4 if kv_dtype == "fp8_e4m3" else 0)
-            bound = (0.5 if kv_dtype != "fp8_e4m3" else 2 ** -9) * got_s + x.abs() * rel * 1.01 + 1e-6
-            assert ((got - x).abs() <= bound).all(), f"{name}: the stored key is not the rotated key quantized"
+        assert torch.equal(got_c.view(torch.uint8), want_c.view(torch.uint8)), f"{name} codes"
+        assert torch.equal(got_s, want_s), f"{name} scales"
     # nothing else in the cache moved
     written = torch.zeros(slots, L, dtype=torch.bool, device=DEVICE)
     written[rows, p] = True
