@@ -136,7 +136,7 @@ def test_w4a16_errors():
 
 # ---- activation quantization ------------------------------------------------------------------
 
-@pytest.mark.parametrize("M, K", [(1, 100), (3, 4096), (17, 577), (127, 130)])
+@pytest.mark.parametrize("M, K", [(1, 100), (3, 4096), (17, 577), (127, 130), (520, 300)])  # 520: the many-rows launch
 @pytest.mark.parametrize("dtype", ["int", FP8])
 def test_act_quant_is_bit_exact(M, K, dtype):
     x = _x(M, K, K) * 3
