@@ -87,12 +87,13 @@ def check_smooth(smooth: torch.Tensor | None, K: int) -> None:
 
 
 def quantize_activations(
-    x: torch.Tensor, dtype: str = "int", smooth: torch.Tensor | None = None
+    x: torch.Tensor, dtype: str = "int", smooth: torch.Tensor | None = None, *, num_warps: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) fp16/bf16/fp32 -> (codes (M, K) int8 or float8_e4m3fn, scales (M,) fp32).
 
     ``dtype``: "int" (int8, absmax / 127) or "fp8_e4m3" (absmax / 448). ``smooth`` (K,) fp32:
-    the input is divided by it first (SmoothQuant factors kept at run time).
+    the input is divided by it first (SmoothQuant factors kept at run time). ``num_warps`` overrides
+    the launch's warp count (``bench/act_quant_sweep.py``); by default it follows the measured rule below.
     """
     if x.ndim != 2 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise LowbitError(f"activation quantization takes (M, K) fp16/bf16/fp32, got {x.dtype} {tuple(x.shape)}")
@@ -111,6 +112,6 @@ def quantize_activations(
         # all 32 warps (4+ values per thread); from 512 rows the programs fill the GPU and 16 values
         # per thread win (H200, fp8, bench/act_quant_sweep.py: 4096x4096 14.6 us at 8 warps against
         # 29.1 at 32; 1024x4096 5.1 against 7.7; 128x4096 2.3 at 32 against 2.7 at 8)
-        num_warps=max(1, min(32, block // (512 if M >= 512 else 128))), **launch_options(x.device),
+        num_warps=num_warps or max(1, min(32, block // (512 if M >= 512 else 128))), **launch_options(x.device),
     )
     return q, s
