@@ -2,7 +2,8 @@
 split and greedy tokens against the producer's own dequantized weights through our reference forward.
 
 Each checkpoint is packed by its producer's code (compressed-tensors' ``PackedQuantizationCompressor``,
-AutoAWQ's ``WQLinear_GEMM.from_linear``), from min-max scales per group of 64. The reference model
+AutoAWQ's ``WQLinear_GEMM.from_linear``, AutoRound's GPTQ ``QuantLinear.pack``), from min-max scales per
+group of 64. The reference model
 is the same float model with every decoder Linear replaced by the producer's own dequantization of
 what it packed, computed in fp32 (the producers' functions take the scales' dtype; fp32 makes each
 (q - zero) * scale exact, so the reference is the producer's arithmetic without an fp16 rounding).
@@ -22,6 +23,8 @@ with warnings.catch_warnings():
     pytest.importorskip("awq")
     from awq.modules.linear.gemm import WQLinear_GEMM
     from awq.utils.packing_utils import dequantize_gemm
+pytest.importorskip("auto_round")
+from auto_round_extension.torch.qlinear_torch_zp import QuantLinear as GptqLinear  # noqa: E402
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32  # noqa: E402
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme  # noqa: E402
@@ -63,14 +66,30 @@ def _pack_awq(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, d
     return own, ref, {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"}
 
 
+def _pack_gptq(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
+    _, scales, zeros = _pseudo_quantize(w, GROUP)
+    N, K = w.shape
+    linear = torch.nn.Linear(K, N, bias=False, dtype=torch.float16)
+    linear.weight.data.copy_(w)
+    p = GptqLinear(4, GROUP, K, N, bias=False, g_idx=True)
+    p.pack(linear, scales, zeros, g_idx=p.g_idx, device="cpu")
+    own = {k: getattr(p, k).contiguous() for k in ("qweight", "qzeros", "scales", "g_idx")}
+    ref_layer = GptqLinear(4, GROUP, K, N, bias=False)  # its forward without g_idx: repeat per group
+    ref_layer.qweight, ref_layer.qzeros, ref_layer.scales = p.qweight, p.qzeros, p.scales.float()
+    with torch.no_grad():
+        ref = ref_layer(torch.eye(K)).t().contiguous()  # AutoRound's dequantization, in fp32
+    return own, ref, {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "sym": False, "desc_act": False,
+                      "checkpoint_format": "gptq"}
+
+
 @pytest.fixture(scope="module")
 def base():
     return load_model("smollm2-135m", device="cpu", dtype="fp32")
 
 
-@pytest.mark.parametrize("producer", ["compressed-tensors", "awq"])
+@pytest.mark.parametrize("producer", ["compressed-tensors", "awq", "gptq"])
 def test_perplexity_and_greedy_tokens_match_the_producers_dequantized_model(base, producer, tmp_path):
-    pack = _pack_ct if producer == "compressed-tensors" else _pack_awq
+    pack = {"compressed-tensors": _pack_ct, "awq": _pack_awq, "gptq": _pack_gptq}[producer]
     state, refs = {}, {}
     qconfig = None
     for name, t in base.model.state_dict().items():
