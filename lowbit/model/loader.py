@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from lowbit.assets import cache_dir, resolve_model
-from lowbit.checkpoint import awq, compressed_tensors, gptq
+from lowbit.checkpoint import awq, compressed_tensors, fp8, gptq
 from lowbit.checkpoint.native import scheme_from_config
 from lowbit.model.native_checkpoint import QuantizedLayerStager
 from lowbit.device import pick_device, pick_dtype
@@ -37,7 +37,7 @@ from lowbit.model.llama import Transformer
 # Other tools' quantized checkpoints, recognized from config.json, and the reader of each
 # (lowbit.checkpoint.translate: their layers' tensors become lowbit's as the checkpoint streams)
 _COMMUNITY = ((compressed_tensors.is_compressed_tensors, compressed_tensors.CompressedTensorsReader),
-              (awq.is_awq, awq.AwqReader), (gptq.is_gptq, gptq.GptqReader))
+              (awq.is_awq, awq.AwqReader), (gptq.is_gptq, gptq.GptqReader), (fp8.is_fp8, fp8.Fp8Reader))
 # Checkpoint entries that carry no parameter of ours (old checkpoints saved rotary tables).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
