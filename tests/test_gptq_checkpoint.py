@@ -185,3 +185,13 @@ def test_v2_zero_points_are_stored_as_they_are():
     word = torch.tensor([[0x76543210]], dtype=torch.int32)
     assert unpack_fields(word, 4).tolist() == [[0, 1, 2, 3, 4, 5, 6, 7]]
     assert unpack_fields(torch.tensor([[-1]], dtype=torch.int32), 8).tolist() == [[255, 255, 255, 255]]
+
+
+def test_a_gptq_config_over_other_tensors_is_named(gptq_dir, tmp_path):
+    def drop_zeros(state):
+        for key in [k for k in state if k.endswith(".qzeros")]:
+            del state[key]
+
+    out = _copy_with(gptq_dir(4, True, 64), tmp_path, drop_zeros)
+    with pytest.raises(LowbitError, match="no tensor is a GPTQ layer's qzeros"):
+        load_model(out, device="cpu", dtype="fp32", with_tokenizer=False)

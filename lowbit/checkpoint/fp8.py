@@ -69,6 +69,9 @@ class Fp8Reader(LayerTranslator):
             raise LowbitError(f"FP8 weight_block_size {list(self.block)}: blocks of {group} columns are not read "
                               f"({exc})") from exc
         quantized = {k.rpartition(".")[0] for k in names if k.endswith(".weight_scale_inv")}
+        if not quantized:
+            raise LowbitError("config.json says quant_method 'fp8' but no tensor is an FP8 layer's weight_scale_inv; "
+                              "the checkpoint is in another format than its config says")
         super().__init__(names, quantized, _PARTS)
 
     @property

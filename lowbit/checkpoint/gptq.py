@@ -80,7 +80,11 @@ class GptqReader(LayerTranslator):
     def __init__(self, config: Mapping[str, Any], names: Mapping[str, str]) -> None:
         self.wfmt, self.zeros_minus_one = weight_format(config)
         self.act_order_layers = 0
-        super().__init__(names, {k.rpartition(".")[0] for k in names if k.endswith(".qzeros")}, _PARTS)
+        quantized = {k.rpartition(".")[0] for k in names if k.endswith(".qzeros")}
+        if not quantized:
+            raise LowbitError("config.json says quant_method 'gptq' but no tensor is a GPTQ layer's qzeros; "
+                              "the checkpoint is in another format than its config says")
+        super().__init__(names, quantized, _PARTS)
 
     @property
     def scheme(self) -> QuantScheme:

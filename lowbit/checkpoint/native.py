@@ -132,7 +132,7 @@ def scheme_from_config(config: dict[str, Any]) -> QuantScheme | None:
     if qc.get("quant_method") != QUANT_METHOD:
         raise LowbitError(
             f"checkpoint quantized with {qc.get('quant_method')!r}; lowbit reads its own format, "
-            "compressed-tensors (W4A16, W8A8 int8, FP8), AutoAWQ (GEMM) and float checkpoints (GPTQ import "
-            "is planned)"
+            "compressed-tensors (W4A16, W4A8, W8A8 int8, FP8), GPTQ, AutoAWQ (GEMM), plain FP8 and float "
+            "checkpoints"
         )
     return QuantScheme.from_dict(qc.get("scheme") or {})
