@@ -3,6 +3,7 @@
 # default model from the parts carried so far, run the GPU tests, generate with the default model on
 # the GPU, evaluate every quantization preset (the accuracy table), and print a short summary last.
 #   bash scripts/gpu_check.sh [tests] [generate] [eval] [ablate] [kernels] [tune] [bench]   (default: tests generate eval)
+#   cutlass: the CUTLASS kernels' GPU tests and bench/cutlass_sweep.py --op $CUTLASS_OPS $CUTLASS_ARGS (.cutlass carried)
 #   kernels: kernel tests (W4A16/W4A8/W8A8, QUIK W4A4, COMET W4Ax, 2:4, the ops and dispatch); tune: bench/tune_kernels.py $TUNE_ARGS; bench: lowbit bench kernels $BENCH_ARGS;
 #   e2e: quantize the default model (w4a16, w4a8, w8a8-fp8) and generate with it on the kernels
 #   engine: engine tests on the GPU (decode-attention kernel, quantized KV, CUDA-graph decode, custom ops)
@@ -100,6 +101,21 @@ if want engine; then
     tests/test_dispatch.py 2>&1 | tee "$OUTDIR/engine.log"
   eng=$(tail -n 1 "$OUTDIR/engine.log")
 fi
+cut="skipped"
+if want cutlass; then
+  # CUTLASS kernels: headers carried as .cutlass/cutlass-include.tgz (include/, tools/util/include/, curand/),
+  # libraries built on a CPU machine carried in .cutlass/kernels/ (rebuilt here, 16 nvcc jobs, when their
+  # hash differs); then their GPU tests and bench/cutlass_sweep.py $CUTLASS_ARGS
+  mkdir -p /tmp/cutlass "$LOWBIT_CACHE/kernels" && tar xzf .cutlass/cutlass-include.tgz -C /tmp/cutlass
+  cp .cutlass/kernels/*.so "$LOWBIT_CACHE/kernels/" 2>/dev/null
+  export LOWBIT_CUTLASS_DIR=/tmp/cutlass
+  python3 -m lowbit.kernels.cutlass_build ${CUTLASS_BUILD_ARGS:-} > "$OUTDIR/cutlass_build.log" 2>&1; tail -n 30 "$OUTDIR/cutlass_build.log"
+  python3 -m pytest -q -p no:cacheprovider $par ${CUTLASS_TESTS:-tests/test_cutlass_w4a16.py tests/test_cutlass_w4a8.py} 2>&1 | tee "$OUTDIR/cutlass.log"
+  cut=$(tail -n 1 "$OUTDIR/cutlass.log")
+  for op in ${CUTLASS_OPS:-w4a16 w4a8-fp8 w4a8}; do
+    python3 bench/cutlass_sweep.py --op $op ${CUTLASS_ARGS:-} --json "$OUTDIR/cutlass_$op.json" 2>&1 | tee -a "$OUTDIR/cutlass_sweep.log"
+  done
+fi
 if want bench-e2e; then
   python3 -m lowbit.cli bench e2e ${E2E_ARGS:-} --json "$OUTDIR/e2e.json" --plot "$OUTDIR/e2e.png" 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUTDIR/bench-e2e.log"
@@ -192,4 +208,5 @@ echo "| GPU tests (tests/test_gpu.py) | $tests |"
 echo "| lowbit generate smollm2-135m --device cuda (bf16) | $gen |"
 echo "| kernel tests (tests/test_kernels.py, test_kernel_ops.py) | $kern |"
 echo "| engine tests (attention kernel, scheduler, graphs, e2e bench) | $eng |"
+echo "| CUTLASS kernel tests (tests/test_cutlass_w4a16.py, test_cutlass_w4a8.py) | $cut |"
 echo "| quantize + generate on kernels (e2e) | $e2e |"

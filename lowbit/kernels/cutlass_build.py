@@ -1,0 +1,201 @@
+"""Build and load the CUTLASS kernels (``lowbit/kernels/cutlass_src``) as one shared library per source.
+
+CUTLASS is a header library; the kernels are compiled with ``nvcc`` for sm_90a, one object file per
+tile configuration (compiled in parallel: a CUTLASS Hopper kernel takes minutes), linked into a
+shared library with a C ABI, and loaded with :mod:`ctypes`. No PyTorch headers are involved, so the
+library builds on any machine with ``nvcc`` (a CPU-only one too) and runs beside any PyTorch build
+of the same CUDA major version.
+
+Where the pieces come from:
+- ``LOWBIT_CUTLASS_DIR``: a CUTLASS checkout (or its ``include`` and ``tools/util/include``), 4.x.
+  CUTLASS's util headers include ``curand_kernel.h``; where the CUDA toolkit lacks cuRAND's headers,
+  put them in ``$LOWBIT_CUTLASS_DIR/curand``.
+- ``nvcc`` on ``PATH`` (or ``$CUDA_HOME/bin``).
+- The built library is cached in ``<lowbit cache>/kernels/`` under a name that hashes the source, the
+  configurations, the flags and the compiler's version, written to a temporary file then renamed.
+  ``python -m lowbit.kernels.cutlass_build`` builds it ahead of time (``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+SOURCE_DIR = Path(__file__).parent / "cutlass_src"
+CUTLASS_ENV = "LOWBIT_CUTLASS_DIR"
+# sm_90a: wgmma and setmaxnreg exist only on the "a" target; the -gencode form (HOPPER.md).
+ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)
+FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
+         "-cudart", "shared", "-diag-suppress", "20012")
+
+
+@dataclass(frozen=True)
+class CutlassConfig:
+    """One compiled kernel: ``tile_n`` weight rows x ``tile_m`` tokens per CTA, ``cluster_n`` CTAs
+    along the weight rows sharing each activation tile (TMA multicast), the cooperative (two consumer
+    warpgroups on one tile) or ping-pong (one tile each) schedule, and a stream-K tile scheduler (takes
+    ``splits``) or the persistent data-parallel one."""
+
+    tile_n: int
+    tile_m: int
+    cluster_n: int = 1
+    cooperative: bool = True
+    stream_k: bool = False
+
+    def name(self) -> str:
+        return (f"bn{self.tile_n} bm{self.tile_m} c{self.cluster_n} {'coop' if self.cooperative else 'pingpong'}"
+                + (" streamk" if self.stream_k else ""))
+
+    def defines(self) -> tuple[tuple[str, str], ...]:
+        b = lambda v: "true" if v else "false"  # noqa: E731
+        return (("LB_TILE_N", str(self.tile_n)), ("LB_TILE_M", str(self.tile_m)),
+                ("LB_CLUSTER_N", str(self.cluster_n)), ("LB_COOPERATIVE", b(self.cooperative)),
+                ("LB_STREAM_K", b(self.stream_k)))
+
+
+@dataclass(frozen=True)
+class Part:
+    """One object file of a library: its index (the C symbols' suffix) and its ``-D`` macros."""
+
+    index: int
+    defines: tuple[tuple[str, str], ...]
+
+
+def nvcc_path() -> str:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    for cand in ([str(Path(cuda_home) / "bin" / "nvcc")] if cuda_home else []) + [shutil.which("nvcc") or ""]:
+        if cand and Path(cand).exists():
+            return cand
+    raise LowbitError("the CUTLASS kernels are compiled with nvcc, which is not on PATH; install the CUDA "
+                      "toolkit (12.4 or newer for sm_90a) or set CUDA_HOME")
+
+
+def cutlass_includes() -> list[str]:
+    root = os.environ.get(CUTLASS_ENV)
+    if not root:
+        raise LowbitError(f"the CUTLASS kernels need CUTLASS's headers: set {CUTLASS_ENV} to a CUTLASS 4.x "
+                          "checkout (git clone https://github.com/NVIDIA/cutlass)")
+    root_path = Path(root).expanduser()
+    dirs = [root_path / "include", root_path / "tools" / "util" / "include"]
+    missing = [str(d) for d in dirs if not (d / "cutlass").is_dir()]
+    if missing:
+        raise LowbitError(f"{CUTLASS_ENV}={root} has no CUTLASS headers in {', '.join(missing)}")
+    extra = root_path / "curand"
+    return [str(d) for d in dirs + ([extra] if extra.is_dir() else [])]
+
+
+def _nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def library_path(name: str, parts: list[Part], cache: Path | None = None) -> Path:
+    """Where the library for ``name``.cu with these parts is (or will be) cached."""
+    from lowbit.assets import cache_dir
+
+    nvcc = nvcc_path()
+    h = hashlib.sha256()
+    h.update((SOURCE_DIR / f"{name}.cu").read_bytes())
+    h.update(repr((parts, FLAGS, ARCH_FLAGS, _nvcc_version(nvcc))).encode())
+    root = cutlass_includes()[0]
+    version = Path(root) / "cutlass" / "version.h"
+    if version.exists():
+        h.update(version.read_bytes())
+    return (cache or cache_dir()) / "kernels" / f"{name}-{h.hexdigest()[:16]}.so"
+
+
+def build(name: str, parts: list[Part], jobs: int | None = None, verbose: bool = False) -> Path:
+    """Compile ``cutlass_src/<name>.cu`` once per part plus the shared part (index -1), link, cache.
+
+    Returns the cached library's path; a library already built for the same inputs is reused."""
+    out = library_path(name, parts)
+    if out.exists():
+        return out
+    nvcc, includes = nvcc_path(), cutlass_includes()
+    src = SOURCE_DIR / f"{name}.cu"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}-build-") as tmp:
+        def compile_part(part: Part) -> Path:
+            obj = Path(tmp) / f"part{part.index + 1}.o"
+            defs = [f"-D{k}={v}" for k, v in (("LB_PART", str(part.index)),) + part.defines]
+            cmd = [nvcc, *FLAGS, *ARCH_FLAGS, *[f"-I{d}" for d in includes], *defs, "-c", "-o", str(obj), str(src)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise LowbitError(f"nvcc failed on {src.name} part {part.index} ({' '.join(defs)}):\n"
+                                  + res.stderr[-4000:])
+            if verbose:
+                print(f"built {src.name} part {part.index}", flush=True)
+            return obj
+
+        all_parts = [Part(-1, ())] + list(parts)
+        with ThreadPoolExecutor(max_workers=jobs or max(1, min(len(all_parts), os.cpu_count() or 1))) as pool:
+            objs = list(pool.map(compile_part, all_parts))
+        lib = Path(tmp) / "lib.so"
+        res = subprocess.run([nvcc, "-shared", "-cudart", "shared", *ARCH_FLAGS, "-o", str(lib), *map(str, objs)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise LowbitError(f"linking {name} failed:\n{res.stderr[-4000:]}")
+        os.replace(lib, out)  # atomic: a crash leaves no half-written library under the cached name
+    return out
+
+
+_LOADED: dict[str, ctypes.CDLL] = {}
+_WORKSPACE: dict[int, "torch.Tensor"] = {}  # noqa: F821
+
+
+def workspace(nbytes: int, device) -> "torch.Tensor":  # noqa: F821
+    """A scratch buffer of at least ``nbytes`` on ``device``, shared by every CUTLASS call there
+    (calls on one stream run in order; stream-K keeps partial tiles in it)."""
+    import torch
+
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _WORKSPACE.get(idx)
+    need = max(nbytes, 16)
+    if buf is None or buf.numel() < need:
+        if torch.cuda.is_current_stream_capturing():
+            raise LowbitError("a CUTLASS kernel's workspace must grow inside a CUDA-graph capture; run the layer "
+                              "once at this batch size before capturing")
+        buf = _WORKSPACE[idx] = torch.empty(need, dtype=torch.uint8, device=device)
+    return buf
+
+
+def load(name: str, parts: list[Part]) -> ctypes.CDLL:
+    """The library for ``name``, built on first use (minutes) and loaded once per process."""
+    if name not in _LOADED:
+        path = build(name, parts)
+        # PyTorch's CUDA runtime must be loaded first so that the library binds to the same one.
+        import torch
+
+        torch.cuda.init()
+        _LOADED[name] = ctypes.CDLL(str(path))
+    return _LOADED[name]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from lowbit.kernels import cutlass_w4a8, cutlass_w4a16
+
+    libraries = {cutlass_w4a16.LIBRARY: cutlass_w4a16.parts, cutlass_w4a8.LIBRARY: cutlass_w4a8.parts}
+    ap = argparse.ArgumentParser(
+        prog="python -m lowbit.kernels.cutlass_build",
+        description="Compile lowbit's CUTLASS kernels for sm_90a (H100/H200) into the lowbit cache, so that "
+                    f"the first GEMM does not wait for nvcc. Needs nvcc and {CUTLASS_ENV}.")
+    ap.add_argument("--library", choices=sorted(libraries), action="append",
+                    help="which library to build (default: all)")
+    ap.add_argument("--jobs", type=int, default=None, help="parallel nvcc processes (default: one per CPU)")
+    args = ap.parse_args(argv)
+    for name in args.library or sorted(libraries):
+        print(build(name, libraries[name](), jobs=args.jobs, verbose=True))
+
+
+if __name__ == "__main__":
+    main()
