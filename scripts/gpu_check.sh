@@ -109,7 +109,7 @@ if want cutlass; then
   mkdir -p /tmp/cutlass "$LOWBIT_CACHE/kernels" && tar xzf .cutlass/cutlass-include.tgz -C /tmp/cutlass
   cp .cutlass/kernels/*.so "$LOWBIT_CACHE/kernels/" 2>/dev/null
   export LOWBIT_CUTLASS_DIR=/tmp/cutlass
-  python3 -m lowbit.kernels.cutlass_build ${CUTLASS_BUILD_ARGS:-} > "$OUTDIR/cutlass_build.log" 2>&1; tail -n 30 "$OUTDIR/cutlass_build.log"
+  python3 -m lowbit.kernels.cutlass_prebuild ${CUTLASS_BUILD_ARGS:-} > "$OUTDIR/cutlass_build.log" 2>&1; tail -n 30 "$OUTDIR/cutlass_build.log"
   python3 -m pytest -q -p no:cacheprovider $par ${CUTLASS_TESTS:-tests/test_cutlass_w4a16.py tests/test_cutlass_w4a8.py} 2>&1 | tee "$OUTDIR/cutlass.log"
   cut=$(tail -n 1 "$OUTDIR/cutlass.log")
   for op in ${CUTLASS_OPS:-w4a16 w4a8-fp8 w4a8}; do

@@ -60,7 +60,7 @@ def test_build_without_nvcc_says_so(monkeypatch):
 
 
 def test_build_cli_help():
-    out = subprocess.run([sys.executable, "-m", "lowbit.kernels.cutlass_build", "--help"],
+    out = subprocess.run([sys.executable, "-m", "lowbit.kernels.cutlass_prebuild", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "sm_90a" in out and "--library" in out
 

@@ -13,12 +13,11 @@ Where the pieces come from:
 - ``nvcc`` on ``PATH`` (or ``$CUDA_HOME/bin``).
 - The built library is cached in ``<lowbit cache>/kernels/`` under a name that hashes the source, the
   configurations, the flags and the compiler's version, written to a temporary file then renamed.
-  ``python -m lowbit.kernels.cutlass_build`` builds it ahead of time (``--help``).
+  ``python -m lowbit.kernels.cutlass_prebuild`` builds them ahead of time (``--help``).
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import hashlib
 import os
@@ -179,23 +178,3 @@ def load(name: str, parts: list[Part]) -> ctypes.CDLL:
         torch.cuda.init()
         _LOADED[name] = ctypes.CDLL(str(path))
     return _LOADED[name]
-
-
-def main(argv: list[str] | None = None) -> None:
-    from lowbit.kernels import cutlass_w4a8, cutlass_w4a16
-
-    libraries = {cutlass_w4a16.LIBRARY: cutlass_w4a16.parts, cutlass_w4a8.LIBRARY: cutlass_w4a8.parts}
-    ap = argparse.ArgumentParser(
-        prog="python -m lowbit.kernels.cutlass_build",
-        description="Compile lowbit's CUTLASS kernels for sm_90a (H100/H200) into the lowbit cache, so that "
-                    f"the first GEMM does not wait for nvcc. Needs nvcc and {CUTLASS_ENV}.")
-    ap.add_argument("--library", choices=sorted(libraries), action="append",
-                    help="which library to build (default: all)")
-    ap.add_argument("--jobs", type=int, default=None, help="parallel nvcc processes (default: one per CPU)")
-    args = ap.parse_args(argv)
-    for name in args.library or sorted(libraries):
-        print(build(name, libraries[name](), jobs=args.jobs, verbose=True))
-
-
-if __name__ == "__main__":
-    main()
