@@ -19,10 +19,10 @@ from lowbit.numerics.primitives import pack_int4
 
 
 @pytest.mark.parametrize("N, K, group, needle", [
-    (256, 4100, 128, "K a multiple of 64"),
-    (252, 4096, 128, "N a multiple of 8"),
+    (256, 4160, 64, "K a multiple of 128"),  # measured wrong on the H200 (cutlass_w4a16's docstring)
+    (136, 4096, 128, "N a multiple of 128"),
     (256, 4096, 32, "group size"),
-    (256, 4160, 128, "group size"),  # 128 does not divide 4160
+    (256, 4096, 96, "group size"),
 ])
 def test_shapes_it_cannot_take_are_named(N, K, group, needle):
     with pytest.raises(LowbitError, match=needle):
@@ -30,7 +30,7 @@ def test_shapes_it_cannot_take_are_named(N, K, group, needle):
 
 
 def test_shapes_it_takes():
-    for N, K, g in [(256, 4096, 128), (6144, 4096, 64), (8, 4160, 64), (4096, 14336, None)]:
+    for N, K, g in [(256, 4096, 128), (6144, 4096, 64), (128, 4224, 64), (4096, 14336, None)]:
         check_shape(N, K, g)
 
 
@@ -85,7 +85,7 @@ def _layer(N, K, group, seed):
 
 @gpu
 @pytest.mark.parametrize("M", [1, 3, 17, 127, 256])
-@pytest.mark.parametrize("N, K, group", [(256, 512, 128), (136, 4160, 64), (384, 1024, None)])
+@pytest.mark.parametrize("N, K, group", [(256, 512, 128), (128, 4224, 64), (384, 1024, None)])
 def test_every_config_matches_the_reference(M, N, K, group):
     from lowbit.kernels.cutlass_w4a16 import pack_cutlass, w4a16_cutlass
 

@@ -11,8 +11,10 @@ Tensors:
   ``scales`` (G, N) fp16, G = K / group (the layout ``PackedInt4.scales`` has).
 - ``x`` (M, K) fp16, contiguous; returns ``y`` (M, N) fp16.
 
-Shapes it takes: K a multiple of 64 (the K tile), N a multiple of 8 (16-byte output rows), group a
-multiple of 64 dividing K, or per channel; symmetric codes only, no act-order. Anything else raises
+Shapes it takes: N and K multiples of 128, group a multiple of 64 dividing K, or per channel; symmetric
+codes only, no act-order. (On the H200, 2026-12-03, every configuration gave wrong results at
+N = 136, K = 4160 and right ones at every N, K multiple of 128 tested, the Llama layers included: the
+weights' reordering tiles whole 128 x 64 blocks. Smaller multiples were not tried.) Anything else raises
 :class:`LowbitError` naming the constraint (dispatch then keeps the Triton/Gluon kernels).
 """
 
@@ -28,6 +30,7 @@ from lowbit.kernels.cutlass_build import CutlassConfig, Part, workspace
 
 LIBRARY = "w4a16_sm90"
 TILE_K = 64  # K elements per tile for 16-bit MMA operands: 128 bytes, one TMA box row
+ALIGN_NK = 128  # N and K the kernels were measured right at (module docstring)
 
 
 # The compiled set (index = C symbol suffix). Ping-pong needs 64-row tiles; cooperative 128.
@@ -66,10 +69,10 @@ class CutlassInt4:
 def check_shape(N: int, K: int, group_size: int | None) -> None:
     """Raise :class:`LowbitError` unless the CUTLASS kernels take this layer."""
     g = K if group_size is None else group_size
-    if K % TILE_K:
-        raise LowbitError(f"the CUTLASS W4A16 kernel needs K a multiple of {TILE_K}; this layer has K = {K}")
-    if N % 8:
-        raise LowbitError(f"the CUTLASS W4A16 kernel needs N a multiple of 8; this layer has N = {N}")
+    if K % ALIGN_NK:
+        raise LowbitError(f"the CUTLASS W4A16 kernel needs K a multiple of {ALIGN_NK}; this layer has K = {K}")
+    if N % ALIGN_NK:
+        raise LowbitError(f"the CUTLASS W4A16 kernel needs N a multiple of {ALIGN_NK}; this layer has N = {N}")
     if g % TILE_K or K % g:
         raise LowbitError(f"the CUTLASS W4A16 kernel needs a group size that is a multiple of {TILE_K} and divides "
                           f"K = {K}; this layer has {group_size}")
