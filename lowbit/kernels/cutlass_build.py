@@ -11,8 +11,8 @@ Where the pieces come from:
   CUTLASS's util headers include ``curand_kernel.h``; where the CUDA toolkit lacks cuRAND's headers,
   put them in ``$LOWBIT_CUTLASS_DIR/curand``.
 - ``nvcc`` on ``PATH`` (or ``$CUDA_HOME/bin``).
-- The built library is cached in ``<lowbit cache>/kernels/`` under a name that hashes the source, the
-  configurations, the flags and the compiler's version, written to a temporary file then renamed.
+- The built library is cached in ``<lowbit cache>/kernels/`` under a name that hashes the source and
+  the headers beside it, the configurations, the flags and the compiler's version, written to a temporary file then renamed.
   ``python -m lowbit.kernels.cutlass_prebuild`` builds them ahead of time (``--help``).
 """
 
@@ -104,7 +104,9 @@ def library_path(name: str, parts: list[Part], cache: Path | None = None) -> Pat
 
     nvcc = nvcc_path()
     h = hashlib.sha256()
-    h.update((SOURCE_DIR / f"{name}.cu").read_bytes())
+    for src in sorted(SOURCE_DIR.iterdir()):  # the source and every header it may include
+        if src.suffix in (".cu", ".hpp", ".h") and (src.suffix != ".cu" or src.stem == name):
+            h.update(src.name.encode() + src.read_bytes())
     h.update(repr((parts, FLAGS, ARCH_FLAGS, _nvcc_version(nvcc))).encode())
     root = cutlass_includes()[0]
     version = Path(root) / "cutlass" / "version.h"

@@ -32,6 +32,8 @@
 #include "cutlass/util/packed_stride.hpp"
 #include "cutlass/util/mixed_dtype_utils.hpp"
 
+#include "gemm_call.hpp"
+
 using namespace cute;
 
 namespace lowbit_w4a16 {
@@ -114,27 +116,15 @@ template <class Cfg>
 int workspace(int M, int N, int K, int group, int splits, int sm_count, size_t* bytes) {
   // can_implement asks for a scale pointer in this mode: any aligned non-null one answers for the shape
   alignas(16) static const Scale probe[8] = {};
-  auto args = make_args<Cfg>(nullptr, nullptr, probe, nullptr, M, N, K, group, splits, sm_count);
-  typename Cfg::Gemm gemm;
-  cutlass::Status st = gemm.can_implement(args);
-  if (st != cutlass::Status::kSuccess) return static_cast<int>(st) + 1000;
-  *bytes = Cfg::Gemm::get_workspace_size(args);
-  return 0;
+  return lowbit_cutlass::query_workspace<typename Cfg::Gemm>(
+      make_args<Cfg>(nullptr, nullptr, probe, nullptr, M, N, K, group, splits, sm_count), bytes);
 }
 
 template <class Cfg>
 int run(const void* x, const void* w, const void* scales, void* y, int M, int N, int K, int group, int splits,
         int sm_count, void* ws, cudaStream_t stream) {
-  auto args = make_args<Cfg>(x, w, scales, y, M, N, K, group, splits, sm_count);
-  typename Cfg::Gemm gemm;
-  cutlass::Status st = gemm.can_implement(args);
-  if (st != cutlass::Status::kSuccess) return static_cast<int>(st) + 1000;
-  st = gemm.initialize(args, ws, stream);
-  if (st != cutlass::Status::kSuccess) return static_cast<int>(st) + 2000;
-  st = gemm.run(stream);
-  if (st != cutlass::Status::kSuccess) return static_cast<int>(st) + 3000;
-  cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? 0 : static_cast<int>(err);
+  return lowbit_cutlass::run_gemm<typename Cfg::Gemm>(
+      make_args<Cfg>(x, w, scales, y, M, N, K, group, splits, sm_count), ws, stream);
 }
 
 }  // namespace lowbit_w4a16

@@ -27,6 +27,8 @@
 #include "cutlass/util/packed_stride.hpp"
 #include "cutlass/util/mixed_dtype_utils.hpp"
 
+#include "gemm_call.hpp"
+
 using namespace cute;
 
 namespace lowbit_w4a8 {
@@ -110,27 +112,15 @@ typename Cfg::Gemm::Arguments make_args(const void* xq, const void* sx, const vo
 
 template <class Cfg, class Act>
 int workspace(int M, int N, int K, int splits, int sm_count, size_t* bytes) {
-  auto args = make_args<Cfg, Act>(nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, splits, sm_count);
-  typename Cfg::Gemm gemm;
-  cutlass::Status st = gemm.can_implement(args);
-  if (st != cutlass::Status::kSuccess) return static_cast<int>(st) + 1000;
-  *bytes = Cfg::Gemm::get_workspace_size(args);
-  return 0;
+  return lowbit_cutlass::query_workspace<typename Cfg::Gemm>(
+      make_args<Cfg, Act>(nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, splits, sm_count), bytes);
 }
 
 template <class Cfg, class Act>
 int run(const void* xq, const void* sx, const void* w, const void* sw, void* y, int M, int N, int K, int splits,
         int sm_count, void* ws, cudaStream_t stream) {
-  auto args = make_args<Cfg, Act>(xq, sx, w, sw, y, M, N, K, splits, sm_count);
-  typename Cfg::Gemm gemm;
-  cutlass::Status st = gemm.can_implement(args);
-  if (st != cutlass::Status::kSuccess) return static_cast<int>(st) + 1000;
-  st = gemm.initialize(args, ws, stream);
-  if (st != cutlass::Status::kSuccess) return static_cast<int>(st) + 2000;
-  st = gemm.run(stream);
-  if (st != cutlass::Status::kSuccess) return static_cast<int>(st) + 3000;
-  cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? 0 : static_cast<int>(err);
+  return lowbit_cutlass::run_gemm<typename Cfg::Gemm>(
+      make_args<Cfg, Act>(xq, sx, w, sw, y, M, N, K, splits, sm_count), ws, stream);
 }
 
 }  // namespace lowbit_w4a8
