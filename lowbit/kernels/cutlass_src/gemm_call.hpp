@@ -1,5 +1,5 @@
-// What every lowbit CUTLASS entry point does with a built Gemm::Arguments: ask for the workspace, or
-// check, initialize and launch on the caller's stream. Status codes for the C ABI: 0 on success,
+// What every lowbit CUTLASS entry point does: reorder int4 weights at load, and with a built
+// Gemm::Arguments ask for the workspace, or check, initialize and launch on the caller's stream. Status codes for the C ABI: 0 on success,
 // 1000 + cutlass::Status from can_implement, 2000 + from initialize, 3000 + from run, else the CUDA
 // error of the launch.
 #pragma once
@@ -7,6 +7,9 @@
 #include <cuda_runtime.h>
 
 #include "cutlass/cutlass.h"
+#include "cute/tensor.hpp"
+#include "cutlass/util/packed_stride.hpp"
+#include "cutlass/util/mixed_dtype_utils.hpp"
 
 namespace lowbit_cutlass {
 
@@ -28,6 +31,20 @@ int run_gemm(typename Gemm::Arguments const& args, void* ws, cudaStream_t stream
   if (st != cutlass::Status::kSuccess) return static_cast<int>(st) + 2000;
   st = gemm.run(stream);
   if (st != cutlass::Status::kSuccess) return static_cast<int>(st) + 3000;
+  cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? 0 : static_cast<int>(err);
+}
+
+// Reorder int4 weights (N x K, K-major: the checkpoint byte layout) into the order ``Atom`` (a CUTLASS
+// memory-reordering atom) gives: src and dst are device buffers of N * K / 2 bytes. Runs on the
+// default stream and synchronizes (load time only).
+template <class Atom, class StrideW>
+int reorder_int4(const void* src, void* dst, int N, int K) {
+  auto shape = cute::make_shape(N, K, 1);
+  auto layout_src = cute::make_layout(shape, cutlass::make_cute_packed_stride(StrideW{}, shape));
+  auto layout_dst = cute::tile_to_shape(Atom{}, shape);
+  cutlass::reorder_tensor(static_cast<const cutlass::int4b_t*>(src), layout_src,
+                          static_cast<cutlass::int4b_t*>(dst), layout_dst);
   cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? 0 : static_cast<int>(err);
 }

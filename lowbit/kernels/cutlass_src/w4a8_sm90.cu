@@ -149,13 +149,7 @@ extern "C" {
 // Reorder int4 weights (N x K, checkpoint byte layout) for 8-bit MMA operands (e4m3 and int8 alike).
 // Default stream; synchronizes (load time only).
 int lb_w4a8_reorder(const void* src, void* dst, int N, int K) {
-  auto shape = cute::make_shape(N, K, 1);
-  StrideW stride_w = cutlass::make_cute_packed_stride(StrideW{}, shape);
-  auto layout_src = cute::make_layout(shape, stride_w);
-  auto layout_dst = cute::tile_to_shape(ReorderAtom{}, shape);
-  cutlass::reorder_tensor(static_cast<const Quant*>(src), layout_src, static_cast<Quant*>(dst), layout_dst);
-  cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? 0 : static_cast<int>(err);
+  return lowbit_cutlass::reorder_int4<ReorderAtom, StrideW>(src, dst, N, K);
 }
 }
 #endif
