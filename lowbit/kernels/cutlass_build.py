@@ -12,7 +12,8 @@ Where the pieces come from:
   put them in ``$LOWBIT_CUTLASS_DIR/curand``.
 - ``nvcc`` on ``PATH`` (or ``$CUDA_HOME/bin``).
 - The built library is cached in ``<lowbit cache>/kernels/`` under a name that hashes the source and
-  the headers beside it, the configurations, the flags and the compiler's version, written to a temporary file then renamed.
+  the headers beside it, the configurations, the flags and the compiler's version, written to a
+  temporary file then renamed.
   ``python -m lowbit.kernels.cutlass_prebuild`` builds them ahead of time (``--help``).
 """
 
@@ -27,6 +28,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 from lowbit.errors import LowbitError
 
@@ -139,8 +142,17 @@ def build(name: str, parts: list[Part], jobs: int | None = None, verbose: bool =
             return obj
 
         all_parts = [Part(-1, ())] + list(parts)
+        bar = tqdm(total=len(all_parts), desc=f"nvcc {name} (once; cached in {out.parent})", unit="part",
+                   disable=verbose)
+
+        def compile_counted(part: Part) -> Path:
+            obj = compile_part(part)
+            bar.update()
+            return obj
+
         with ThreadPoolExecutor(max_workers=jobs or max(1, min(len(all_parts), os.cpu_count() or 1))) as pool:
-            objs = list(pool.map(compile_part, all_parts))
+            objs = list(pool.map(compile_counted, all_parts))
+        bar.close()
         lib = Path(tmp) / "lib.so"
         res = subprocess.run([nvcc, "-shared", "-cudart", "shared", *ARCH_FLAGS, "-o", str(lib), *map(str, objs)],
                              capture_output=True, text=True)
