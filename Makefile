@@ -32,8 +32,12 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PIP) install -q -e .
 	touch $@
 
+# llm-compressor (tests/test_llmcompressor_oneshot.py: checkpoints its oneshot writes) pins transformers
+# <= 5.17 and compressed-tensors == 0.19, behind this project's; its data-free schemes run beside ours,
+# so it is installed without its pins (loguru and nvidia-ml-py are the two needs the dev extras lack).
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llmcompressor==0.14.0.1 loguru nvidia-ml-py
 	touch $@
 
 install: $(VENV)/.installed
