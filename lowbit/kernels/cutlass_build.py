@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,22 +165,52 @@ def build(name: str, parts: list[Part], jobs: int | None = None, verbose: bool =
 
 _LOADED: dict[str, ctypes.CDLL] = {}
 _WORKSPACE: dict[int, "torch.Tensor"] = {}  # noqa: F821
+_WORKSPACE_BYTES: dict[tuple, int] = {}
 
 
-def workspace(nbytes: int, device) -> "torch.Tensor":  # noqa: F821
-    """A scratch buffer of at least ``nbytes`` on ``device``, shared by every CUTLASS call there
-    (calls on one stream run in order; stream-K keeps partial tiles in it)."""
+def workspace(key: tuple, query: Callable[[ctypes.c_size_t], int], what: str, device) -> "torch.Tensor":  # noqa: F821
+    """A scratch buffer for one call, shared by every CUTLASS call on ``device`` (calls on one stream
+    run in order; stream-K keeps partial tiles in it). ``query(size)`` is the library's workspace
+    function for this call, asked once per ``key``; a non-zero status (CUTLASS's can_implement
+    refused the shape) raises a LowbitError saying ``what`` cannot run."""
     import torch
 
+    if key not in _WORKSPACE_BYTES:
+        size = ctypes.c_size_t(0)
+        rc = query(size)
+        if rc:
+            raise LowbitError(f"{what} cannot run (status {rc})")
+        _WORKSPACE_BYTES[key] = size.value
     idx = device.index if device.index is not None else torch.cuda.current_device()
     buf = _WORKSPACE.get(idx)
-    need = max(nbytes, 16)
+    need = max(_WORKSPACE_BYTES[key], 16)
     if buf is None or buf.numel() < need:
         if torch.cuda.is_current_stream_capturing():
             raise LowbitError("a CUTLASS kernel's workspace must grow inside a CUDA-graph capture; run the layer "
                               "once at this batch size before capturing")
         buf = _WORKSPACE[idx] = torch.empty(need, dtype=torch.uint8, device=device)
     return buf
+
+
+def reorder_int4(reorder: Callable[[int, int, int, int], int], qweight: "torch.Tensor", K: int,  # noqa: F821
+                 kernel: str) -> "torch.Tensor":  # noqa: F821
+    """Checkpoint-layout int4 codes ``qweight`` (N, K / 2) uint8 on a CUDA device, reordered by the
+    library's ``reorder(src, dst, N, K)`` into a new (N * K / 2,) uint8 buffer (once, at load)."""
+    import torch
+
+    N = qweight.shape[0]
+    if qweight.device.type != "cuda":
+        raise LowbitError(f"the {kernel} kernel runs on CUDA devices only; move the weights to the GPU first")
+    if qweight.dtype != torch.uint8 or tuple(qweight.shape) != (N, K // 2):
+        raise LowbitError(f"qweight must be (N, K/2) = ({N}, {K // 2}) uint8, got {tuple(qweight.shape)} {qweight.dtype}")
+    src = qweight.contiguous()
+    dst = torch.empty(N * K // 2, dtype=torch.uint8, device=qweight.device)
+    with torch.cuda.device(qweight.device):
+        torch.cuda.synchronize()  # the reorder runs on the default stream
+        rc = reorder(src.data_ptr(), dst.data_ptr(), N, K)
+    if rc:
+        raise RuntimeError(f"reordering the {kernel} weights failed with CUDA error {rc}")
+    return dst
 
 
 def load(name: str, parts: list[Part]) -> ctypes.CDLL:

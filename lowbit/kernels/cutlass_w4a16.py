@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.cutlass_build import CutlassConfig, Part, workspace
+from lowbit.device import sm_count
+from lowbit.kernels.cutlass_build import CutlassConfig, Part, reorder_int4, workspace
 
 LIBRARY = "w4a16_sm90"
 TILE_K = 64  # K elements per tile for 16-bit MMA operands: 128 bytes, one TMA box row
@@ -98,36 +99,11 @@ def pack_cutlass(qweight: torch.Tensor, scales: torch.Tensor, K: int, group_size
     hold them."""
     N = qweight.shape[0]
     check_shape(N, K, group_size)
-    if qweight.device.type != "cuda":
-        raise LowbitError("the CUTLASS W4A16 kernel runs on CUDA devices only; move the weights to the GPU first")
-    if qweight.dtype != torch.uint8 or tuple(qweight.shape) != (N, K // 2):
-        raise LowbitError(f"qweight must be (N, K/2) = ({N}, {K // 2}) uint8, got {tuple(qweight.shape)} {qweight.dtype}")
     G = 1 if group_size is None else K // group_size
     if tuple(scales.shape) != (N, G):
         raise LowbitError(f"scales must be (N, G) = ({N}, {G}), got {tuple(scales.shape)}")
-    src = qweight.contiguous()
-    dst = torch.empty(N * K // 2, dtype=torch.uint8, device=qweight.device)
-    with torch.cuda.device(qweight.device):
-        torch.cuda.synchronize()
-        rc = _lib().lb_w4a16_reorder(src.data_ptr(), dst.data_ptr(), N, K)
-    if rc:
-        raise RuntimeError(f"lb_w4a16_reorder failed with CUDA error {rc}")
+    dst = reorder_int4(lambda *a: _lib().lb_w4a16_reorder(*a), qweight, K, "CUTLASS W4A16")
     return CutlassInt4(dst, scales.t().contiguous().half(), N, K, K if group_size is None else group_size)
-
-
-_WS_SIZE: dict[tuple, int] = {}
-
-
-def _workspace(lib: ctypes.CDLL, cfg: int, M: int, w: CutlassInt4, splits: int, sms: int, device) -> torch.Tensor:
-    key = (cfg, M, w.N, w.K, w.group_size, splits, sms)
-    if key not in _WS_SIZE:
-        size = ctypes.c_size_t(0)
-        rc = getattr(lib, f"lb_w4a16_workspace_{cfg}")(M, w.N, w.K, w.group_size, splits, sms, ctypes.byref(size))
-        if rc:
-            raise LowbitError(f"CUTLASS W4A16 config {CONFIGS[cfg].name()} cannot run M={M} N={w.N} K={w.K} "
-                              f"group={w.group_size} splits={splits} (status {rc})")
-        _WS_SIZE[key] = size.value
-    return workspace(_WS_SIZE[key], device)
 
 
 def w4a16_cutlass(x: torch.Tensor, w: CutlassInt4, config: int = 2, splits: int = 1) -> torch.Tensor:
@@ -144,8 +120,12 @@ def w4a16_cutlass(x: torch.Tensor, w: CutlassInt4, config: int = 2, splits: int 
     if M == 0:
         return y.reshape(*x.shape[:-1], w.N)
     lib = _lib()
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    ws = _workspace(lib, config, M, w, splits, sms, x.device)
+    sms = sm_count(x.device, 132)
+    ws = workspace((LIBRARY, config, M, w.N, w.K, w.group_size, splits, sms),
+                   lambda size: getattr(lib, f"lb_w4a16_workspace_{config}")(
+                       M, w.N, w.K, w.group_size, splits, sms, ctypes.byref(size)),
+                   f"CUTLASS W4A16 config {CONFIGS[config].name()} at M={M} N={w.N} K={w.K} group={w.group_size} "
+                   f"splits={splits}", x.device)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     rc = getattr(lib, f"lb_w4a16_gemm_{config}")(x2.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(),
                                                   y.data_ptr(), M, w.N, w.K, w.group_size, splits, sms,

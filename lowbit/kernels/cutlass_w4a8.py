@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.cutlass_build import CutlassConfig, Part, workspace
+from lowbit.device import sm_count
+from lowbit.kernels.cutlass_build import CutlassConfig, Part, reorder_int4, workspace
 
 LIBRARY = "w4a8_sm90"
 TILE_K = 128  # 8-bit operands: 128 bytes per K tile row
@@ -91,23 +92,10 @@ def pack_cutlass_w4a8(qweight: torch.Tensor, scales: torch.Tensor, K: int, adtyp
     check_shape(N, K)
     if adtype not in ("fp8_e4m3", "int"):
         raise LowbitError(f"the CUTLASS W4A8 kernel takes fp8_e4m3 or int activations, not {adtype!r}")
-    if qweight.device.type != "cuda":
-        raise LowbitError("the CUTLASS W4A8 kernel runs on CUDA devices only; move the weights to the GPU first")
-    if qweight.dtype != torch.uint8 or tuple(qweight.shape) != (N, K // 2):
-        raise LowbitError(f"qweight must be (N, K/2) = ({N}, {K // 2}) uint8, got {tuple(qweight.shape)} {qweight.dtype}")
     if scales.numel() != N:
         raise LowbitError(f"the CUTLASS W4A8 kernel takes one scale per output channel ({N}), got {tuple(scales.shape)}")
-    dst = torch.empty(N * K // 2, dtype=torch.uint8, device=qweight.device)
-    src = qweight.contiguous()
-    with torch.cuda.device(qweight.device):
-        torch.cuda.synchronize()
-        rc = _lib().lb_w4a8_reorder(src.data_ptr(), dst.data_ptr(), N, K)
-    if rc:
-        raise RuntimeError(f"lb_w4a8_reorder failed with CUDA error {rc}")
+    dst = reorder_int4(lambda *a: _lib().lb_w4a8_reorder(*a), qweight, K, "CUTLASS W4A8")
     return CutlassInt4PerChannel(dst, scales.reshape(N).float().contiguous(), N, K, adtype)
-
-
-_WS_SIZE: dict[tuple, int] = {}
 
 
 def w4a8_cutlass(xq: torch.Tensor, x_scale: torch.Tensor, w: CutlassInt4PerChannel, config: int | None = None,
@@ -132,16 +120,11 @@ def w4a8_cutlass(xq: torch.Tensor, x_scale: torch.Tensor, w: CutlassInt4PerChann
     if M == 0:
         return y.reshape(*xq.shape[:-1], w.N)
     lib = _lib()
-    sms = torch.cuda.get_device_properties(xq.device).multi_processor_count
-    key = (config, M, w.N, w.K, splits, sms)
-    if key not in _WS_SIZE:
-        size = ctypes.c_size_t(0)
-        rc = getattr(lib, f"lb_w4a8_workspace_{config}")(M, w.N, w.K, splits, sms, ctypes.byref(size))
-        if rc:
-            raise LowbitError(f"CUTLASS W4A8 config {CONFIGS[config][1].name()} cannot run M={M} N={w.N} K={w.K} "
-                              f"splits={splits} (status {rc})")
-        _WS_SIZE[key] = size.value
-    ws = workspace(_WS_SIZE[key], xq.device)
+    sms = sm_count(xq.device, 132)
+    ws = workspace((LIBRARY, config, M, w.N, w.K, splits, sms),
+                   lambda size: getattr(lib, f"lb_w4a8_workspace_{config}")(M, w.N, w.K, splits, sms, ctypes.byref(size)),
+                   f"CUTLASS W4A8 config {CONFIGS[config][1].name()} at M={M} N={w.N} K={w.K} splits={splits}",
+                   xq.device)
     rc = getattr(lib, f"lb_w4a8_gemm_{config}")(x2.data_ptr(), sx.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(),
                                                  y.data_ptr(), M, w.N, w.K, splits, sms, ws.data_ptr(),
                                                  torch.cuda.current_stream(xq.device).cuda_stream)

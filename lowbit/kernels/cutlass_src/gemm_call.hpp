@@ -13,6 +13,18 @@
 
 namespace lowbit_cutlass {
 
+// The SMs the persistent grid fills, and for a stream-K scheduler the split count: splits > 1 asks
+// for that many K splits per tile, 1 lets CUTLASS's heuristic choose stream-K or data-parallel.
+template <class Gemm, bool StreamK>
+void set_schedule(typename Gemm::Arguments& args, int splits, int sm_count) {
+  args.hw_info.sm_count = sm_count;
+  if constexpr (StreamK) {
+    using Decomp = typename Gemm::GemmKernel::TileScheduler::DecompositionMode;
+    args.scheduler.splits = splits;
+    args.scheduler.decomposition_mode = splits > 1 ? Decomp::SplitK : Decomp::Heuristic;
+  }
+}
+
 template <class Gemm>
 int query_workspace(typename Gemm::Arguments const& args, size_t* bytes) {
   Gemm gemm;

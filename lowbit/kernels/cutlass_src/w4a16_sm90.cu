@@ -103,12 +103,7 @@ typename Cfg::Gemm::Arguments make_args(const void* x, const void* w, const void
       {static_cast<const Quant*>(w), layout_w, static_cast<const Act*>(x), stride_x,
        static_cast<const Scale*>(scales), stride_s, group},
       {{1.0f, 0.0f}, nullptr, stride_y, static_cast<Out*>(y), stride_y}};
-  args.hw_info.sm_count = sm_count;
-  if constexpr (!std::is_same_v<typename Cfg::Scheduler, void>) {
-    args.scheduler.splits = splits;
-    using Decomp = typename Gemm::GemmKernel::TileScheduler::DecompositionMode;
-    args.scheduler.decomposition_mode = splits > 1 ? Decomp::SplitK : Decomp::Heuristic;
-  }
+  lowbit_cutlass::set_schedule<Gemm, !std::is_same_v<typename Cfg::Scheduler, void>>(args, splits, sm_count);
   return args;
 }
 

@@ -101,12 +101,7 @@ typename Cfg::Gemm::Arguments make_args(const void* xq, const void* sx, const vo
   auto& tree = args.epilogue.thread;
   tree.op_0 = {static_cast<const float*>(sw), 0.0f, {}};                    // s_w, one per cutlass row
   tree.op_1.op_0 = {static_cast<const float*>(sx), 0.0f, {}};               // s_x, one per cutlass column
-  args.hw_info.sm_count = sm_count;
-  if constexpr (!std::is_same_v<typename Cfg::Scheduler, void>) {
-    args.scheduler.splits = splits;
-    using Decomp = typename Gemm::GemmKernel::TileScheduler::DecompositionMode;
-    args.scheduler.decomposition_mode = splits > 1 ? Decomp::SplitK : Decomp::Heuristic;
-  }
+  lowbit_cutlass::set_schedule<Gemm, !std::is_same_v<typename Cfg::Scheduler, void>>(args, splits, sm_count);
   return args;
 }
 
