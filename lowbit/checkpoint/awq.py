@@ -86,13 +86,7 @@ class AwqReader(LayerTranslator):
 
     def _layer(self, prefix: str, own: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         where = self._where(prefix)
-        missing = [p for p in _PARTS if p not in own]
-        if missing:
-            raise LowbitError(f"{where}: AWQ layer '{prefix}' has no {missing[0]}; the checkpoint is incomplete")
-        qweight, qzeros, scales = own["qweight"], own["qzeros"], own["scales"]
-        for name, t in (("qweight", qweight), ("qzeros", qzeros)):
-            if t.dtype != torch.int32 or t.ndim != 2:
-                raise LowbitError(f"{where}: '{prefix}.{name}' is {t.dtype} {tuple(t.shape)}, expected 2-D int32")
+        qweight, qzeros, scales = self._required(prefix, own, _PARTS, int32=("qweight", "qzeros"))
         N = scales.shape[1]
         if qweight.shape[1] * 8 != N or qzeros.shape != (scales.shape[0], N // 8):
             raise LowbitError(f"{where}: AWQ layer '{prefix}' has qweight {tuple(qweight.shape)}, qzeros "

@@ -98,13 +98,7 @@ class GptqReader(LayerTranslator):
 
     def _layer(self, prefix: str, own: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         where, bits = self._where(prefix), self.wfmt.bits
-        missing = [p for p in _PARTS[:3] if p not in own]
-        if missing:
-            raise LowbitError(f"{where}: GPTQ layer '{prefix}' has no {missing[0]}; the checkpoint is incomplete")
-        qweight, qzeros, scales = own["qweight"], own["qzeros"], own["scales"]
-        for name, t in (("qweight", qweight), ("qzeros", qzeros)):
-            if t.dtype != torch.int32 or t.ndim != 2:
-                raise LowbitError(f"{where}: '{prefix}.{name}' is {t.dtype} {tuple(t.shape)}, expected 2-D int32")
+        qweight, qzeros, scales = self._required(prefix, own, _PARTS[:3], int32=("qweight", "qzeros"))
         f = 32 // bits
         G, N = scales.shape
         K = qweight.shape[0] * f

@@ -75,6 +75,20 @@ class LayerTranslator:
             warnings.warn(f"{self.rounded_scales} quantization scales of this {self.tool} checkpoint are not exact in "
                           "fp16 (lowbit's kernels read fp16 scales) and were rounded", stacklevel=2)
 
+    def _required(self, prefix: str, own: dict[str, torch.Tensor], parts: tuple[str, ...],
+                  int32: tuple[str, ...] = ()) -> list[torch.Tensor]:
+        """``own``'s tensors named ``parts``, in that order: a LowbitError names the first missing one,
+        or one of ``int32`` (packed words) that is not 2-D int32."""
+        where = self._where(prefix)
+        missing = [p for p in parts if p not in own]
+        if missing:
+            raise LowbitError(f"{where}: {self.tool} layer '{prefix}' has no {missing[0]}; the checkpoint is incomplete")
+        for name in int32:
+            t = own[name]
+            if t.dtype != torch.int32 or t.ndim != 2:
+                raise LowbitError(f"{where}: '{prefix}.{name}' is {t.dtype} {tuple(t.shape)}, expected 2-D int32")
+        return [own[p] for p in parts]
+
     def _scales(self, scale: torch.Tensor) -> torch.Tensor:
         """``scale`` in fp16, counting the values fp16 does not hold exactly."""
         s16 = scale.to(torch.float16)
