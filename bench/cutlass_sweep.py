@@ -24,9 +24,11 @@ from lowbit.kernels.act_quant import quantize_activations
 from lowbit.numerics.primitives import pack_int4
 
 
-def _weights(op: str, N: int, K: int, n: int) -> list:
-    out = []
-    for i in range(n):
+def _weights(op: str, N: int, K: int, n: int) -> tuple[list, tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` packed copies (rotated past L2) and the first one's codes (N, K) int8 and scales, which
+    the candidates are checked against."""
+    out, first = [], None
+    for _ in range(n):
         c8 = torch.randint(-8, 8, (N, K), dtype=torch.int8, device="cuda")
         codes = pack_int4(c8)
         if op == "w4a16":
@@ -35,8 +37,8 @@ def _weights(op: str, N: int, K: int, n: int) -> list:
         else:
             scales = torch.rand(N, device="cuda") * 0.02 + 1e-3
             out.append(cutlass_w4a8.pack_cutlass_w4a8(codes, scales, K, "fp8_e4m3" if op == "w4a8-fp8" else "int"))
-        out[-1].ref = (c8, scales) if i == 0 else None  # the first copy is checked against PyTorch
-    return out
+        first = first or (c8, scales)
+    return out, first
 
 
 def _candidates(op: str, x: torch.Tensor, splits: list[int]):
@@ -55,10 +57,9 @@ def _candidates(op: str, x: torch.Tensor, splits: list[int]):
                 lambda w, i=i, s=s: cutlass_w4a8.w4a8_cutlass(*quantize_activations(x, adtype), w, config=i, splits=s)
 
 
-def _reference(op: str, x: torch.Tensor, w) -> torch.Tensor:
-    """fp32 y of the first weight copy: dequantized in PyTorch (codes recovered from the checkpoint
-    layout kept beside the reorder), activation quantization as the kernels do it."""
-    codes, scales = w.ref
+def _reference(op: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """fp32 y of the first weight copy, dequantized in PyTorch from its codes and scales, with the
+    activation quantization the kernels do."""
     if op == "w4a16":
         wf = codes.float() * scales.float().repeat_interleave(128, dim=1)
         return x.float() @ wf.t()
@@ -80,7 +81,7 @@ def main() -> None:
     splits = [int(s) for s in args.splits.split(",")]
     rows = []
     for name, N, K in parse_shapes(args.shapes):
-        packs = _weights(args.op, N, K, _copies(N * K // 2))
+        packs, first = _weights(args.op, N, K, _copies(N * K // 2))
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             fp16 = time_us(build("fp16", N, K, M, "cuda")[0]()[0])
@@ -90,7 +91,7 @@ def main() -> None:
             ours = time_us(fn)
             best = (float("inf"), "")
             per = {}
-            ref = _reference(args.op, x, packs[0])
+            ref = _reference(args.op, x, *first)
             for label, cand in _candidates(args.op, x, splits):
                 try:
                     y = cand(packs[0]).float()
