@@ -14,6 +14,7 @@ Writes the rows as JSON with ``--json`` and prints a table last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
@@ -44,10 +45,10 @@ def _weights(op: str, N: int, K: int, n: int) -> tuple[list, tuple[torch.Tensor,
 def _candidates(op: str, x: torch.Tensor, splits: list[int]):
     """(label, fn(weights)) for every compiled configuration of ``op`` at these activations."""
     if op == "w4a16":
-        for i, cfg in enumerate(cutlass_w4a16.CONFIGS):
-            for s in (splits if cfg.stream_k else [1]):
-                yield cfg.name() + (f" s{s}" if cfg.stream_k else ""), \
-                    lambda w, i=i, s=s: cutlass_w4a16.w4a16_cutlass(x, w, config=i, splits=s)
+        for tile in cutlass_w4a16.TILES:
+            for s in (splits if tile.stream_k else [1]):
+                cfg = dataclasses.replace(tile, splits=s)
+                yield cfg.label(), lambda w, cfg=cfg: cutlass_w4a16.w4a16_cutlass(x, w, cfg)
         return
     adtype = "fp8_e4m3" if op == "w4a8-fp8" else "int"
     for i in cutlass_w4a8.configs_for(adtype):

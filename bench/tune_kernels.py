@@ -18,6 +18,7 @@ uses it) on Triton tiles each kernel accepts (``accepts``), and written as the s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -28,7 +29,7 @@ import torch
 
 from lowbit.bench.kernels import build, default_tile, parse_shapes, time_us
 from lowbit.kernels.config import TileConfig
-from lowbit.kernels.dispatch import KERNELS, OPS, TUNED_DIR, Choice
+from lowbit.kernels.dispatch import KERNELS, OPS, TUNED_DIR, WEIGHT_ORDERS, Choice, pick_weight_orders, table_order
 from lowbit.kernels.gemv import GEMV_MAX_M
 from lowbit.report_files import write_json
 
@@ -102,6 +103,21 @@ def _gemv_tiles() -> list[TileConfig]:
     return out
 
 
+def cutlass_candidates(M: int) -> list[Choice]:
+    """The CUTLASS W4A16 kernels (``cutlass_w4a16.TILES``) worth timing at M tokens: token tiles of at
+    most 64 at decode batches (M <= 32) and of at least 64 from M = 512; stream-K tiles at 1 (CUTLASS's
+    heuristic), 2 and 4 splits (1 and 2 from M = 1024)."""
+    from lowbit.kernels.cutlass_w4a16 import TILES
+
+    out = []
+    for t in TILES:
+        if (M <= 32 and t.tile_m > 64) or (M >= 512 and t.tile_m < 64):
+            continue
+        for splits in ((1, 2, 4) if M < 1024 else (1, 2)) if t.stream_k else (1,):
+            out.append(Choice("cutlass", dataclasses.replace(t, splits=splits)))
+    return out
+
+
 def candidates(op: str, M: int, K: int | None = None, tile_k: int | None = None, order: str = "rows",
                N: int | None = None) -> list[Choice]:
     """Kernels and tile configs worth timing for this op at this M.
@@ -114,6 +130,8 @@ def candidates(op: str, M: int, K: int | None = None, tile_k: int | None = None,
     that it ``accepts`` for K columns, when given, in its layout tile: ``layout_tile``) and, for 2:4
     at M >= 64, the widen-then-cuBLAS path.
     """
+    if order == "cutlass":
+        return cutlass_candidates(M)
     if order == "fragment":
         from lowbit.kernels.mixed_wgmma import wgmma_candidates
 
@@ -150,6 +168,48 @@ def candidates(op: str, M: int, K: int | None = None, tile_k: int | None = None,
     return out
 
 
+def tune_cells(op: str, name: str, N: int, K: int, order: str, ms: list[int], tile_k: int, dev: torch.device,
+               top: int = 1) -> list[dict]:
+    """Time every candidate of ``op`` at one shape, in one weight order, at each M; one table entry per
+    M (the fastest candidate, with cuBLAS fp16 timed beside it as ``fp16_us``), printed as it is made."""
+    entries = []
+    for M in ms:
+        fp16_make, _ = build("fp16", N, K, M, dev)
+        fp16_us = time_us(fp16_make()[0])
+        del fp16_make
+        make, nbytes = build(OP_PATH.get(op, op), N, K, M, dev, tile_k=tile_k, order=order)
+        results = []
+        for c in candidates(op, M, K, tile_k, order, N):
+            try:
+                fn, _ = make(c)
+                results.append((time_us(fn), c))
+            except Exception as exc:  # noqa: BLE001 - configs the compiler rejects raise many types
+                print(f"  skip {op} {name} M={M} {c.kernel} {c.config_str()}: {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:120]}", file=sys.stderr)
+        if not results:
+            print(f"{op:<10} {name:<18} {order:<8} M={M:<5} no candidate ran", flush=True)
+            continue
+        results.sort(key=lambda r: r[0])
+        t, best = results[0]
+        entries.append({"N": N, "K": K, "M": M, "order": order, "kernel": best.kernel, "us": round(t, 2),
+                        "gbps": round(nbytes / t / 1e3, 1), "fp16_us": round(fp16_us, 2),
+                        "config": best.config.as_dict() if best.config else None})
+        print(f"{op:<10} {name:<18} {order:<8} M={M:<5} {t:9.1f} us {nbytes / t / 1e3:7.0f} GB/s  "
+              f"{fp16_us / t:5.2f}x fp16  {best.kernel} {best.config_str()}", flush=True)
+        for tt, c in results[1:top]:
+            print(f"{'':>49}{tt:9.1f} us  {c.kernel} {c.config_str()}", flush=True)
+        del make
+    return entries
+
+
+def order_spec(entries: list[dict], default: str) -> dict:
+    """The table's ``weight_order`` for one op: per tuned shape, the order ``pick_weight_orders`` picks
+    from all its entries; shapes tuned in none: ``default``."""
+    picked = pick_weight_orders(entries)
+    return {"default": default,
+            "shapes": [{"N": N, "K": K, "order": o} for (N, K), o in sorted(picked.items())]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ops", default=",".join(ALL_OPS), help=f"comma-separated, of {', '.join(ALL_OPS)}")
@@ -159,9 +219,12 @@ def main() -> None:
     ap.add_argument("--tile-k", type=int, default=None, choices=(128, 256),
                     help="int4 layout tile (PackedInt4.tile_k) to tune the int4 ops for, default 128 (sparse24: 256; "
                     "w4ax always 128); recorded per op in the table")
-    ap.add_argument("--order", default="rows", choices=("rows", "fragment"),
-                    help="int4 weight order to tune w4a16 in: PackedInt4's rows (every kernel) or FragmentInt4 "
-                    "(the Gluon wgmma kernel, Hopper); recorded in the table's weight_order")
+    ap.add_argument("--order", default="rows",
+                    help="int4 weight order(s) to tune w4a16 in, comma-separated: rows (PackedInt4, every kernel), "
+                    "fragment (FragmentInt4, the Gluon wgmma kernel, Hopper), cutlass (CutlassInt4, the CUTLASS "
+                    "kernels, Hopper). Each shape then packs in the order that loses least over all batch sizes "
+                    "(dispatch.pick_weight_orders), compared with the orders the table (--merge) already has "
+                    "there; recorded in the table's weight_order")
     ap.add_argument("--top", type=int, default=1, help="print the N fastest candidates of each cell")
     ap.add_argument("--merge", action="store_true",
                     help="keep the existing table's entries for the cells not tuned now: those of --out if it "
@@ -184,8 +247,11 @@ def main() -> None:
     shapes = parse_shapes(args.shapes)
     ms = [int(m) for m in args.ms.split(",")]
     ops = args.ops.split(",")
-    if args.order == "fragment" and ops != ["w4a16"]:
-        ap.error("--order fragment tunes the w4a16 op only: pass --ops w4a16")
+    orders = [o.strip() for o in args.order.split(",") if o.strip()]
+    if not orders or any(o not in WEIGHT_ORDERS for o in orders):
+        ap.error(f"--order takes {', '.join(WEIGHT_ORDERS)} (comma-separated), got {args.order!r}")
+    if orders != ["rows"] and ops != ["w4a16"]:
+        ap.error("--order other than rows tunes the w4a16 op only: pass --ops w4a16")
     unknown = [op for op in ops if op not in ALL_OPS]
     if unknown:
         ap.error(f"unknown op(s) {', '.join(unknown)}; ops: {', '.join(ALL_OPS)}")
@@ -195,45 +261,22 @@ def main() -> None:
         tile_k = layout_tile(op, args.tile_k)
         # each shape's cells replace their old entries once that shape is tuned; other shapes and
         # other M keep theirs, so a run stopped by a time limit loses none of the old table
-        entries = list(table["entries"].get(op, []))
-        if op == "w4a16" and table.get("weight_order", {}).get(op, "rows") != args.order:
-            entries = []  # entries of the other weight order name kernels this order's layers cannot run
+        # every entry names the weight order it was timed in (older entries: their op's default order)
+        entries = [{**e, "order": e.get("order", table_order(table, op, e["N"], e["K"]))}
+                   for e in table["entries"].get(op, [])]
+        default_order = table_order(table, op) if op in table.get("weight_order", {}) else orders[0]
         for name, N, K in shapes:
-            entries = [e for e in entries if (e["N"], e["K"]) != (N, K) or e["M"] not in ms]
-            for M in ms:
-                fp16_make, _ = build("fp16", N, K, M, dev)
-                fp16_us = time_us(fp16_make()[0])
-                del fp16_make
-                make, nbytes = build(OP_PATH.get(op, op), N, K, M, dev, tile_k=tile_k, order=args.order)
-                results = []
-                for c in candidates(op, M, K, tile_k, args.order, N):
-                    try:
-                        fn, _ = make(c)
-                        results.append((time_us(fn), c))
-                    except Exception as exc:  # noqa: BLE001 - configs the compiler rejects raise many types
-                        print(f"  skip {op} {name} M={M} {c.kernel} {c.config_str()}: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:120]}", file=sys.stderr)
-                if not results:
-                    print(f"{op:<10} {name:<18} M={M:<5} no candidate ran", flush=True)
-                    continue
-                results.sort(key=lambda r: r[0])
-                t, best = results[0]
-                entries.append({"N": N, "K": K, "M": M, "kernel": best.kernel, "us": round(t, 2),
-                                "gbps": round(nbytes / t / 1e3, 1), "fp16_us": round(fp16_us, 2),
-                                "config": best.config.as_dict() if best.config else None})
-                print(f"{op:<10} {name:<18} M={M:<5} {t:9.1f} us {nbytes / t / 1e3:7.0f} GB/s  "
-                      f"{fp16_us / t:5.2f}x fp16  {best.kernel} {best.config_str()}", flush=True)
-                if args.top > 1:
-                    for tt, c in results[1:args.top]:
-                        print(f"{'':>40}{tt:9.1f} us  {c.kernel} {c.config_str()}", flush=True)
-                del make
+            for order in orders if op == "w4a16" else ["rows"]:
+                entries = [e for e in entries
+                           if (e["N"], e["K"]) != (N, K) or e["M"] not in ms or e["order"] != order]
+                entries += tune_cells(op, name, N, K, order, ms, tile_k, dev, args.top)
             torch.cuda.empty_cache()
             # written after every shape (write_json: a temp file, then a rename), so that a run stopped
             # by a time limit keeps the cells it finished
             table["entries"][op] = list(entries)
             table["tile_k"][op] = tile_k  # the int4 layout these entries were timed with
             if op == "w4a16":
-                table.setdefault("weight_order", {})[op] = args.order
+                table.setdefault("weight_order", {})[op] = order_spec(entries, default_order)
             write_json(out, table)
         print(f"-- {op} tuned in {time.time() - t_op:.0f} s; wrote {out}", flush=True)
 

@@ -116,6 +116,14 @@ if want cutlass; then
     python3 bench/cutlass_sweep.py --op $op ${CUTLASS_ARGS:-} --json "$OUTDIR/cutlass_$op.json" 2>&1 | tee -a "$OUTDIR/cutlass_sweep.log"
   done
 fi
+if want tune; then
+  # TUNE_ARGS, e.g. "--ops w4a16 --ms 1,16": passed to the tuner; the table comes back under $OUT
+  # the table is kept in /tmp between calls to the warm machine (--merge adds ops to it). Runs after
+  # the cutlass stage (its libraries) and before the benchmarks, which take it with USE_TMP_TABLE=1.
+  python3 bench/tune_kernels.py ${TUNE_ARGS:-} --out /tmp/lowbit-tuned.json 2>&1 | tee -a "$OUTDIR/tune.log"
+  cp /tmp/lowbit-tuned.json "$OUTDIR/tuned.json"
+fi
+[ -f /tmp/lowbit-tuned.json ] && [ -n "${USE_TMP_TABLE:-}" ] && export LOWBIT_KERNEL_TABLE=/tmp/lowbit-tuned.json
 if want bench-e2e; then
   python3 -m lowbit.cli bench e2e ${E2E_ARGS:-} --json "$OUTDIR/e2e.json" --plot "$OUTDIR/e2e.png" 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUTDIR/bench-e2e.log"
@@ -173,14 +181,7 @@ if want prefill; then
       | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tail -n 8 | tee -a "$OUTDIR/prefill.log"
   done
 fi
-if want tune; then
-  # TUNE_ARGS, e.g. "--ops w4a16 --ms 1,16": passed to the tuner; the table comes back under $OUT
-  # the table is kept in /tmp between calls to the warm machine (--merge adds ops to it)
-  python3 bench/tune_kernels.py ${TUNE_ARGS:-} --out /tmp/lowbit-tuned.json 2>&1 | tee -a "$OUTDIR/tune.log"
-  cp /tmp/lowbit-tuned.json "$OUTDIR/tuned.json"
-fi
 if want bench; then
-  [ -f /tmp/lowbit-tuned.json ] && [ -n "${USE_TMP_TABLE:-}" ] && export LOWBIT_KERNEL_TABLE=/tmp/lowbit-tuned.json
   python3 -m lowbit.cli bench kernels ${BENCH_ARGS:-} --json "$OUTDIR/kernels.json" 2>&1 | tee "$OUTDIR/bench.log"
 fi
 

@@ -4,6 +4,7 @@ compiled from CUTLASS's headers)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.kernels import cutlass_build
-from lowbit.kernels.cutlass_w4a16 import CONFIGS, check_shape, parts
+from lowbit.kernels.config import CutlassConfig
+from lowbit.kernels.cutlass_w4a16 import CONFIGS, TILES, check_shape, config_index, default_config, parts, takes
 from lowbit.kernels.reference import w4a16_reference
 from lowbit.numerics.primitives import pack_int4
 
@@ -37,9 +39,38 @@ def test_shapes_it_takes():
 def test_parts_name_each_config_once():
     ps = parts()
     assert [p.index for p in ps] == list(range(len(CONFIGS)))
-    assert len({p.defines for p in ps}) == len(CONFIGS) == len({c.name() for c in CONFIGS})
+    assert len({p.defines for p in ps}) == len(CONFIGS) == 2 * len({c.name() for c in TILES})
+    assert {d for d, _ in CONFIGS} == {"fp16", "bf16"}
+    assert all(("LB_BF16", "1" if d == "bf16" else "0") in p.defines for (d, _), p in zip(CONFIGS, ps))
     # ping-pong runs one consumer warpgroup per tile: 64-row tiles; cooperative splits 128 rows in two
-    assert all(c.tile_n == (128 if c.cooperative else 64) for c in CONFIGS)
+    assert all(c.tile_n == (128 if c.cooperative else 64) for c in TILES)
+
+
+def test_configs_are_found_by_dtype_and_tile_whatever_their_splits():
+    for dtype in (torch.float16, torch.bfloat16):
+        seen = {config_index(dtype, dataclasses.replace(t, splits=3 if t.stream_k else 1)) for t in TILES}
+        assert len(seen) == len(TILES)
+    assert config_index(torch.float16, TILES[0]) != config_index(torch.bfloat16, TILES[0])
+    with pytest.raises(LowbitError, match="fp16 or bf16"):
+        config_index(torch.float32, TILES[0])
+    with pytest.raises(LowbitError, match="no CUTLASS W4A16 kernel is compiled for bn128 bm8"):
+        config_index(torch.float16, CutlassConfig(128, 8))
+    with pytest.raises(LowbitError, match="splits"):
+        CutlassConfig(128, 16, splits=2)  # splits need the stream-K scheduler
+
+
+@pytest.mark.parametrize("M", [1, 2, 16, 17, 32, 33, 64, 65, 256, 257, 4096])
+@pytest.mark.parametrize("N", [4096, 57344])
+def test_default_config_is_compiled_and_its_tile_covers_small_batches(M, N):
+    cfg = default_config(M, N)
+    config_index(torch.bfloat16, cfg)  # raises if it is not a compiled tile
+    assert cfg.tile_m >= min(M, 64) or cfg.tile_m == 256  # no 16-token tile for a batch of 100
+
+
+def test_takes_names_the_constraint_it_misses():
+    assert takes(4096, 4096, 128) is None and takes(4096, 14336, None) is None
+    assert "N a multiple of 128" in takes(4100, 4096, 128)
+    assert "group size" in takes(4096, 4096, 32)
 
 
 def test_build_without_cutlass_says_what_to_set(monkeypatch, tmp_path):
@@ -94,10 +125,11 @@ def test_every_config_matches_the_reference(M, N, K, group):
     ref = w4a16_reference(x.cuda(), qw.cuda(), s.cuda(), None, group, K).float()
     w = pack_cutlass(qw.cuda(), s.cuda(), K, group)
     wrong, refused = [], []
-    for i, cfg in enumerate(CONFIGS):
-        for splits in ((1, 3) if cfg.stream_k else (1,)):
+    for tile in TILES:
+        for splits in ((1, 3) if tile.stream_k else (1,)):
+            cfg = dataclasses.replace(tile, splits=splits)
             try:
-                y = w4a16_cutlass(x.cuda(), w, config=i, splits=splits).float()
+                y = w4a16_cutlass(x.cuda(), w, cfg).float()
             except LowbitError as e:  # CUTLASS's can_implement refused the shape: named, never a wrong result
                 assert "cannot run" in str(e)
                 refused.append(cfg.name())
@@ -107,7 +139,7 @@ def test_every_config_matches_the_reference(M, N, K, group):
                 wrong.append((cfg.name(), splits, round(err, 4)))
     print(f"M={M} N={N} K={K} g={group}: wrong {wrong}, refused {refused}")
     assert not wrong
-    assert len(refused) < len(CONFIGS)
+    assert len(refused) < len(TILES)
 
 
 @gpu
@@ -117,14 +149,15 @@ def test_graph_replay_equals_eager():
     qw, s = _layer(512, 2048, 128, seed=1)
     w = pack_cutlass(qw.cuda(), s.cuda(), 2048, 128)
     x = torch.randn(64, 2048, device="cuda", dtype=torch.float16)
-    for i, cfg in enumerate(CONFIGS):
+    for tile in TILES:
+        cfg = dataclasses.replace(tile, splits=2 if tile.stream_k else 1)
         try:
-            eager = w4a16_cutlass(x, w, config=i, splits=2 if cfg.stream_k else 1)
+            eager = w4a16_cutlass(x, w, cfg)
         except LowbitError:
             continue
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            out = w4a16_cutlass(x, w, config=i, splits=2 if cfg.stream_k else 1)
+            out = w4a16_cutlass(x, w, cfg)
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager), cfg.name()
@@ -138,7 +171,100 @@ def test_bad_inputs_raise():
     with pytest.raises(LowbitError, match="CUDA"):
         pack_cutlass(qw, s, 512, 128)
     w = pack_cutlass(qw.cuda(), s.cuda(), 512, 128)
-    with pytest.raises(LowbitError, match="fp16"):
+    with pytest.raises(LowbitError, match="packed for torch.float16 activations"):
         w4a16_cutlass(torch.randn(4, 512, device="cuda"), w)
+    with pytest.raises(LowbitError, match="packed for torch.float16 activations"):
+        w4a16_cutlass(torch.randn(4, 512, device="cuda", dtype=torch.bfloat16), w)
     with pytest.raises(LowbitError, match="features"):
         w4a16_cutlass(torch.randn(4, 256, device="cuda").half(), w)
+
+
+@gpu
+@pytest.mark.parametrize("N, K, group", [(256, 512, 128), (6144, 4096, 128), (4096, 14336, None)])
+def test_unpack_gives_back_the_checkpoint_bytes(N, K, group):
+    """The inverse reordering: what a loaded layer saves (state_dict, export) is the checkpoint's qweight."""
+    from lowbit.kernels.cutlass_w4a16 import pack_cutlass, unpack_cutlass
+
+    qw, s = _layer(N, K, group, seed=N)
+    w = pack_cutlass(qw.cuda(), s.cuda(), K, group)
+    assert not torch.equal(w.qweight.view(N, K // 2).cpu(), qw)  # reordered
+    assert torch.equal(unpack_cutlass(w).cpu(), qw)
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 17, 300])
+def test_bf16_kernels_match_the_reference_and_add_the_bias(M):
+    from lowbit.kernels.cutlass_w4a16 import pack_cutlass, w4a16_cutlass
+
+    N, K, group = 384, 1024, 128
+    qw, s = _layer(N, K, group, seed=M)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    ref = w4a16_reference(x.float(), qw.cuda(), s.cuda(), None, group, K).float() + bias.float()
+    w = pack_cutlass(qw.cuda(), s.cuda(), K, group, torch.bfloat16)
+    y = w4a16_cutlass(x, w, bias=bias)
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2  # bf16 scales and output
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layers_of_a_cutlass_table_run_the_cutlass_kernel_and_match_the_rows_path(dtype, tmp_path, monkeypatch):
+    """A table naming weight order "cutlass" at a shape packs W4A16 layers of that shape as CutlassInt4
+    for the model's dtype; they give what the rows path gives, keep one copy of their int4 weights and
+    rebuild the checkpoint's qweight exactly. Layers it refuses (asymmetric codes, no dtype given) take
+    the rows or fragment order."""
+    import json
+
+    from lowbit.formats import ActivationFormat, WeightFormat
+    from lowbit.kernels import dispatch
+    from lowbit.kernels.cutlass_w4a16 import CutlassInt4
+    from lowbit.model.qlinear import QuantLinear
+    from lowbit.quant.gptq import rtn_quantize
+
+    g = torch.Generator().manual_seed(0)
+
+    def layer(K, symmetric=True):
+        fmt = WeightFormat(bits=4, group_size=128, symmetric=symmetric, method="rtn")
+        return QuantLinear.from_quantized(rtn_quantize(torch.randn(256, K, generator=g), fmt), ActivationFormat(),
+                                          in_features=K, dtype=dtype, bias=torch.randn(256, generator=g)).cuda()
+
+    def use(table: dict) -> None:
+        path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps(table))
+        monkeypatch.setenv("LOWBIT_KERNEL_TABLE", str(path))
+        dispatch.load_table.cache_clear()
+        dispatch._choose_cached.cache_clear()
+
+    cfg = CutlassConfig(128, 64, stream_k=True, splits=2).as_dict()
+
+    def cutlass_at(N, K):
+        return {"weight_order": {"w4a16": {"default": "rows", "shapes": [{"N": N, "K": K, "order": "cutlass"}]}},
+                "entries": {"w4a16": [{"N": N, "K": K, "M": 64, "order": "cutlass", "kernel": "cutlass",
+                                       "us": 1.0, "config": cfg}]}}
+
+    # refused: K = 640 (not a multiple of 128), asymmetric codes; they keep a Triton/Gluon order
+    use(cutlass_at(256, 640))
+    narrow = layer(640)
+    assert narrow.prepare_kernels(dtype) and not isinstance(narrow.kernel, CutlassInt4)
+    asym = layer(1024, symmetric=False)
+    use(cutlass_at(256, 1024))
+    assert asym.prepare_kernels(dtype) and not isinstance(asym.kernel, CutlassInt4)
+
+    lin = layer(1024)
+    qweight = lin.qweight.clone()
+    use({"entries": {}})
+    assert lin.prepare_kernels(dtype)
+    xs = [torch.randn(M, 1024, device="cuda", dtype=dtype) for M in (1, 17, 300)]
+    want = [lin(x) for x in xs]
+    use(cutlass_at(256, 1024))
+    assert lin.prepare_kernels(dtype) and isinstance(lin.kernel, CutlassInt4) and lin.kernel.dtype == dtype
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    for x, ref in zip(xs, want):
+        y = lin(x)
+        assert y.dtype == dtype and ((y.float() - ref.float()).norm() / ref.float().norm()).item() < tol
+    assert lin.release_checkpoint_layout() > 0
+    assert torch.equal(lin.state_dict()["qweight"], qweight)
+    # without the model's dtype the CUTLASS order is not chosen
+    lin.kernel_dtype = None
+    assert lin.prepare_kernels() and not isinstance(lin.kernel, CutlassInt4)

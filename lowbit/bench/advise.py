@@ -102,8 +102,9 @@ def _roofline_us(M: int, N: int, K: int, gpu: GpuSpec) -> float:
 
 
 def gemm_us(op: str | None, M: int, N: int, K: int, table: dict[str, Any], gpu: GpuSpec) -> float:
-    """One GEMM's predicted time: the table's entry for ``op`` (module docstring), else the roofline."""
-    entries = table.get("entries", {}).get(op, []) if op else []
+    """One GEMM's predicted time: the table's entry for ``op`` in the weight order the table packs this
+    shape in (module docstring), else the roofline."""
+    entries = dispatch.order_entries(table, op, dispatch.table_order(table, op, N, K)) if op else []
     e = dispatch.lookup_entry(entries, M, N, K)
     if e is None:
         return _roofline_us(M, N, K, gpu)

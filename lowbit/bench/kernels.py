@@ -160,7 +160,8 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None,
     copies. ``choice`` None = what dispatch picks (``PRESET_PATHS``: the kernel's default config while
     dispatch has no such op, ``pick_choice``); the tuner passes its candidates (and ``tile_k``, the
     int4 layout tile it tunes for; default: the one this GPU's table was tuned with, else the kernel's;
-    and for "w4a16" the weight ``order``, "rows" or "fragment": default, the table's ``weight_order``).
+    and for "w4a16" the weight ``order``, "rows", "fragment" or "cutlass": default, the table's
+    ``weight_order`` at this shape).
     The weight bytes are what one call reads of the weight side (codes, scales, zero points, and for
     ``PRESET_PATHS`` fp16 outlier columns, weight sums, 2:4 patterns).
     """
@@ -203,7 +204,16 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None,
     if path not in groups:
         raise LowbitError(f"unknown kernel path {path!r}; paths: {', '.join(PATHS)}")
     tile_k = 128 if "-wgmma" in path else tile_k or dispatch.layout_tile(torch.device(device), path)
-    packs = [_random_int4(N, K, groups[path], device, tile_k) for _ in range(_copies(N * K // 2))]
+    if path == "w4a16":
+        order = order or dispatch.weight_order(torch.device(device), path, N, K)
+    if path == "w4a16" and order == "cutlass":
+        from lowbit.kernels.cutlass_w4a16 import pack_cutlass
+
+        # random signed codes in the checkpoint layout, reordered as a loaded layer's are
+        packs = [pack_cutlass(_random_codes(N, K, device), _random_scales(N, K // 128, device), K, 128)
+                 for _ in range(_copies(N * K // 2))]
+    else:
+        packs = [_random_int4(N, K, groups[path], device, tile_k) for _ in range(_copies(N * K // 2))]
     adtype = "fp8_e4m3" if path == "w4a8-fp8" else "int"
 
     if path.endswith(("-wgmma-pipe", "-wgmma-frag")):
@@ -235,13 +245,13 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None,
 
         return make, packs[0].nbytes()
 
-    if path == "w4a16" and (order or dispatch.weight_order(torch.device(device), path)) == "fragment":
+    if path == "w4a16" and order == "fragment":
         from lowbit.kernels.layout import FragmentInt4
 
         packs = [FragmentInt4.from_packed(p, int8=False) for p in packs]
 
     def make(choice=None):
-        c = pick(choice)
+        c = dispatch.choose(path, M, N, K, device, order) if choice is None and path == "w4a16" else pick(choice)
         if path == "w4a16":
             fn = lambda p: run.run_w4a16(x16, p, c)
         else:

@@ -57,7 +57,7 @@ def prepare_for_inference(model: Transformer, *, kernels: bool = True) -> Infere
             if not isinstance(m, QuantLinear):
                 continue
             total += 1
-            if on_cuda and kernels and m.prepare_kernels():
+            if on_cuda and kernels and m.prepare_kernels(model.embed_tokens.weight.dtype):
                 on += 1
                 # one copy of the int4 weights on the GPU (the checkpoint layout is rebuilt to save),
                 # dropped as each layer is packed: packing them all first held two copies of the model's

@@ -1,8 +1,8 @@
-"""Launch configuration of a GEMM kernel: tile sizes, split-K, warps, pipelining depth, orientation."""
+"""Launch configurations of GEMM kernels: Triton tiles (sizes, split-K, warps, stages, orientation) and CUTLASS kernels."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from lowbit.errors import LowbitError
 
@@ -33,6 +33,51 @@ class TileConfig:
                 raise LowbitError(f"TileConfig.{name} must be a power of two >= 16, got {v}")
         if self.split_k < 1 or self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
             raise LowbitError(f"invalid TileConfig {self}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CutlassConfig:
+    """One compiled CUTLASS kernel (``lowbit.kernels.cutlass_build``) and how it is launched: ``tile_n``
+    weight rows x ``tile_m`` tokens per CTA, ``cluster_n`` CTAs along the weight rows sharing each
+    activation tile (TMA multicast), the cooperative (two consumer warpgroups on one tile) or ping-pong
+    (one tile each) schedule, and a stream-K tile scheduler or the persistent data-parallel one.
+
+    ``splits`` is a launch argument, not part of the compiled kernel: with stream-K, > 1 splits every
+    tile's K loop that many ways, 1 lets CUTLASS's heuristic choose; others take 1 only.
+    """
+
+    tile_n: int
+    tile_m: int
+    cluster_n: int = 1
+    cooperative: bool = True
+    stream_k: bool = False
+    splits: int = 1
+
+    def __post_init__(self) -> None:
+        if self.splits < 1 or (self.splits > 1 and not self.stream_k):
+            raise LowbitError(f"CutlassConfig splits must be 1, or >= 1 with stream_k; got {self}")
+
+    def name(self) -> str:
+        """The compiled kernel's name (no splits)."""
+        return (f"bn{self.tile_n} bm{self.tile_m} c{self.cluster_n} {'coop' if self.cooperative else 'pingpong'}"
+                + (" streamk" if self.stream_k else ""))
+
+    def label(self) -> str:
+        """``name()`` and, for stream-K, its splits: what tables and benchmarks print."""
+        return self.name() + (f" s{self.splits}" if self.stream_k else "")
+
+    def compiled(self) -> "CutlassConfig":
+        """This kernel without its launch argument: the key of the compiled set."""
+        return replace(self, splits=1)
+
+    def defines(self) -> tuple[tuple[str, str], ...]:
+        b = lambda v: "true" if v else "false"  # noqa: E731
+        return (("LB_TILE_N", str(self.tile_n)), ("LB_TILE_M", str(self.tile_m)),
+                ("LB_CLUSTER_N", str(self.cluster_n)), ("LB_COOPERATIVE", b(self.cooperative)),
+                ("LB_STREAM_K", b(self.stream_k)))
 
     def as_dict(self) -> dict:
         return asdict(self)

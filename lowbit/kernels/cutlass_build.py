@@ -43,30 +43,6 @@ FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompile
 
 
 @dataclass(frozen=True)
-class CutlassConfig:
-    """One compiled kernel: ``tile_n`` weight rows x ``tile_m`` tokens per CTA, ``cluster_n`` CTAs
-    along the weight rows sharing each activation tile (TMA multicast), the cooperative (two consumer
-    warpgroups on one tile) or ping-pong (one tile each) schedule, and a stream-K tile scheduler (takes
-    ``splits``) or the persistent data-parallel one."""
-
-    tile_n: int
-    tile_m: int
-    cluster_n: int = 1
-    cooperative: bool = True
-    stream_k: bool = False
-
-    def name(self) -> str:
-        return (f"bn{self.tile_n} bm{self.tile_m} c{self.cluster_n} {'coop' if self.cooperative else 'pingpong'}"
-                + (" streamk" if self.stream_k else ""))
-
-    def defines(self) -> tuple[tuple[str, str], ...]:
-        b = lambda v: "true" if v else "false"  # noqa: E731
-        return (("LB_TILE_N", str(self.tile_n)), ("LB_TILE_M", str(self.tile_m)),
-                ("LB_CLUSTER_N", str(self.cluster_n)), ("LB_COOPERATIVE", b(self.cooperative)),
-                ("LB_STREAM_K", b(self.stream_k)))
-
-
-@dataclass(frozen=True)
 class Part:
     """One object file of a library: its index (the C symbols' suffix) and its ``-D`` macros."""
 
@@ -210,6 +186,24 @@ def reorder_int4(reorder: Callable[[int, int, int, int], int], qweight: "torch.T
         rc = reorder(src.data_ptr(), dst.data_ptr(), N, K)
     if rc:
         raise RuntimeError(f"reordering the {kernel} weights failed with CUDA error {rc}")
+    return dst
+
+
+def unreorder_int4(unreorder: Callable[[int, int, int, int], int], packed: "torch.Tensor", N: int, K: int,  # noqa: F821
+                   kernel: str) -> "torch.Tensor":  # noqa: F821
+    """The inverse of ``reorder_int4``: the library's ``unreorder(src, dst, N, K)`` on a reordered
+    (N * K / 2,) uint8 buffer gives back the checkpoint-layout codes, (N, K / 2) uint8."""
+    import torch
+
+    if packed.device.type != "cuda" or packed.dtype != torch.uint8 or packed.numel() != N * K // 2:
+        raise LowbitError(f"the {kernel} weights must be {N * K // 2} uint8 bytes on a CUDA device, got "
+                          f"{packed.numel()} {packed.dtype} on {packed.device}")
+    dst = torch.empty(N, K // 2, dtype=torch.uint8, device=packed.device)
+    with torch.cuda.device(packed.device):
+        torch.cuda.synchronize()  # the copy runs on the default stream
+        rc = unreorder(packed.data_ptr(), dst.data_ptr(), N, K)
+    if rc:
+        raise RuntimeError(f"restoring the {kernel} weights' checkpoint order failed with CUDA error {rc}")
     return dst
 
 

@@ -1,15 +1,17 @@
 """W4A16 through CUTLASS's Hopper mixed-input GEMM (``cutlass_src/w4a16_sm90.cu``; issue 18, item 1).
 
-Numerics (``reference.w4a16_reference`` defines them): each weight is ``fp16(code) * scale`` rounded
-to fp16 (code in [-8, 7], symmetric formats only), the products summed in fp32 by wgmma, the result
-rounded to fp16 once. The kernel is the design that gives wgmma its A operand from registers while
+Numerics (``reference.w4a16_reference`` defines them): each weight is ``code * scale`` rounded to the
+activations' type (code in [-8, 7], symmetric formats only; for bf16 the fp16 scales are rounded to
+bf16 at load, the mainloop scales in the MMA's type), the products summed in fp32 by wgmma, the
+result rounded once to fp16 or bf16. The kernel is the design that gives wgmma its A operand from registers while
 TMA and a producer warp keep the shared-memory stages full (docs/kernels.md says why and how fast).
 
 Tensors:
 - weights :class:`CutlassInt4`: ``qweight`` (N * K / 2,) uint8 on the GPU, the checkpoint's signed
   codes (``lowbit.numerics.primitives.pack_int4``) reordered by CUTLASS's memory-reordering atom;
-  ``scales`` (G, N) fp16, G = K / group (the layout ``PackedInt4.scales`` has).
-- ``x`` (M, K) fp16, contiguous; returns ``y`` (M, N) fp16.
+  ``scales`` (G, N) fp16 or bf16 (the activations' type), G = K / group (the layout of
+  ``PackedInt4.scales``).
+- ``x`` (M, K) in that type; returns ``y`` (M, N) in it.
 
 Shapes it takes: N and K multiples of 128, group a multiple of 64 dividing K, or per channel; symmetric
 codes only, no act-order. (On the H200, 2026-12-03, every configuration gave wrong results at
@@ -27,30 +29,60 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.device import sm_count
-from lowbit.kernels.cutlass_build import CutlassConfig, Part, reorder_int4, workspace
+from lowbit.kernels.config import CutlassConfig
+from lowbit.kernels.cutlass_build import Part, reorder_int4, unreorder_int4, workspace
 
 LIBRARY = "w4a16_sm90"
 TILE_K = 64  # K elements per tile for 16-bit MMA operands: 128 bytes, one TMA box row
 ALIGN_NK = 128  # N and K the kernels were measured right at (module docstring)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
-
-# The compiled set (index = C symbol suffix). Ping-pong needs 64-row tiles; cooperative 128.
-CONFIGS: tuple[CutlassConfig, ...] = (
+# The compiled tiles. Ping-pong needs 64-row tiles; cooperative 128. Pruned by the H200 sweep of
+# 2026-12-03 (docs/results/cutlass-w4a16-h200.json: a plain 32- or 64-token tile and a 64 x 64
+# ping-pong one never won a cell), plus split-K tiles for decode batches on narrow layers.
+TILES: tuple[CutlassConfig, ...] = (
     CutlassConfig(128, 16),
-    CutlassConfig(128, 32),
-    CutlassConfig(128, 64),
     CutlassConfig(128, 128),
     CutlassConfig(128, 256),
     CutlassConfig(128, 64, stream_k=True),
     CutlassConfig(128, 128, stream_k=True),
-    CutlassConfig(64, 64, cooperative=False),
     CutlassConfig(64, 128, cooperative=False),
     CutlassConfig(128, 128, cluster_n=2),
+    # decode batches on narrow layers (8B qkv/o/down: 32-48 tiles of 128 rows on 132 SMs): split K
+    CutlassConfig(128, 16, stream_k=True),
+    CutlassConfig(128, 32, stream_k=True),
 )
+# (activation dtype, tile): index = C symbol suffix
+CONFIGS: tuple[tuple[str, CutlassConfig], ...] = tuple((d, c) for d in DTYPES for c in TILES)
 
 
 def parts() -> list[Part]:
-    return [Part(i, c.defines()) for i, c in enumerate(CONFIGS)]
+    return [Part(i, (("LB_BF16", "1" if d == "bf16" else "0"),) + c.defines()) for i, (d, c) in enumerate(CONFIGS)]
+
+
+def config_index(dtype: torch.dtype, config: CutlassConfig) -> int:
+    """The compiled kernel's index for activations of ``dtype`` (fp16 / bf16) and ``config``'s tile."""
+    name = next((k for k, v in DTYPES.items() if v == dtype), None)
+    if name is None:
+        raise LowbitError(f"the CUTLASS W4A16 kernel takes fp16 or bf16 activations, got {dtype}")
+    try:
+        return CONFIGS.index((name, config.compiled()))
+    except ValueError:
+        raise LowbitError(f"no CUTLASS W4A16 kernel is compiled for {config.name()}; compiled: "
+                          f"{', '.join(c.name() for c in TILES)}") from None
+
+
+def default_config(M: int, N: int, sms: int = 132) -> CutlassConfig:
+    """The tile for M tokens where no table names one: the winners of the H200 sweep by M (16-token
+    tiles split in two where 128-row tiles cannot fill the SMs, 64-token stream-K to M = 64, 128 to
+    256, then 256)."""
+    if M <= 16:
+        return CutlassConfig(128, 16, stream_k=True, splits=2) if N // 128 < sms else CutlassConfig(128, 16)
+    if M <= 32:
+        return CutlassConfig(128, 32, stream_k=True)
+    if M <= 64:
+        return CutlassConfig(128, 64, stream_k=True)
+    return CutlassConfig(128, 128) if M <= 256 else CutlassConfig(128, 256)
 
 
 @dataclass
@@ -58,25 +90,37 @@ class CutlassInt4:
     """Symmetric int4 weights (N out x K in) in the CUTLASS kernels' order (module docstring)."""
 
     qweight: torch.Tensor  # (N * K // 2,) uint8, reordered signed codes
-    scales: torch.Tensor  # (G, N) fp16
+    scales: torch.Tensor  # (G, N) fp16 or bf16: the activations' type
     N: int
     K: int
     group_size: int  # K for per-channel
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
 
     def nbytes(self) -> int:
         return self.qweight.numel() + self.scales.numel() * 2
 
 
-def check_shape(N: int, K: int, group_size: int | None) -> None:
-    """Raise :class:`LowbitError` unless the CUTLASS kernels take this layer."""
+def takes(N: int, K: int, group_size: int | None) -> str | None:
+    """None when the CUTLASS kernels take this layer, else why not (one line)."""
     g = K if group_size is None else group_size
     if K % ALIGN_NK:
-        raise LowbitError(f"the CUTLASS W4A16 kernel needs K a multiple of {ALIGN_NK}; this layer has K = {K}")
+        return f"the CUTLASS W4A16 kernel needs K a multiple of {ALIGN_NK}; this layer has K = {K}"
     if N % ALIGN_NK:
-        raise LowbitError(f"the CUTLASS W4A16 kernel needs N a multiple of {ALIGN_NK}; this layer has N = {N}")
+        return f"the CUTLASS W4A16 kernel needs N a multiple of {ALIGN_NK}; this layer has N = {N}"
     if g % TILE_K or K % g:
-        raise LowbitError(f"the CUTLASS W4A16 kernel needs a group size that is a multiple of {TILE_K} and divides "
-                          f"K = {K}; this layer has {group_size}")
+        return (f"the CUTLASS W4A16 kernel needs a group size that is a multiple of {TILE_K} and divides "
+                f"K = {K}; this layer has {group_size}")
+    return None
+
+
+def check_shape(N: int, K: int, group_size: int | None) -> None:
+    """Raise :class:`LowbitError` unless the CUTLASS kernels take this layer."""
+    why = takes(N, K, group_size)
+    if why:
+        raise LowbitError(why)
 
 
 def _lib() -> ctypes.CDLL:
@@ -84,7 +128,8 @@ def _lib() -> ctypes.CDLL:
 
     lib = load(LIBRARY, parts())
     if not getattr(lib, "_lowbit_typed", False):
-        lib.lb_w4a16_reorder.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        for fn in (lib.lb_w4a16_reorder, lib.lb_w4a16_unreorder):
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         for i in range(len(CONFIGS)):
             getattr(lib, f"lb_w4a16_workspace_{i}").argtypes = [ctypes.c_int] * 6 + [ctypes.POINTER(ctypes.c_size_t)]
             getattr(lib, f"lb_w4a16_gemm_{i}").argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 2
@@ -92,44 +137,56 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def pack_cutlass(qweight: torch.Tensor, scales: torch.Tensor, K: int, group_size: int | None) -> CutlassInt4:
-    """Reorder checkpoint-layout weights for the kernels, on their CUDA device (once, at load).
+def pack_cutlass(qweight: torch.Tensor, scales: torch.Tensor, K: int, group_size: int | None,
+                 dtype: torch.dtype = torch.float16) -> CutlassInt4:
+    """Reorder checkpoint-layout weights for the kernels of ``dtype`` activations, on their CUDA device
+    (once, at load).
 
     ``qweight`` (N, K / 2) uint8 signed codes (``pack_int4``), ``scales`` (N, G) fp16 as checkpoints
-    hold them."""
+    hold them (kept in ``dtype``, transposed to (G, N))."""
     N = qweight.shape[0]
     check_shape(N, K, group_size)
+    if dtype not in DTYPES.values():
+        raise LowbitError(f"the CUTLASS W4A16 kernel takes fp16 or bf16 activations, not {dtype}")
     G = 1 if group_size is None else K // group_size
     if tuple(scales.shape) != (N, G):
         raise LowbitError(f"scales must be (N, G) = ({N}, {G}), got {tuple(scales.shape)}")
     dst = reorder_int4(lambda *a: _lib().lb_w4a16_reorder(*a), qweight, K, "CUTLASS W4A16")
-    return CutlassInt4(dst, scales.t().contiguous().half(), N, K, K if group_size is None else group_size)
+    return CutlassInt4(dst, scales.t().to(dtype).contiguous(), N, K, K if group_size is None else group_size)
 
 
-def w4a16_cutlass(x: torch.Tensor, w: CutlassInt4, config: int = 2, splits: int = 1) -> torch.Tensor:
-    """y (M, N) fp16 = x (M, K) fp16 @ dequant(w)^T on the compiled configuration ``CONFIGS[config]``."""
-    if x.dtype != torch.float16:
-        raise LowbitError(f"the CUTLASS W4A16 kernel takes fp16 activations, got {x.dtype}")
+def unpack_cutlass(w: CutlassInt4) -> torch.Tensor:
+    """The checkpoint-layout codes (N, K / 2) uint8 of ``w``: exactly the ``qweight`` it was packed from."""
+    return unreorder_int4(lambda *a: _lib().lb_w4a16_unreorder(*a), w.qweight, w.N, w.K, "CUTLASS W4A16")
+
+
+def w4a16_cutlass(x: torch.Tensor, w: CutlassInt4, config: CutlassConfig | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y (..., N) = x (..., K) @ dequant(w)^T (+ bias) in x's dtype, which must be the one ``w`` was
+    packed for, on ``config`` (a compiled tile and its splits; None: ``default_config``)."""
+    if x.dtype != w.dtype:
+        raise LowbitError(f"these CUTLASS W4A16 weights were packed for {w.dtype} activations, got {x.dtype}")
     if x.shape[-1] != w.K:
         raise LowbitError(f"activations have {x.shape[-1]} features, the layer {w.K}")
-    if not 0 <= config < len(CONFIGS):
-        raise LowbitError(f"CUTLASS W4A16 config {config} does not exist (0..{len(CONFIGS) - 1})")
     x2 = x.reshape(-1, w.K).contiguous()
     M = x2.shape[0]
-    y = torch.empty(M, w.N, dtype=torch.float16, device=x.device)
+    y = torch.empty(M, w.N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y.reshape(*x.shape[:-1], w.N)
-    lib = _lib()
     sms = sm_count(x.device, 132)
-    ws = workspace((LIBRARY, config, M, w.N, w.K, w.group_size, splits, sms),
-                   lambda size: getattr(lib, f"lb_w4a16_workspace_{config}")(
+    config = config or default_config(M, w.N, sms)
+    index, splits = config_index(x.dtype, config), config.splits
+    lib = _lib()
+    ws = workspace((LIBRARY, index, M, w.N, w.K, w.group_size, splits, sms),
+                   lambda size: getattr(lib, f"lb_w4a16_workspace_{index}")(
                        M, w.N, w.K, w.group_size, splits, sms, ctypes.byref(size)),
-                   f"CUTLASS W4A16 config {CONFIGS[config].name()} at M={M} N={w.N} K={w.K} group={w.group_size} "
-                   f"splits={splits}", x.device)
+                   f"CUTLASS W4A16 {config.label()} at M={M} N={w.N} K={w.K} group={w.group_size}", x.device)
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    rc = getattr(lib, f"lb_w4a16_gemm_{config}")(x2.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(),
-                                                  y.data_ptr(), M, w.N, w.K, w.group_size, splits, sms,
-                                                  ws.data_ptr(), stream)
+    rc = getattr(lib, f"lb_w4a16_gemm_{index}")(x2.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(),
+                                                 y.data_ptr(), M, w.N, w.K, w.group_size, splits, sms,
+                                                 ws.data_ptr(), stream)
     if rc:
-        raise RuntimeError(f"CUTLASS W4A16 {CONFIGS[config].name()} failed (status {rc}) at M={M} N={w.N} K={w.K}")
+        raise RuntimeError(f"CUTLASS W4A16 {config.label()} failed (status {rc}) at M={M} N={w.N} K={w.K}")
+    if bias is not None:
+        y += bias.to(y.dtype)  # a bias in another dtype must not promote y
     return y.reshape(*x.shape[:-1], w.N)

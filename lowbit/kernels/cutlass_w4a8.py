@@ -24,7 +24,8 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.device import sm_count
-from lowbit.kernels.cutlass_build import CutlassConfig, Part, reorder_int4, workspace
+from lowbit.kernels.config import CutlassConfig
+from lowbit.kernels.cutlass_build import Part, reorder_int4, workspace
 
 LIBRARY = "w4a8_sm90"
 TILE_K = 128  # 8-bit operands: 128 bytes per K tile row
@@ -36,6 +37,10 @@ _TILES: tuple[CutlassConfig, ...] = (
     CutlassConfig(128, 256),
     CutlassConfig(128, 128, stream_k=True),
     CutlassConfig(64, 128, cooperative=False),
+    # decode batches: 32-token tiles, and split K on the narrow layers
+    CutlassConfig(128, 32),
+    CutlassConfig(128, 16, stream_k=True),
+    CutlassConfig(128, 32, stream_k=True),
 )
 # (activation dtype, tile): index = C symbol suffix
 CONFIGS: tuple[tuple[str, CutlassConfig], ...] = tuple((a, c) for a in ("fp8_e4m3", "int") for c in _TILES)

@@ -11,7 +11,10 @@ Hardware facts this file acts on (measured: ../shared/PERF.md, docs/kernels.md):
   weights therefore serve a W4A8 scheme through whichever kernel the table says is fastest at that M.
 
 The table (``lowbit/kernels/tuned/<gpu>.json``, written by ``bench/tune_kernels.py`` on that GPU)
-lists, per op and tuned (N, K, M), the fastest kernel and its ``TileConfig``. A lookup takes the
+lists, per op and tuned (N, K, M), the fastest kernel and its ``TileConfig`` (a ``CutlassConfig`` for
+the CUTLASS kernels), and the int4 weight order each shape's layers are packed in (``weight_order``:
+one for the op, or one per tuned shape, picked by the tuner with ``pick_weight_orders``). A layer
+holds one order (its memory is the point), so its entries are looked up among those of its order. A lookup takes the
 tuned shape nearest in log N and log K, then the smallest tuned M >= M (the largest if none; none
 at all past 4x the largest). GPUs
 without a table get ``default_choice``, a heuristic that is correct everywhere and fast on Hopper.
@@ -35,7 +38,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.config import TileConfig
+from lowbit.kernels.config import CutlassConfig, TileConfig
 
 TUNED_DIR = Path(__file__).with_name("tuned")
 OPS = ("w4a16", "w4a8", "w4a8-g128", "w4a8-fp8", "w8a8-int8", "w8a8-fp8", "w4a4", "w4ax", "w4a16-2:4")
@@ -45,8 +48,9 @@ UNTUNED_OPS = ("w4a4", "w4ax", "w4a16-2:4")
 KERNELS = {
     # wgmma: lowbit.kernels.mixed_wgmma on FragmentInt4 weights (Hopper; tables with weight_order
     # "fragment" for w4a16 name it, the fragment GEMV (lowbit.kernels.gemv_frag) at 1..4 rows, or
-    # dequant-cublas, at every M)
-    "w4a16": ("triton", "dequant-cublas", "wgmma", "gemv"),
+    # dequant-cublas, at every M); cutlass: lowbit.kernels.cutlass_w4a16 on CutlassInt4 weights (Hopper;
+    # weight_order "cutlass")
+    "w4a16": ("triton", "dequant-cublas", "wgmma", "gemv", "cutlass"),
     # gemv: lowbit.kernels.gemv (dp4a, no tensor cores) for 1..4 rows of int8 activations, per channel
     "w4a8": ("triton", "gemv", "w4a16-fakequant", "widen-w8a8", "dequant-cublas"),
     "w4a8-g128": ("triton", "w4a16-fakequant", "dequant-cublas"),
@@ -67,12 +71,14 @@ _DEFAULT_TILE = {"w4a16-2:4": 256}
 @dataclass(frozen=True)
 class Choice:
     kernel: str  # one of KERNELS[op]
-    config: TileConfig | None = None  # None for cuBLAS
+    config: TileConfig | CutlassConfig | None = None  # None for cuBLAS; CutlassConfig for "cutlass"
 
     def config_str(self) -> str:
         c = self.config
         if c is None:
             return ""
+        if isinstance(c, CutlassConfig):
+            return c.label()
         return (f"bm{c.block_m} bn{c.block_n} bk{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages}"
                 + (" swap" if c.swap else ""))
 
@@ -120,7 +126,7 @@ def lookup_entry(entries: list[dict], M: int, N: int, K: int) -> dict | None:
     its smallest tuned M >= M (its largest, up to 4x past it); None beyond, or without entries."""
     if not entries:
         return None
-    dist = lambda e: abs(math.log2(e["N"] / N)) + abs(math.log2(e["K"] / K))
+    dist = lambda e: _shape_distance(e, N, K)  # noqa: E731
     best = min(dist(e) for e in entries)
     near = sorted((e for e in entries if dist(e) == best), key=lambda e: e["M"])
     if M > 4 * near[-1]["M"]:
@@ -145,22 +151,72 @@ def layout_tile(device: torch.device, op: str) -> int:
     return int(_device_table(device)[3].get("tile_k", {}).get(op, default))
 
 
-# the int4 weight orders a table may name per op (``weight_order``): PackedInt4's rows, or
-# FragmentInt4 for the Gluon wgmma kernel
-WEIGHT_ORDERS = ("rows", "fragment")
+# the int4 weight orders a table may name per op (``weight_order``): PackedInt4's rows, FragmentInt4 for
+# the Gluon wgmma kernel, CutlassInt4 for the CUTLASS kernels
+WEIGHT_ORDERS = ("rows", "fragment", "cutlass")
 
 
-def weight_order(device: torch.device, op: str) -> str:
-    """The int4 weight order this GPU's table tuned ``op`` with: "rows" (PackedInt4, every kernel) or
-    "fragment" (FragmentInt4, the wgmma kernel and dequant-cublas only). Fixed when a layer is loaded,
-    like ``layout_tile``; "rows" without a table or on the CPU."""
+def _shape_distance(e: dict, N: int, K: int) -> float:
+    return abs(math.log2(e["N"] / N)) + abs(math.log2(e["K"] / K))
+
+
+def _op_orders(table: dict, op: str) -> tuple[str, list[dict]]:
+    """(the op's default weight order, its per-shape orders [{"N", "K", "order"}]) from a table whose
+    ``weight_order[op]`` is one order for every shape (a string) or ``{"default": .., "shapes": [..]}``."""
+    spec = table.get("weight_order", {}).get(op, "rows")
+    default, shapes = (spec, []) if isinstance(spec, str) else (spec.get("default", "rows"), spec.get("shapes", []))
+    for order in [default] + [sh["order"] for sh in shapes]:
+        if order not in WEIGHT_ORDERS:
+            raise LowbitError(f"the tuned kernel table names weight order {order!r} for {op}; known: "
+                              f"{', '.join(WEIGHT_ORDERS)}")
+    return default, shapes
+
+
+def table_order(table: dict, op: str, N: int | None = None, K: int | None = None) -> str:
+    """The weight order ``table`` tuned ``op`` with at the tuned shape nearest (N, K) (as entries are
+    looked up), else the op's default order."""
+    default, shapes = _op_orders(table, op)
+    if not shapes or N is None or K is None:
+        return default
+    return min(shapes, key=lambda sh: _shape_distance(sh, N, K))["order"]
+
+
+def weight_order(device: torch.device, op: str, N: int | None = None, K: int | None = None) -> str:
+    """The int4 weight order this GPU's table tuned ``op`` with for an N x K layer: "rows" (PackedInt4,
+    every kernel), "fragment" (FragmentInt4, the wgmma kernel and dequant-cublas only) or "cutlass"
+    (CutlassInt4, the CUTLASS kernels only). Fixed when a layer is loaded, like ``layout_tile``; "rows"
+    without a table or on the CPU."""
     if device.type != "cuda":
         return "rows"
-    order = _device_table(device)[3].get("weight_order", {}).get(op, "rows")
-    if order not in WEIGHT_ORDERS:
-        raise LowbitError(f"the tuned kernel table names weight order {order!r} for {op}; known: "
-                          f"{', '.join(WEIGHT_ORDERS)}")
-    return order
+    return table_order(_device_table(device)[3], op, N, K)
+
+
+def order_entries(table: dict, op: str, order: str) -> list[dict]:
+    """The entries of ``op`` tuned on weights in ``order`` (an entry without ``"order"`` has the op's
+    default order)."""
+    default, _ = _op_orders(table, op)
+    return [e for e in table.get("entries", {}).get(op, []) if e.get("order", default) == order]
+
+
+def pick_weight_orders(entries: list[dict]) -> dict[tuple[int, int], str]:
+    """For each tuned (N, K) of one op, the weight order to pack its layers in, from entries of several
+    orders at the same batch sizes: the order whose time over the best order's, multiplied over the
+    batch sizes every order was tuned at, is least (a geometric mean: M = 1 and M = 4096 count alike).
+    Times are compared as ratios over their own run's fp16 baseline (``fp16_us``) where both have one,
+    so that orders tuned in different runs compare fairly."""
+    by_shape: dict[tuple[int, int], dict[str, dict[int, float]]] = {}
+    for e in entries:
+        t = e["us"] / e["fp16_us"] if e.get("fp16_us") else e["us"]
+        by_shape.setdefault((e["N"], e["K"]), {}).setdefault(e.get("order", "rows"), {})[e["M"]] = t
+    out = {}
+    for shape, orders in by_shape.items():
+        ms = set.intersection(*(set(t) for t in orders.values()))
+        if not ms:
+            raise LowbitError(f"weight orders {sorted(orders)} at N={shape[0]} K={shape[1]} share no batch size")
+        best = {m: min(t[m] for t in orders.values()) for m in ms}
+        cost = {o: sum(math.log(t[m] / best[m]) for m in ms) for o, t in orders.items()}
+        out[shape] = min(sorted(cost), key=lambda o: cost[o])
+    return out
 
 
 def default_choice(op: str, M: int, N: int, K: int, sms: int) -> Choice:
@@ -211,35 +267,47 @@ def default_choice(op: str, M: int, N: int, K: int, sms: int) -> Choice:
 def slower_than_fp16(table: dict) -> list[str]:
     """The entries of a tuned table whose kernel ran slower than cuBLAS fp16 at the same shape in the
     same tuning run (``fp16_us``, recorded by bench/tune_kernels.py since issue 18), one line each.
-    Entries of older tables carry no baseline and are not judged."""
+    Entries of older tables carry no baseline and are not judged; neither are those of a weight order
+    the table does not pack their shape in (kept for layers the chosen order's kernels refuse)."""
     out = []
     for op, entries in table.get("entries", {}).items():
+        default, _ = _op_orders(table, op)
         for e in entries:
+            if e.get("order", default) != table_order(table, op, e["N"], e["K"]):
+                continue
             if e.get("fp16_us") is not None and e["us"] > e["fp16_us"]:
                 out.append(f"{op} N={e['N']} K={e['K']} M={e['M']}: {e['kernel']} {e['us']} us > fp16 "
                            f"{e['fp16_us']} us ({e['fp16_us'] / e['us']:.2f}x)")
     return out
 
 
-def choose(op: str, M: int, N: int, K: int, device: torch.device) -> Choice:
-    """The kernel and configuration for this GEMM on this CUDA device."""
+def entry_choice(e: dict) -> Choice:
+    """The Choice a table entry names (its config a CutlassConfig for the "cutlass" kernel)."""
+    cfg = e.get("config")
+    if not cfg:
+        return Choice(e["kernel"])
+    return Choice(e["kernel"], CutlassConfig(**cfg) if e["kernel"] == "cutlass" else TileConfig(**cfg))
+
+
+def choose(op: str, M: int, N: int, K: int, device: torch.device, order: str | None = None) -> Choice:
+    """The kernel and configuration for this GEMM on this CUDA device, for weights in ``order`` (None:
+    the order the table packs this shape in): only entries tuned in that order are looked at."""
     if op not in OPS:
         raise LowbitError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
     if device.type != "cuda":
         raise LowbitError("kernel dispatch is for CUDA devices; on the CPU the reference path runs")
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _choose_cached(op, M, N, K, index, os.environ.get("LOWBIT_KERNEL_TABLE"))
+    return _choose_cached(op, M, N, K, index, order, os.environ.get("LOWBIT_KERNEL_TABLE"))
 
 
 @lru_cache(maxsize=4096)
-def _choose_cached(op: str, M: int, N: int, K: int, index: int, table_env: str | None) -> Choice:
+def _choose_cached(op: str, M: int, N: int, K: int, index: int, order: str | None, table_env: str | None) -> Choice:
     """``choose`` memoized per GEMM shape: every layer calls it on every forward (``table_env`` keys
     the cache on the table override, which ``table_key`` reads)."""
     name, sms, cap, table = _device_table(torch.device("cuda", index))
     if "fp8" in op and cap < (8, 9):
         raise LowbitError(f"{op} needs FP8 tensor cores (compute capability 8.9+); {name} has {cap[0]}.{cap[1]}")
-    e = lookup_entry(table.get("entries", {}).get(op, []), M, N, K)
+    e = lookup_entry(order_entries(table, op, order or table_order(table, op, N, K)), M, N, K)
     if e is not None:
-        cfg = e.get("config")
-        return Choice(e["kernel"], TileConfig(**cfg) if cfg else None)
+        return entry_choice(e)
     return default_choice(op, M, N, K, sms)

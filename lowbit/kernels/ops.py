@@ -8,6 +8,8 @@ a CPU tensor the op runs the PyTorch reference instead: same numerics, no Triton
 - ``lowbit::w4a16``  (x, qweight, scales, zeros?, perm?, bias?, group_size, K, tile_k)
 - ``lowbit::w4a16_frag`` (x, qweight, scales, zeros?, bias?, group_size, K, N): the same GEMM on the
   tensors of a ``FragmentInt4`` (the weight order of the Gluon wgmma kernel)
+- ``lowbit::w4a16_cutlass`` (x, qweight, scales, bias?, group_size, K, N): the same GEMM on the tensors of
+  a ``CutlassInt4`` (``lowbit.kernels.cutlass_w4a16``; CUDA only: that order exists only there)
 - ``lowbit::w4a8``   (x, qweight, scales, zeros?, perm?, smooth?, bias?, group_size, K, tile_k, act_dtype)
 - ``lowbit::w8a8``   (x, wq, w_scale, smooth?, bias?)   activations quantized like ``wq``'s dtype
 - ``lowbit::w4a8_quantized`` / ``lowbit::w8a8_quantized``: the same GEMMs on activations a fused kernel
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from lowbit.errors import LowbitError
 from lowbit.kernels import dispatch, run
 from lowbit.kernels.layout import FragmentInt4, PackedInt4, unpack_kernel_codes
 
@@ -90,7 +93,7 @@ def _w4a16(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, per
     if x.device.type != "cuda":
         xs = x2 if perm is None else x2.index_select(1, perm)
         return _finish(xs.float() @ _dequant_reference(w).t(), bias, x).reshape(*x.shape[:-1], w.N)
-    choice = dispatch.choose("w4a16", x2.shape[0], w.N, K, x.device)
+    choice = dispatch.choose("w4a16", x2.shape[0], w.N, K, x.device, order="rows")
     return run.run_w4a16(x2, w, choice, bias).reshape(*x.shape[:-1], w.N)
 
 
@@ -109,7 +112,7 @@ def _w4a16_frag(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None
     x2 = x.reshape(-1, K)
     if x.device.type != "cuda":
         return _finish(x2.float() @ _dequant_reference(w.to_packed()).t(), bias, x).reshape(*x.shape[:-1], N)
-    choice = dispatch.choose("w4a16", x2.shape[0], N, K, x.device)
+    choice = dispatch.choose("w4a16", x2.shape[0], N, K, x.device, order="fragment")
     return run.run_w4a16(x2, w, choice, bias).reshape(*x.shape[:-1], N)
 
 
@@ -119,6 +122,28 @@ EAGER[w4a16_frag] = _w4a16_frag
 
 @w4a16_frag.register_fake
 def _(x, qweight, scales, zeros, bias, group_size, K, N):
+    return x.new_empty(*x.shape[:-1], N)
+
+
+def _w4a16_cutlass(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int, K: int,
+                   N: int) -> Tensor:
+    if x.device.type != "cuda":
+        raise LowbitError("CUTLASS-ordered int4 weights exist on CUDA devices only; move the layer to the GPU "
+                          "and prepare its kernels there")
+    from lowbit.kernels.cutlass_w4a16 import CutlassInt4
+
+    w = CutlassInt4(qweight, scales, N, K, group_size)
+    x2 = x.reshape(-1, K)
+    choice = dispatch.choose("w4a16", x2.shape[0], N, K, x.device, order="cutlass")
+    return run.run_w4a16(x2, w, choice, bias).reshape(*x.shape[:-1], N)
+
+
+w4a16_cutlass = torch.library.custom_op("lowbit::w4a16_cutlass", _w4a16_cutlass, mutates_args=())
+EAGER[w4a16_cutlass] = _w4a16_cutlass
+
+
+@w4a16_cutlass.register_fake
+def _(x, qweight, scales, bias, group_size, K, N):
     return x.new_empty(*x.shape[:-1], N)
 
 

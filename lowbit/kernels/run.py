@@ -15,9 +15,15 @@ from lowbit.kernels.dispatch import Choice, default_choice
 
 
 def run_w4a16(x: torch.Tensor, w, choice: Choice, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) fp16/bf16, w ``PackedInt4`` or ``FragmentInt4`` -> (M, N) in x's dtype."""
+    """x (M, K) fp16/bf16, w ``PackedInt4``, ``FragmentInt4`` or ``CutlassInt4`` -> (M, N) in x's dtype."""
+    from lowbit.kernels.cutlass_w4a16 import CutlassInt4, w4a16_cutlass  # (builds nothing until called)
     from lowbit.kernels.layout import FragmentInt4
     from lowbit.kernels.w4a16 import w4a16_matmul
+
+    if isinstance(w, CutlassInt4):
+        # a choice for another kernel (a table beyond its tuned range: default_choice) keeps only the
+        # CUTLASS kernel's own default tile
+        return w4a16_cutlass(x, w, choice.config if choice.kernel == "cutlass" else None, bias)
 
     if isinstance(w, FragmentInt4) and choice.kernel == "gemv":
         from lowbit.kernels.gemv_frag import frag_gemv_takes, w4a16_frag_gemv

@@ -41,6 +41,9 @@ class QuantTensors(Protocol):
     outlier_weight: torch.Tensor | None
     act_perm: torch.Tensor | None
     fmpq_high: torch.Tensor | None
+    # the dtype activations will reach the kernels in (fp16 / bf16), where the caller of
+    # ``prepare_kernels`` said; None: unknown (layouts that depend on it are then not chosen)
+    kernel_dtype: torch.dtype | None
 
     @property
     def quantized_in_features(self) -> int: ...

@@ -27,6 +27,22 @@ def _pack(layer: QuantTensors, tile_k: int | None) -> PackedInt4:
                             layer.quantized_in_features, layer.g_idx, tile_k=tile_k or TILE_K)
 
 
+def _pack_cutlass(layer: QuantTensors):  # noqa: ANN202
+    """The layer as ``CutlassInt4`` for activations of its ``kernel_dtype``, or None where the CUTLASS
+    W4A16 kernels do not take it (``cutlass_w4a16.takes``: shapes and groups; and asymmetric codes,
+    act-order, an unknown or non-16-bit activation dtype)."""
+    from lowbit.kernels.cutlass_w4a16 import DTYPES, pack_cutlass, takes
+
+    N, K, group = layer.out_features, layer.quantized_in_features, layer.wfmt.group_size
+    dtype = getattr(layer, "kernel_dtype", None)
+    if layer.zeros is not None or dtype not in DTYPES.values() or takes(N, K, group) is not None:
+        return None
+    if layer.g_idx is not None and not torch.equal(
+            layer.g_idx.long(), torch.arange(K, device=layer.g_idx.device) // group):
+        return None  # act-order: the kernel has no column gather
+    return pack_cutlass(layer.qweight, layer.scales, K, group, dtype)
+
+
 class _Int4Dense(FormatMethod):
     """What the dense int4 methods share: the ``PackedInt4`` layout, from which the checkpoint's
     ``qweight`` can be rebuilt exactly (so a model on the GPU keeps one copy of its int4 weights)."""
@@ -34,7 +50,11 @@ class _Int4Dense(FormatMethod):
     def pack(self, layer: QuantTensors, tile_k: int | None = None) -> PackedInt4:
         return _pack(layer, tile_k)
 
-    def checkpoint_qweight(self, layer: QuantTensors, p: PackedInt4 | FragmentInt4) -> torch.Tensor:
+    def checkpoint_qweight(self, layer: QuantTensors, p) -> torch.Tensor:  # noqa: ANN001
+        from lowbit.kernels.cutlass_w4a16 import CutlassInt4, unpack_cutlass
+
+        if isinstance(p, CutlassInt4):  # the reordering inverted on the GPU: the same bytes
+            return unpack_cutlass(p)
         return checkpoint_qweight(p.to_packed() if isinstance(p, FragmentInt4) else p)
 
 
@@ -46,20 +66,32 @@ class W4A16(_Int4Dense):
     def takes(self, layer: QuantTensors) -> bool:
         return _int4(layer) and layer.afmt.bits is None and layer.smooth is None
 
-    def pack(self, layer: QuantTensors, tile_k: int | None = None) -> PackedInt4 | FragmentInt4:
-        """PackedInt4, or FragmentInt4 where this GPU's table tuned W4A16 in that order (the Gluon wgmma
-        kernel, Hopper) and the kernel takes the layer (no act-order, groups of a multiple of 64)."""
+    def pack(self, layer: QuantTensors, tile_k: int | None = None):  # noqa: ANN201
+        """The order this GPU's table tuned W4A16 in at the layer's shape, where that order's kernels take
+        the layer: CutlassInt4 (the CUTLASS kernels, Hopper: symmetric, no act-order, N and K multiples
+        of 128, groups of a multiple of 64, the layer's ``kernel_dtype`` fp16 or bf16), FragmentInt4 (the
+        Gluon wgmma kernel, Hopper: no act-order, groups of a multiple of 64), else PackedInt4. A layer
+        the CUTLASS kernels refuse takes the fragment order where it can."""
         from lowbit.kernels.dispatch import weight_order
 
+        order = weight_order(layer.qweight.device, self.table_op, layer.out_features, layer.quantized_in_features)
+        if order == "cutlass":
+            packed = _pack_cutlass(layer)
+            if packed is not None:
+                return packed
         p = _pack(layer, tile_k)
-        if weight_order(p.qweight.device, self.table_op) == "fragment":
+        if order in ("fragment", "cutlass"):
             from lowbit.kernels.mixed_wgmma import mixed_wgmma_takes  # Gluon: imported on a GPU only
 
             if mixed_wgmma_takes(p):
                 return FragmentInt4.from_packed(p, int8=False)
         return p
 
-    def apply(self, layer: QuantTensors, p: PackedInt4 | FragmentInt4, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: QuantTensors, p, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        from lowbit.kernels.cutlass_w4a16 import CutlassInt4
+
+        if isinstance(p, CutlassInt4):
+            return ops.run_op(ops.w4a16_cutlass, x, p.qweight, p.scales, layer.bias, p.group_size, p.K, p.N)
         if isinstance(p, FragmentInt4):
             return ops.run_op(ops.w4a16_frag, x, p.qweight, p.scales, p.zeros, layer.bias, p.group_size or 0, p.K,
                               p.N)

@@ -64,6 +64,8 @@ class QuantLinear(nn.Module):
         # set by prepare_kernels() when a GPU kernel takes this format: its method and packed weights
         self._method: FormatMethod | None = None
         self.kernel: Any = None
+        # the activation dtype the kernels are packed for (prepare_kernels' act_dtype), None: unknown
+        self.kernel_dtype: torch.dtype | None = None
         # release_checkpoint_layout(): qweight dropped, rebuilt from the kernel layout when asked for
         self._released = False
 
@@ -177,6 +179,7 @@ class QuantLinear(nn.Module):
         dtypes = {k: b.dtype for k, b in self._buffers.items() if b is not None}
         self._weight_cache = None
         self.kernel = self._method = None  # derived on one device: prepare_kernels() again after a move
+        self.kernel_dtype = None  # a move may change the model's dtype: the next prepare_kernels says it
         super()._apply(fn, recurse)
         for k, dt in dtypes.items():
             b = self._buffers[k]
@@ -226,8 +229,12 @@ class QuantLinear(nn.Module):
         method = self.method
         return None if method is None else method.pack(self, tile_k)
 
-    def prepare_kernels(self) -> bool:
-        """Pack the weights into the kernel layout on their current device; False if no kernel applies."""
+    def prepare_kernels(self, act_dtype: torch.dtype | None = None) -> bool:
+        """Pack the weights into the kernel layout on their current device; False if no kernel applies.
+        ``act_dtype``: the dtype activations will come in (the model's), for layouts made for one
+        (CUTLASS W4A16); None keeps the one given before, if any."""
+        if act_dtype is not None:
+            self.kernel_dtype = act_dtype
         method = None if self.qweight.device.type != "cuda" else self.method  # (restores a released qweight)
         if method is None:
             self.kernel = self._method = None
@@ -433,11 +440,13 @@ def use_kernels(model: nn.Module, enabled: bool = True) -> tuple[int, int]:
     Returns (layers on kernels, quantized layers). Layers without a kernel keep the reference path.
     """
     on, total = 0, 0
+    # the dtype its activations come in: that of its float parameters (embeddings, norms)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             total += 1
             if enabled:
-                on += m.prepare_kernels()
+                on += m.prepare_kernels(dtype)
             else:
                 m.use_packed(None)
     return on, total

@@ -61,4 +61,17 @@ int reorder_int4(const void* src, void* dst, int N, int K) {
   return err == cudaSuccess ? 0 : static_cast<int>(err);
 }
 
+// The inverse of reorder_int4: the kernels' order back to the checkpoint byte layout (N x K, K-major),
+// for writing a loaded model's weights out. The same copy with the two layouts swapped.
+template <class Atom, class StrideW>
+int unreorder_int4(const void* src, void* dst, int N, int K) {
+  auto shape = cute::make_shape(N, K, 1);
+  auto layout_rows = cute::make_layout(shape, cutlass::make_cute_packed_stride(StrideW{}, shape));
+  auto layout_atom = cute::tile_to_shape(Atom{}, shape);
+  cutlass::reorder_tensor(static_cast<const cutlass::int4b_t*>(src), layout_atom,
+                          static_cast<cutlass::int4b_t*>(dst), layout_rows);
+  cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? 0 : static_cast<int>(err);
+}
+
 }  // namespace lowbit_cutlass

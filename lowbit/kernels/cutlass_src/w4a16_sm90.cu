@@ -1,8 +1,8 @@
 // W4A16 on Hopper through CUTLASS's mixed-input wgmma mainloop (issue 18, item 1).
 //
-// y (M x N, fp16, row-major) = x (M x K, fp16, row-major) @ dequant(w)^T, with w (N x K) int4 in
-// two's complement, two codes a byte (column 2j low nibble, 2j+1 high: the checkpoint layout of
-// lowbit.numerics.primitives.pack_int4), and scales (G x N) fp16, G = K / group.
+// y (M x N, row-major) = x (M x K, row-major) @ dequant(w)^T in fp16 or bf16 (LB_BF16), with w (N x K)
+// int4 in two's complement, two codes a byte (column 2j low nibble, 2j+1 high: the checkpoint layout of
+// lowbit.numerics.primitives.pack_int4), and scales (G x N) in the activations' type, G = K / group.
 //
 // Why CUTLASS here: Hopper's wgmma takes its A operand from registers, so the narrow weights can be
 // widened to fp16 in registers while TMA keeps the next stages in flight and a producer warp feeds
@@ -38,10 +38,15 @@ using namespace cute;
 
 namespace lowbit_w4a16 {
 
+// LB_BF16 (a part's macro): bf16 activations, scales and output instead of fp16.
+#if defined(LB_BF16) && LB_BF16
+using Act = cutlass::bfloat16_t;
+#else
 using Act = cutlass::half_t;
+#endif
 using Quant = cutlass::int4b_t;
-using Scale = cutlass::half_t;
-using Out = cutlass::half_t;
+using Scale = Act;  // the mainloop scales in the MMA's type
+using Out = Act;
 using Acc = float;
 
 // The problem as the unswapped GEMM sees it: activations (M x K) row-major, weights K x N column-major.
@@ -59,7 +64,10 @@ constexpr int kAlignY = 128 / cutlass::sizeof_bits<Out>::value;
 
 // [0,2,4,6,1,3,5,7]: the nibble order of CUTLASS's int4 -> fp16 shuffle converter.
 using ValueShuffle = Layout<Shape<_2, _4>, Stride<_4, _1>>;
-using ReorderAtom = decltype(cutlass::compute_memory_reordering_atom<Act, Layout<Shape<_1, _1>>, ValueShuffle>());
+// The register-operand layout of a 16-bit wgmma is the same for fp16 and bf16, so one reordering
+// (built with fp16, in the shared part) serves both activation types.
+using ReorderAtom = decltype(cutlass::compute_memory_reordering_atom<cutlass::half_t, Layout<Shape<_1, _1>>,
+                                                                     ValueShuffle>());
 using LayoutW_Reordered = decltype(cute::tile_to_shape(ReorderAtom{}, Layout<Shape<int, int, int>, StrideW>{}));
 
 // One configuration: tile (weight rows x tokens x K), cluster, schedule, tile scheduler.
@@ -149,6 +157,10 @@ extern "C" {
 // buffers of N * K / 2 bytes. Runs on the default stream and synchronizes (load time only).
 int lb_w4a16_reorder(const void* src, void* dst, int N, int K) {
   return lowbit_cutlass::reorder_int4<ReorderAtom, StrideW>(src, dst, N, K);
+}
+// The inverse (the kernels' order back to the checkpoint layout), for saving a loaded model.
+int lb_w4a16_unreorder(const void* src, void* dst, int N, int K) {
+  return lowbit_cutlass::unreorder_int4<ReorderAtom, StrideW>(src, dst, N, K);
 }
 }
 #endif

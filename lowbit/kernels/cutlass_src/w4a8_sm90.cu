@@ -146,5 +146,9 @@ extern "C" {
 int lb_w4a8_reorder(const void* src, void* dst, int N, int K) {
   return lowbit_cutlass::reorder_int4<ReorderAtom, StrideW>(src, dst, N, K);
 }
+// The inverse (the kernels' order back to the checkpoint layout), for saving a loaded model.
+int lb_w4a8_unreorder(const void* src, void* dst, int N, int K) {
+  return lowbit_cutlass::unreorder_int4<ReorderAtom, StrideW>(src, dst, N, K);
+}
 }
 #endif

@@ -1,0 +1,123 @@
+"""Weight orders in the dispatch tables (issue 18): one per tuned shape, entries looked up in the order a
+layer was packed in, the tuner's choice of order, and the CUTLASS W4A16 path's CPU-side contracts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.kernels import dispatch
+from lowbit.kernels.config import CutlassConfig, TileConfig
+
+
+def _entry(N, K, M, order, us, fp16_us=None, kernel="triton", config=None):
+    return {"N": N, "K": K, "M": M, "order": order, "kernel": kernel, "us": us, "fp16_us": fp16_us,
+            "config": config}
+
+
+PER_SHAPE = {"weight_order": {"w4a16": {"default": "fragment", "shapes": [
+    {"N": 28672, "K": 4096, "order": "cutlass"}, {"N": 6144, "K": 4096, "order": "fragment"}]}}}
+
+
+def test_a_table_order_is_the_nearest_tuned_shapes():
+    assert dispatch.table_order(PER_SHAPE, "w4a16", 28672, 4096) == "cutlass"
+    assert dispatch.table_order(PER_SHAPE, "w4a16", 57344, 8192) == "cutlass"  # nearest: 28672 x 4096
+    assert dispatch.table_order(PER_SHAPE, "w4a16", 4096, 4096) == "fragment"  # nearest: 6144 x 4096
+    assert dispatch.table_order(PER_SHAPE, "w4a16") == "fragment"  # no shape: the default
+    assert dispatch.table_order({"weight_order": {"w4a16": "fragment"}}, "w4a16", 1, 1) == "fragment"  # older
+    assert dispatch.table_order({}, "w4a8", 4096, 4096) == "rows"
+    with pytest.raises(LowbitError, match="weight order 'columns'"):
+        dispatch.table_order({"weight_order": {"w4a16": {"default": "rows", "shapes": [
+            {"N": 1, "K": 1, "order": "columns"}]}}}, "w4a16", 1, 1)
+
+
+def test_entries_are_looked_up_in_the_order_the_weights_are_in():
+    cut = CutlassConfig(128, 64, stream_k=True, splits=2)
+    table = {**PER_SHAPE, "entries": {"w4a16": [
+        _entry(28672, 4096, 64, "cutlass", 40.0, kernel="cutlass", config=cut.as_dict()),
+        _entry(28672, 4096, 64, "fragment", 50.0, kernel="wgmma", config=TileConfig(64, 128).as_dict()),
+        {"N": 6144, "K": 4096, "M": 64, "kernel": "gemv", "us": 9.0, "config": None},  # no order: the default
+    ]}}
+    cutlass = dispatch.order_entries(table, "w4a16", "cutlass")
+    assert [e["kernel"] for e in cutlass] == ["cutlass"]
+    assert [e["kernel"] for e in dispatch.order_entries(table, "w4a16", "fragment")] == ["wgmma", "gemv"]
+    choice = dispatch.entry_choice(dispatch.lookup_entry(cutlass, 32, 28672, 4096))
+    assert choice == dispatch.Choice("cutlass", cut) and choice.config_str() == "bn128 bm64 c1 coop streamk s2"
+    assert isinstance(dispatch.entry_choice(table["entries"]["w4a16"][1]).config, TileConfig)
+    assert dispatch.order_entries(table, "w4a16", "rows") == []
+
+
+def test_the_tuner_packs_each_shape_in_the_order_that_loses_least_over_all_batches():
+    entries = []
+    for M, frag, cut in ((1, 10.0, 12.0), (16, 11.0, 11.5), (256, 80.0, 40.0), (4096, 900.0, 800.0)):
+        entries += [_entry(28672, 4096, M, "fragment", frag), _entry(28672, 4096, M, "cutlass", cut)]
+    # a narrow layer: CUTLASS 2x slower at decode, 5% faster at large M
+    for M, frag, cut in ((1, 5.0, 10.0), (16, 5.0, 10.0), (256, 40.0, 38.0), (4096, 400.0, 380.0)):
+        entries += [_entry(6144, 4096, M, "fragment", frag), _entry(6144, 4096, M, "cutlass", cut)]
+    entries.append(_entry(4096, 4096, 1, "fragment", 3.0))  # one order only
+    assert dispatch.pick_weight_orders(entries) == {(28672, 4096): "cutlass", (6144, 4096): "fragment",
+                                                    (4096, 4096): "fragment"}
+    # orders timed in different runs are compared over their own fp16 baseline: a slower GPU clock in
+    # the fragment run (fp16 twice as slow too) must not count against it
+    runs = [_entry(1, 1, 1, "fragment", 20.0, 40.0), _entry(1, 1, 1, "cutlass", 12.0, 20.0)]
+    assert dispatch.pick_weight_orders(runs) == {(1, 1): "fragment"}
+    with pytest.raises(LowbitError, match="share no batch size"):
+        dispatch.pick_weight_orders([_entry(1, 1, 1, "fragment", 1.0), _entry(1, 1, 2, "cutlass", 1.0)])
+
+
+def test_only_the_packed_orders_entries_are_judged_against_fp16():
+    table = {**PER_SHAPE, "entries": {"w4a16": [
+        _entry(28672, 4096, 256, "fragment", 90.0, 60.0),  # never run at this shape: not judged
+        _entry(28672, 4096, 256, "cutlass", 70.0, 60.0),
+        _entry(6144, 4096, 256, "fragment", 30.0, 40.0)]}}
+    assert dispatch.slower_than_fp16(table) == [
+        "w4a16 N=28672 K=4096 M=256: triton 70.0 us > fp16 60.0 us (0.86x)"]
+
+
+def test_tuner_orders_and_candidates():
+    from bench.tune_kernels import cutlass_candidates, order_spec
+
+    from lowbit.kernels.cutlass_w4a16 import TILES, config_index
+
+    for M in (1, 16, 64, 512, 4096):
+        cands = cutlass_candidates(M)
+        assert cands and all(c.kernel == "cutlass" for c in cands)
+        for c in cands:
+            config_index(torch.float16, c.config)  # every candidate is a compiled kernel
+        assert len({c.config for c in cands}) == len(cands)
+    assert max(c.config.tile_m for c in cutlass_candidates(1)) <= 64
+    assert min(c.config.tile_m for c in cutlass_candidates(4096)) >= 64
+    assert len(cutlass_candidates(64)) == sum(3 if t.stream_k else 1 for t in TILES)
+    spec = order_spec([_entry(8, 8, 1, "cutlass", 1.0), _entry(8, 8, 1, "fragment", 2.0)], "fragment")
+    assert spec == {"default": "fragment", "shapes": [{"N": 8, "K": 8, "order": "cutlass"}]}
+    assert dispatch.table_order({"weight_order": {"w4a16": spec}}, "w4a16", 8, 8) == "cutlass"
+
+
+def test_cutlass_ordered_weights_refuse_the_cpu():
+    from lowbit.kernels import ops
+
+    x = torch.randn(2, 256, dtype=torch.float16)
+    with pytest.raises(LowbitError, match="CUDA devices only"):
+        ops.w4a16_cutlass(x, torch.zeros(128 * 128, dtype=torch.uint8), torch.ones(2, 128).half(), None, 128, 256, 128)
+
+
+def test_prepare_kernels_records_the_activation_dtype_and_a_move_forgets_it():
+    from lowbit.formats import ActivationFormat, WeightFormat
+    from lowbit.model.qlinear import QuantLinear
+    from lowbit.quant.gptq import rtn_quantize
+
+    fmt = WeightFormat(bits=4, group_size=128, method="rtn")
+    lin = QuantLinear.from_quantized(rtn_quantize(torch.randn(64, 256), fmt), ActivationFormat(), in_features=256,
+                                     dtype=torch.float16)
+    assert not lin.prepare_kernels(torch.bfloat16)  # the CPU: no kernel, but the dtype is kept
+    assert lin.kernel_dtype == torch.bfloat16
+    lin.to(torch.float16)
+    assert lin.kernel_dtype is None
+
+
+def test_pick_weight_orders_is_a_geometric_mean():
+    """Two orders each 2x faster at one batch size tie; the tie goes to the first name in sorted order."""
+    entries = [_entry(1, 1, 1, "fragment", 1.0), _entry(1, 1, 1, "cutlass", 2.0),
+               _entry(1, 1, 2, "fragment", 4.0), _entry(1, 1, 2, "cutlass", 2.0)]
+    assert dispatch.pick_weight_orders(entries) == {(1, 1): "cutlass"}
