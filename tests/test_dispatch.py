@@ -26,8 +26,7 @@ def test_shipped_tables_are_complete_and_valid():
                 (key, op)
             for e in entries:
                 assert e["kernel"] in dispatch.KERNELS[op], (op, e)
-                if e["config"] is not None:
-                    TileConfig(**e["config"])  # raises if the stored config is invalid
+                dispatch.entry_choice(e)  # raises if the stored config is invalid
         assert set(table["tile_k"].values()) <= {128, 256}
 
 
@@ -40,8 +39,12 @@ def test_shipped_tables_are_complete_and_valid():
 # - W8A8 on the 8B qkv and o at M = 128-256 (0.89-0.99x): 14-17 us layers, where the separate activation
 #   quantization launch is what cuBLAS fp16 does not pay.
 # None of these formats holds an fp16 copy of its weights to fall back on. Any other loss fails the test.
-KNOWN_LOSSES = {"w4a16": (64, 4096), "w4a8": (128, 512), "w4a8-fp8": (128, 512), "w4a8-g128": (512, 512),
-                "w8a8-int8": (128, 256), "w8a8-fp8": (128, 256)}
+KNOWN_LOSSES = {"w4a16": [(64, 4096)], "w4a8": [(128, 512)], "w4a8-fp8": [(128, 512)], "w4a8-g128": [(512, 512)],
+                "w8a8-int8": [(128, 256)], "w8a8-fp8": [(128, 256)]}
+# LOWBIT_WORKLOAD=throughput packs the narrow 8B layers in CUTLASS's order for batches of 64 and up,
+# where it is 0.8-0.94x of fp16 against 0.53-0.89x for the fragment order; at decode batches of 2-32
+# that order then runs 0.96-0.98x of fp16 on the 8B qkv (the fragment order's kernels: 1.2-1.5x)
+KNOWN_WORKLOAD_LOSSES = {"throughput": {"w4a16": [(1, 32)]}}
 
 
 def test_no_table_entry_is_slower_than_the_fp16_baseline_it_was_tuned_against():
@@ -58,10 +61,15 @@ def test_no_table_entry_is_slower_than_the_fp16_baseline_it_was_tuned_against():
         "w4a16 N=4096 K=4096 M=256: dequant-cublas 80.0 us > fp16 60.0 us (0.75x)"]
     for key in (p.stem for p in dispatch.TUNED_DIR.glob("*.json")):
         table = dispatch.load_table(key)
-        unexpected = [e for op, entries in table["entries"].items() for e in entries
-                      if e.get("fp16_us") is not None and e["us"] > e["fp16_us"]
-                      and not (op in KNOWN_LOSSES and KNOWN_LOSSES[op][0] <= e["M"] <= KNOWN_LOSSES[op][1])]
-        assert unexpected == [], (key, unexpected)
+        for workload in dispatch.WORKLOADS:  # the entries of the order each workload packs a shape in
+            extra = KNOWN_WORKLOAD_LOSSES.get(workload, {})
+            known = {op: KNOWN_LOSSES.get(op, []) + extra.get(op, []) for op in table["entries"]}
+            unexpected = [
+                e for op, entries in table["entries"].items() for e in entries
+                if e.get("order", "rows") == dispatch.table_order(table, op, e["N"], e["K"], workload)
+                and e.get("fp16_us") is not None and e["us"] > e["fp16_us"]
+                and not any(lo <= e["M"] <= hi for lo, hi in known.get(op, []))]
+            assert unexpected == [], (key, workload, unexpected)
 
 
 def test_tuner_times_every_batch_the_issue_names():
@@ -169,9 +177,11 @@ def test_choose_reads_the_gpus_table_and_refuses_fp8_before_sm89(monkeypatch):
     monkeypatch.delenv("LOWBIT_KERNEL_TABLE", raising=False)
     dispatch._choose_cached.cache_clear()
     try:
-        want = dispatch.lookup_entry(dispatch.load_table("h200")["entries"]["w4a16"], 1, 28672, 4096)
+        h200 = dispatch.load_table("h200")
+        order = dispatch.table_order(h200, "w4a16", 28672, 4096)
+        want = dispatch.lookup_entry(dispatch.order_entries(h200, "w4a16", order), 1, 28672, 4096)
         got = dispatch.choose("w4a16", 1, 28672, 4096, torch.device("cuda", 0))
-        assert got.kernel == want["kernel"] and got.config == TileConfig(**want["config"])
+        assert got == dispatch.entry_choice(want)
         assert dispatch.choose("w4a16", 1, 28672, 4096, torch.device("cuda", 0)) is got  # memoized
         a100 = torch.device("cuda", 1)
         assert dispatch.choose("w4a16", 3, 4096, 4096, a100) == dispatch.default_choice("w4a16", 3, 4096, 4096, 108)

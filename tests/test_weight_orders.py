@@ -58,10 +58,10 @@ def test_the_tuner_packs_each_shape_in_the_order_that_loses_least_over_all_batch
     entries.append(_entry(4096, 4096, 1, "fragment", 3.0))  # one order only
     assert dispatch.pick_weight_orders(entries) == {(28672, 4096): "cutlass", (6144, 4096): "fragment",
                                                     (4096, 4096): "fragment"}
-    # orders timed in different runs are compared over their own fp16 baseline: a slower GPU clock in
-    # the fragment run (fp16 twice as slow too) must not count against it
+    # orders timed in different runs are compared as measured: a baseline outlier in one run does
+    # not count for or against an order
     runs = [_entry(1, 1, 1, "fragment", 20.0, 40.0), _entry(1, 1, 1, "cutlass", 12.0, 20.0)]
-    assert dispatch.pick_weight_orders(runs) == {(1, 1): "fragment"}
+    assert dispatch.pick_weight_orders(runs) == {(1, 1): "cutlass"}
     with pytest.raises(LowbitError, match="share no batch size"):
         dispatch.pick_weight_orders([_entry(1, 1, 1, "fragment", 1.0), _entry(1, 1, 2, "cutlass", 1.0)])
 
@@ -121,3 +121,25 @@ def test_pick_weight_orders_is_a_geometric_mean():
     entries = [_entry(1, 1, 1, "fragment", 1.0), _entry(1, 1, 1, "cutlass", 2.0),
                _entry(1, 1, 2, "fragment", 4.0), _entry(1, 1, 2, "cutlass", 2.0)]
     assert dispatch.pick_weight_orders(entries) == {(1, 1): "cutlass"}
+
+
+def test_the_workload_picks_the_order_from_the_batch_sizes_it_serves(monkeypatch):
+    """A narrow layer whose fragment-order kernels win at decode batches and whose CUTLASS ones win from
+    M = 64: "latency" packs it in the fragment order, "throughput" in CUTLASS's, "balanced" takes what
+    the tuner recorded for all batch sizes."""
+    entries = []
+    for M, frag, cut in ((1, 10.0, 16.0), (16, 12.0, 16.0), (64, 19.0, 18.0), (256, 40.0, 26.0)):
+        entries += [_entry(6144, 4096, M, "fragment", frag), _entry(6144, 4096, M, "cutlass", cut)]
+    table = {"weight_order": {"w4a16": {"default": "fragment", "shapes": [
+        {"N": 6144, "K": 4096, "order": "fragment"}]}}, "entries": {"w4a16": entries}}
+    assert dispatch.table_order(table, "w4a16", 4096, 4096, "latency") == "fragment"
+    assert dispatch.table_order(table, "w4a16", 4096, 4096, "throughput") == "cutlass"
+    assert dispatch.table_order(table, "w4a16", 4096, 4096, "balanced") == "fragment"
+    # a shape tuned in one order only keeps it whatever the workload
+    one = {"weight_order": {"w4a16": "fragment"}, "entries": {"w4a16": [_entry(8, 8, 256, "fragment", 1.0)]}}
+    assert dispatch.table_order(one, "w4a16", 8, 8, "throughput") == "fragment"
+    monkeypatch.setenv(dispatch.WORKLOAD_ENV, "throughput")
+    assert dispatch.workload() == "throughput"
+    monkeypatch.setenv(dispatch.WORKLOAD_ENV, "fast")
+    with pytest.raises(LowbitError, match="LOWBIT_WORKLOAD='fast'"):
+        dispatch.workload()

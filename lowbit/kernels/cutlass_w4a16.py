@@ -52,8 +52,15 @@ TILES: tuple[CutlassConfig, ...] = (
     CutlassConfig(128, 16, stream_k=True),
     CutlassConfig(128, 32, stream_k=True),
 )
+# bf16: the plain tiles, and 32- and 64-token ones in place of stream-K. On the H200 (2026-12-03) every
+# stream-K tile gave inf in bf16 at every M and shape tested (tests/test_cutlass_w4a16.py) while the
+# same tiles were right in fp16; the cause (in CUTLASS 4.7's stream-K fix-up with a bf16 mixed-input
+# mainloop, or in how it is set up here) is not found, so bf16 compiles none.
+BF16_TILES: tuple[CutlassConfig, ...] = tuple(t for t in TILES if not t.stream_k) + (
+    CutlassConfig(128, 32), CutlassConfig(128, 64))
+TILES_FOR = {"fp16": TILES, "bf16": BF16_TILES}
 # (activation dtype, tile): index = C symbol suffix
-CONFIGS: tuple[tuple[str, CutlassConfig], ...] = tuple((d, c) for d in DTYPES for c in TILES)
+CONFIGS: tuple[tuple[str, CutlassConfig], ...] = tuple((d, c) for d in DTYPES for c in TILES_FOR[d])
 
 
 def parts() -> list[Part]:
@@ -68,21 +75,29 @@ def config_index(dtype: torch.dtype, config: CutlassConfig) -> int:
     try:
         return CONFIGS.index((name, config.compiled()))
     except ValueError:
-        raise LowbitError(f"no CUTLASS W4A16 kernel is compiled for {config.name()}; compiled: "
-                          f"{', '.join(c.name() for c in TILES)}") from None
+        raise LowbitError(f"no CUTLASS W4A16 kernel is compiled for {config.name()} with {name} activations; "
+                          f"compiled: {', '.join(c.name() for c in TILES_FOR[name])}") from None
 
 
-def default_config(M: int, N: int, sms: int = 132) -> CutlassConfig:
-    """The tile for M tokens where no table names one: the winners of the H200 sweep by M (16-token
-    tiles split in two where 128-row tiles cannot fill the SMs, 64-token stream-K to M = 64, 128 to
-    256, then 256)."""
+def default_config(M: int, N: int, sms: int = 132, dtype: torch.dtype = torch.float16) -> CutlassConfig:
+    """The tile for M tokens where no table names one: the winners of the H200 tuning by M (16-token
+    tiles split in two where 128-row tiles cannot fill the SMs, 32- and 64-token stream-K to M = 64,
+    128 to 256, then 256). bf16 has no stream-K tiles (``BF16_TILES``): the plain tile of as many tokens."""
     if M <= 16:
-        return CutlassConfig(128, 16, stream_k=True, splits=2) if N // 128 < sms else CutlassConfig(128, 16)
-    if M <= 32:
-        return CutlassConfig(128, 32, stream_k=True)
-    if M <= 64:
-        return CutlassConfig(128, 64, stream_k=True)
-    return CutlassConfig(128, 128) if M <= 256 else CutlassConfig(128, 256)
+        cfg = CutlassConfig(128, 16, stream_k=True, splits=2) if N // 128 < sms else CutlassConfig(128, 16)
+    elif M <= 64:
+        cfg = CutlassConfig(128, 32 if M <= 32 else 64, stream_k=True)
+    else:
+        cfg = CutlassConfig(128, 128) if M <= 256 else CutlassConfig(128, 256)
+    return for_dtype(cfg, dtype)
+
+
+def for_dtype(config: CutlassConfig, dtype: torch.dtype) -> CutlassConfig:
+    """``config``, or for bf16 activations, where it is a stream-K tile, the plain tile of as many tokens
+    (tables are tuned in fp16; bf16 compiles no stream-K tiles: ``BF16_TILES``)."""
+    if dtype == torch.bfloat16 and config.stream_k:
+        return CutlassConfig(config.tile_n, config.tile_m, config.cluster_n, config.cooperative)
+    return config
 
 
 @dataclass
@@ -174,7 +189,7 @@ def w4a16_cutlass(x: torch.Tensor, w: CutlassInt4, config: CutlassConfig | None 
     if M == 0:
         return y.reshape(*x.shape[:-1], w.N)
     sms = sm_count(x.device, 132)
-    config = config or default_config(M, w.N, sms)
+    config = for_dtype(config, x.dtype) if config else default_config(M, w.N, sms, x.dtype)
     index, splits = config_index(x.dtype, config), config.splits
     lib = _lib()
     ws = workspace((LIBRARY, index, M, w.N, w.K, w.group_size, splits, sms),

@@ -172,23 +172,53 @@ def _op_orders(table: dict, op: str) -> tuple[str, list[dict]]:
     return default, shapes
 
 
-def table_order(table: dict, op: str, N: int | None = None, K: int | None = None) -> str:
-    """The weight order ``table`` tuned ``op`` with at the tuned shape nearest (N, K) (as entries are
-    looked up), else the op's default order."""
+# The batch sizes a weight order is picked for (``LOWBIT_WORKLOAD``): a layer holds one order, and on
+# the H200 the order fastest at decode batches of 1-16 is not the one fastest from 64 on for every
+# layer (docs/kernels.md). "balanced" takes every tuned M alike (what the tuner records per shape).
+WORKLOADS = {"balanced": (1, 1 << 30), "latency": (1, 16), "throughput": (64, 1 << 30)}
+WORKLOAD_ENV = "LOWBIT_WORKLOAD"
+
+
+def workload() -> str:
+    """``$LOWBIT_WORKLOAD`` (default "balanced"), checked."""
+    w = os.environ.get(WORKLOAD_ENV, "balanced") or "balanced"
+    if w not in WORKLOADS:
+        raise LowbitError(f"{WORKLOAD_ENV}={w!r}: use one of {', '.join(WORKLOADS)} (the batch sizes the int4 "
+                          "weight order of each layer is chosen for: 1-16, 64 and up, or all)")
+    return w
+
+
+def table_order(table: dict, op: str, N: int | None = None, K: int | None = None,
+                workload: str = "balanced") -> str:
+    """The weight order ``table`` packs ``op``'s N x K layers in: for "balanced", the order recorded for
+    the tuned shape nearest (N, K) (as entries are looked up), else the op's default order; for
+    "latency" / "throughput", the order ``pick_weight_orders`` picks from that shape's entries at the
+    workload's batch sizes (``WORKLOADS``), where the table has entries of more than one order there."""
     default, shapes = _op_orders(table, op)
-    if not shapes or N is None or K is None:
+    if N is None or K is None:
+        return default
+    if workload != "balanced":
+        entries = table.get("entries", {}).get(op, [])
+        if entries:
+            near = min(_shape_distance(e, N, K) for e in entries)
+            lo, hi = WORKLOADS[workload]
+            here = [{**e, "order": e.get("order", default)} for e in entries
+                    if _shape_distance(e, N, K) == near and lo <= e["M"] <= hi]
+            if len({e["order"] for e in here}) > 1:
+                return next(iter(pick_weight_orders(here).values()))
+    if not shapes:
         return default
     return min(shapes, key=lambda sh: _shape_distance(sh, N, K))["order"]
 
 
 def weight_order(device: torch.device, op: str, N: int | None = None, K: int | None = None) -> str:
-    """The int4 weight order this GPU's table tuned ``op`` with for an N x K layer: "rows" (PackedInt4,
-    every kernel), "fragment" (FragmentInt4, the wgmma kernel and dequant-cublas only) or "cutlass"
-    (CutlassInt4, the CUTLASS kernels only). Fixed when a layer is loaded, like ``layout_tile``; "rows"
-    without a table or on the CPU."""
+    """The int4 weight order this GPU's table packs ``op``'s N x K layers in, for ``$LOWBIT_WORKLOAD``:
+    "rows" (PackedInt4, every kernel), "fragment" (FragmentInt4, the wgmma kernel and dequant-cublas
+    only) or "cutlass" (CutlassInt4, the CUTLASS kernels only). Fixed when a layer is loaded, like
+    ``layout_tile``; "rows" without a table or on the CPU."""
     if device.type != "cuda":
         return "rows"
-    return table_order(_device_table(device)[3], op, N, K)
+    return table_order(_device_table(device)[3], op, N, K, workload())
 
 
 def order_entries(table: dict, op: str, order: str) -> list[dict]:
@@ -202,11 +232,12 @@ def pick_weight_orders(entries: list[dict]) -> dict[tuple[int, int], str]:
     """For each tuned (N, K) of one op, the weight order to pack its layers in, from entries of several
     orders at the same batch sizes: the order whose time over the best order's, multiplied over the
     batch sizes every order was tuned at, is least (a geometric mean: M = 1 and M = 4096 count alike).
-    Times are compared as ratios over their own run's fp16 baseline (``fp16_us``) where both have one,
-    so that orders tuned in different runs compare fairly."""
+    Times of orders tuned in different runs are compared as measured, not over each run's fp16
+    baseline: on the H200 two runs' baselines differed by 11% at one cell (70B gate+up, M = 1: 240.8
+    against 214 us) where the kernels' own times repeated within 1-2%. Ties go to the first name."""
     by_shape: dict[tuple[int, int], dict[str, dict[int, float]]] = {}
     for e in entries:
-        t = e["us"] / e["fp16_us"] if e.get("fp16_us") else e["us"]
+        t = e["us"]
         by_shape.setdefault((e["N"], e["K"]), {}).setdefault(e.get("order", "rows"), {})[e["M"]] = t
     out = {}
     for shape, orders in by_shape.items():
