@@ -98,6 +98,13 @@ def test_build_without_nvcc_says_so(monkeypatch):
         cutlass_build.nvcc_path()
 
 
+def test_unavailable_says_why(monkeypatch):
+    from lowbit.kernels.cutlass_w4a16 import unavailable
+
+    monkeypatch.delenv(cutlass_build.CUTLASS_ENV, raising=False)
+    assert cutlass_build.CUTLASS_ENV in unavailable()
+
+
 def test_build_cli_help():
     out = subprocess.run([sys.executable, "-m", "lowbit.kernels.cutlass_prebuild", "--help"],
                          capture_output=True, text=True, check=True).stdout
@@ -112,6 +119,10 @@ def _hopper() -> bool:
 
 gpu = pytest.mark.skipif(not _hopper() or not os.environ.get(cutlass_build.CUTLASS_ENV),
                          reason="needs an sm_90 GPU and LOWBIT_CUTLASS_DIR")
+
+
+def _rel(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def _layer(N, K, group, seed):
@@ -279,3 +290,8 @@ def test_layers_of_a_cutlass_table_run_the_cutlass_kernel_and_match_the_rows_pat
     # without the model's dtype the CUTLASS order is not chosen
     lin.kernel_dtype = None
     assert lin.prepare_kernels() and not isinstance(lin.kernel, CutlassInt4)
+    # where CUTLASS cannot be built (no LOWBIT_CUTLASS_DIR), the layer runs the other kernels, said once
+    monkeypatch.delenv(cutlass_build.CUTLASS_ENV)
+    with pytest.warns(UserWarning, match="cannot be built here"):
+        assert lin.prepare_kernels(dtype) and not isinstance(lin.kernel, CutlassInt4)
+    assert _rel(lin(xs[1]), want[1]) < tol

@@ -9,6 +9,8 @@ layer with 8-bit activations runs here as a dense W4A8 layer.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from lowbit.kernels import ops
@@ -31,16 +33,31 @@ def _pack_cutlass(layer: QuantTensors):  # noqa: ANN202
     """The layer as ``CutlassInt4`` for activations of its ``kernel_dtype``, or None where the CUTLASS
     W4A16 kernels do not take it (``cutlass_w4a16.takes``: shapes and groups; and asymmetric codes,
     act-order, an unknown or non-16-bit activation dtype)."""
-    from lowbit.kernels.cutlass_w4a16 import DTYPES, pack_cutlass, takes
+    from lowbit.kernels.cutlass_w4a16 import DTYPES, pack_cutlass, takes, unavailable
 
     N, K, group = layer.out_features, layer.quantized_in_features, layer.wfmt.group_size
     dtype = getattr(layer, "kernel_dtype", None)
     if layer.zeros is not None or dtype not in DTYPES.values() or takes(N, K, group) is not None:
         return None
+    why = unavailable()
+    if why is not None:
+        _note_once(f"this GPU's kernel table runs some W4A16 layers on CUTLASS kernels, which cannot be built "
+                   f"here ({why}); those layers run the Gluon/Triton kernels instead")
+        return None
     if layer.g_idx is not None and not torch.equal(
             layer.g_idx.long(), torch.arange(K, device=layer.g_idx.device) // group):
         return None  # act-order: the kernel has no column gather
     return pack_cutlass(layer.qweight, layer.scales, K, group, dtype)
+
+
+_NOTED: set[str] = set()
+
+
+def _note_once(msg: str) -> None:
+    """A one-line warning per process (packing runs per layer)."""
+    if msg not in _NOTED:
+        _NOTED.add(msg)
+        warnings.warn(msg, stacklevel=3)
 
 
 class _Int4Dense(FormatMethod):
