@@ -7,6 +7,7 @@ A LowbitError is printed as one line (``lowbit: error: ...``) with exit code 2, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -28,6 +29,16 @@ def _add_placement(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", default="auto", help="fp32, fp16 or bf16 (default: bf16 on GPUs that have it, fp32 on CPU)"
     )
+    _add_workload(p)
+
+
+def _add_workload(p: argparse.ArgumentParser) -> None:
+    from lowbit.kernels.dispatch import WORKLOAD_ENV, WORKLOADS
+
+    p.add_argument("--workload", choices=tuple(WORKLOADS), default=None,
+                   help="the batch sizes to pack int4 weights for, where the GPU's kernel table has more than one "
+                   "weight order for a layer (H200 W4A16): latency (1-16 sequences), throughput (64 and up) or "
+                   f"balanced (all; the default, or ${WORKLOAD_ENV})")
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
@@ -271,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt-len", type=int, default=512, help="prefill length in tokens (default: 512)")
     e.add_argument("--steps", type=int, default=32, help="decode steps timed per configuration (default: 32)")
     e.add_argument("--no-transformers", action="store_true", help="skip the transformers fp16 generate baseline")
+    _add_workload(e)
     _add_report_files(e, "decode tokens/s vs batch, one line per engine/scheme")
     e.set_defaults(func=_cmd_bench_e2e)
     from lowbit.bench.load import add_arguments as add_load_arguments
@@ -594,6 +606,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
+    if getattr(args, "workload", None):  # read where layers are packed (lowbit.kernels.dispatch.weight_order)
+        from lowbit.kernels.dispatch import WORKLOAD_ENV
+
+        os.environ[WORKLOAD_ENV] = args.workload
     try:
         code = args.func(args)
     except LowbitError as exc:

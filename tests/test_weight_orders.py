@@ -143,3 +143,17 @@ def test_the_workload_picks_the_order_from_the_batch_sizes_it_serves(monkeypatch
     monkeypatch.setenv(dispatch.WORKLOAD_ENV, "fast")
     with pytest.raises(LowbitError, match="LOWBIT_WORKLOAD='fast'"):
         dispatch.workload()
+
+
+def test_cli_workload_reaches_the_packer_and_bad_values_are_refused(monkeypatch, tmp_path, capsys):
+    from lowbit.cli import build_parser, main
+
+    monkeypatch.delenv(dispatch.WORKLOAD_ENV, raising=False)
+    # a command that fails fast after parsing: the workload is set before it runs
+    assert main(["bench", "e2e", "--workload", "throughput", "--from-json", str(tmp_path / "none.json")]) != 0
+    assert dispatch.workload() == "throughput"
+    for cmd in (["generate", "m", "-p", "hi"], ["serve", "m"], ["eval", "m"]):
+        assert build_parser().parse_args(cmd + ["--workload", "latency"]).workload == "latency"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "m", "--workload", "fast"])
+    assert "invalid choice" in capsys.readouterr().err
