@@ -78,6 +78,7 @@ def test_ptx_pipelines_wgmma_behind_cp_async_without_serializing():
             assert "ld.shared.v4.b32" in r["shared"], r
             assert not [s for s in r["shared"] if s.endswith(("8", "16"))], r
         if r["ptxas"] is not None:
+            assert r["ptxas"]["error"] is None, r  # ptxas itself failed: its message says why
             assert not r["ptxas"]["serialized"], r
             assert r["ptxas"]["spilled"] == 0, r
 

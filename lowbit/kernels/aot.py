@@ -16,6 +16,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from lowbit.errors import LowbitError
 from lowbit.requirements import require_triton
 
 require_triton()
@@ -73,13 +74,18 @@ def ptxas_report(ptx: str, arch: str = "sm_90a") -> dict | None:
     text = out.stderr + out.stdout
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores", text)
+    # ptxas's own failure (e.g. a PTX version newer than it) is reported, not read as "no data"
+    error = None if out.returncode == 0 else f"{exe} exited {out.returncode}: {text.strip()[-400:]}"
     return dict(regs=int(regs.group(1)) if regs else None, spilled=int(spill.group(1)) if spill else None,
-                serialized="C7515" in text)
+                serialized="C7515" in text, error=error)
 
 
 def ptxas_usage(ptx: str, arch: str = "sm_90a") -> tuple[int | None, int | None]:
-    """(registers per thread, bytes spilled) from ``ptxas_report``; (None, None) without a ptxas."""
+    """(registers per thread, bytes spilled) from ``ptxas_report``; (None, None) without a ptxas. Raises
+    LowbitError where ptxas failed."""
     r = ptxas_report(ptx, arch)
+    if r is not None and r["error"]:
+        raise LowbitError(r["error"])
     return (None, None) if r is None else (r["regs"], r["spilled"])
 
 
