@@ -179,13 +179,21 @@ def reorder_int4(reorder: Callable[[int, int, int, int], int], qweight: "torch.T
         raise LowbitError(f"the {kernel} kernel runs on CUDA devices only; move the weights to the GPU first")
     if qweight.dtype != torch.uint8 or tuple(qweight.shape) != (N, K // 2):
         raise LowbitError(f"qweight must be (N, K/2) = ({N}, {K // 2}) uint8, got {tuple(qweight.shape)} {qweight.dtype}")
-    src = qweight.contiguous()
     dst = torch.empty(N * K // 2, dtype=torch.uint8, device=qweight.device)
-    with torch.cuda.device(qweight.device):
-        torch.cuda.synchronize()  # the reorder runs on the default stream
-        rc = reorder(src.data_ptr(), dst.data_ptr(), N, K)
+    return _copy(reorder, qweight.contiguous(), dst, N, K, f"reordering the {kernel} weights")
+
+
+def _copy(fn: Callable[[int, int, int, int], int], src: "torch.Tensor", dst: "torch.Tensor", N: int, K: int,  # noqa: F821
+          what: str) -> "torch.Tensor":  # noqa: F821
+    """``fn(src, dst, N, K)``, a library copy between weight orders; it runs on the default stream, so
+    the caller's pending work is waited for first. Returns ``dst``."""
+    import torch
+
+    with torch.cuda.device(src.device):
+        torch.cuda.synchronize()
+        rc = fn(src.data_ptr(), dst.data_ptr(), N, K)
     if rc:
-        raise RuntimeError(f"reordering the {kernel} weights failed with CUDA error {rc}")
+        raise RuntimeError(f"{what} failed with CUDA error {rc}")
     return dst
 
 
@@ -199,12 +207,7 @@ def unreorder_int4(unreorder: Callable[[int, int, int, int], int], packed: "torc
         raise LowbitError(f"the {kernel} weights must be {N * K // 2} uint8 bytes on a CUDA device, got "
                           f"{packed.numel()} {packed.dtype} on {packed.device}")
     dst = torch.empty(N, K // 2, dtype=torch.uint8, device=packed.device)
-    with torch.cuda.device(packed.device):
-        torch.cuda.synchronize()  # the copy runs on the default stream
-        rc = unreorder(packed.data_ptr(), dst.data_ptr(), N, K)
-    if rc:
-        raise RuntimeError(f"restoring the {kernel} weights' checkpoint order failed with CUDA error {rc}")
-    return dst
+    return _copy(unreorder, packed, dst, N, K, f"restoring the {kernel} weights' checkpoint order")
 
 
 def load(name: str, parts: list[Part]) -> ctypes.CDLL:
