@@ -51,11 +51,10 @@ def _candidates(op: str, x: torch.Tensor, splits: list[int]):
                 yield cfg.label(), lambda w, cfg=cfg: cutlass_w4a16.w4a16_cutlass(x, w, cfg)
         return
     adtype = "fp8_e4m3" if op == "w4a8-fp8" else "int"
-    for i in cutlass_w4a8.configs_for(adtype):
-        cfg = cutlass_w4a8.CONFIGS[i][1]
-        for s in (splits if cfg.stream_k else [1]):
-            yield cfg.name() + (f" s{s}" if cfg.stream_k else ""), \
-                lambda w, i=i, s=s: cutlass_w4a8.w4a8_cutlass(*quantize_activations(x, adtype), w, config=i, splits=s)
+    for tile in cutlass_w4a8.TILES:
+        for s in (splits if tile.stream_k else [1]):
+            cfg = dataclasses.replace(tile, splits=s)
+            yield cfg.label(), lambda w, cfg=cfg: cutlass_w4a8.w4a8_cutlass(*quantize_activations(x, adtype), w, cfg)
 
 
 def _reference(op: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

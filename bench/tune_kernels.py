@@ -103,14 +103,19 @@ def _gemv_tiles() -> list[TileConfig]:
     return out
 
 
-def cutlass_candidates(M: int) -> list[Choice]:
-    """The CUTLASS W4A16 kernels (``cutlass_w4a16.TILES``) worth timing at M tokens: token tiles of at
-    most 64 at decode batches (M <= 32) and of at least 64 from M = 512; stream-K tiles at 1 (CUTLASS's
-    heuristic), 2 and 4 splits (1 and 2 from M = 1024)."""
-    from lowbit.kernels.cutlass_w4a16 import TILES
+# the ops whose layers can be packed in more than one weight order, and those orders
+ORDERED_OPS = {"w4a16": ("rows", "fragment", "cutlass"), "w4a8": ("rows", "cutlass"), "w4a8-fp8": ("rows", "cutlass")}
 
+
+def cutlass_candidates(M: int, op: str = "w4a16") -> list[Choice]:
+    """The CUTLASS kernels of ``op`` (``cutlass_w4a16.TILES`` / ``cutlass_w4a8.TILES``) worth timing at M
+    tokens: token tiles of at most 64 at decode batches (M <= 32) and of at least 64 from M = 512;
+    stream-K tiles at 1 (CUTLASS's heuristic), 2 and 4 splits (1 and 2 from M = 1024)."""
+    from lowbit.kernels import cutlass_w4a8, cutlass_w4a16
+
+    tiles = cutlass_w4a16.TILES if op == "w4a16" else cutlass_w4a8.TILES
     out = []
-    for t in TILES:
+    for t in tiles:
         if (M <= 32 and t.tile_m > 64) or (M >= 512 and t.tile_m < 64):
             continue
         for splits in ((1, 2, 4) if M < 1024 else (1, 2)) if t.stream_k else (1,):
@@ -131,7 +136,7 @@ def candidates(op: str, M: int, K: int | None = None, tile_k: int | None = None,
     at M >= 64, the widen-then-cuBLAS path.
     """
     if order == "cutlass":
-        return cutlass_candidates(M)
+        return cutlass_candidates(M, op)
     if order == "fragment":
         from lowbit.kernels.mixed_wgmma import wgmma_candidates
 
@@ -220,9 +225,9 @@ def main() -> None:
                     help="int4 layout tile (PackedInt4.tile_k) to tune the int4 ops for, default 128 (sparse24: 256; "
                     "w4ax always 128); recorded per op in the table")
     ap.add_argument("--order", default="rows",
-                    help="int4 weight order(s) to tune w4a16 in, comma-separated: rows (PackedInt4, every kernel), "
-                    "fragment (FragmentInt4, the Gluon wgmma kernel, Hopper), cutlass (CutlassInt4, the CUTLASS "
-                    "kernels, Hopper). Each shape then packs in the order that loses least over all batch sizes "
+                    help="int4 weight order(s) to tune in, comma-separated: rows (PackedInt4, every kernel), "
+                    "fragment (FragmentInt4, the Gluon wgmma kernel, Hopper; w4a16), cutlass (the CUTLASS "
+                    "kernels, Hopper; w4a16, w4a8 and w4a8-fp8). Each shape then packs in the order that loses least over all batch sizes "
                     "(dispatch.pick_weight_orders), compared with the orders the table (--merge) already has "
                     "there; recorded in the table's weight_order")
     ap.add_argument("--top", type=int, default=1, help="print the N fastest candidates of each cell")
@@ -250,8 +255,10 @@ def main() -> None:
     orders = [o.strip() for o in args.order.split(",") if o.strip()]
     if not orders or any(o not in WEIGHT_ORDERS for o in orders):
         ap.error(f"--order takes {', '.join(WEIGHT_ORDERS)} (comma-separated), got {args.order!r}")
-    if orders != ["rows"] and ops != ["w4a16"]:
-        ap.error("--order other than rows tunes the w4a16 op only: pass --ops w4a16")
+    odd = [op for op in ops for o in orders if o not in ORDERED_OPS.get(op, ("rows",))]
+    if odd:
+        ap.error(f"--order {args.order} does not apply to {', '.join(sorted(set(odd)))}: orders per op are "
+                 + "; ".join(f"{op} {', '.join(o)}" for op, o in ORDERED_OPS.items()) + " (others: rows)")
     unknown = [op for op in ops if op not in ALL_OPS]
     if unknown:
         ap.error(f"unknown op(s) {', '.join(unknown)}; ops: {', '.join(ALL_OPS)}")
@@ -266,7 +273,7 @@ def main() -> None:
                    for e in table["entries"].get(op, [])]
         default_order = table_order(table, op) if op in table.get("weight_order", {}) else orders[0]
         for name, N, K in shapes:
-            for order in orders if op == "w4a16" else ["rows"]:
+            for order in orders if op in ORDERED_OPS else ["rows"]:
                 entries = [e for e in entries
                            if (e["N"], e["K"]) != (N, K) or e["M"] not in ms or e["order"] != order]
                 entries += tune_cells(op, name, N, K, order, ms, tile_k, dev, args.top)
@@ -275,7 +282,7 @@ def main() -> None:
             # by a time limit keeps the cells it finished
             table["entries"][op] = list(entries)
             table["tile_k"][op] = tile_k  # the int4 layout these entries were timed with
-            if op == "w4a16":
+            if op in ORDERED_OPS:
                 table.setdefault("weight_order", {})[op] = order_spec(entries, default_order)
             write_json(out, table)
         print(f"-- {op} tuned in {time.time() - t_op:.0f} s; wrote {out}", flush=True)

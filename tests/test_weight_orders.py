@@ -157,3 +157,17 @@ def test_cli_workload_reaches_the_packer_and_bad_values_are_refused(monkeypatch,
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "m", "--workload", "fast"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_w4a8_ops_take_the_cutlass_order_too():
+    from bench.tune_kernels import ORDERED_OPS, candidates
+
+    from lowbit.kernels.cutlass_w4a8 import config_index
+
+    for op, adtype in (("w4a8", "int"), ("w4a8-fp8", "fp8_e4m3")):
+        assert "cutlass" in ORDERED_OPS[op] and "cutlass" in dispatch.KERNELS[op]
+        for M in (1, 16, 256, 4096):
+            cands = candidates(op, M, 4096, 128, "cutlass", 4096)
+            assert cands and all(c.kernel == "cutlass" for c in cands)
+            for c in cands:
+                config_index(adtype, torch.float16, c.config)

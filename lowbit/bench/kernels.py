@@ -160,8 +160,8 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None,
     copies. ``choice`` None = what dispatch picks (``PRESET_PATHS``: the kernel's default config while
     dispatch has no such op, ``pick_choice``); the tuner passes its candidates (and ``tile_k``, the
     int4 layout tile it tunes for; default: the one this GPU's table was tuned with, else the kernel's;
-    and for "w4a16" the weight ``order``, "rows", "fragment" or "cutlass": default, the table's
-    ``weight_order`` at this shape).
+    and for "w4a16", "w4a8" and "w4a8-fp8" the weight ``order``, "rows", "fragment" (w4a16) or
+    "cutlass": default, the table's ``weight_order`` at this shape).
     The weight bytes are what one call reads of the weight side (codes, scales, zero points, and for
     ``PRESET_PATHS`` fp16 outlier columns, weight sums, 2:4 patterns).
     """
@@ -204,17 +204,22 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None,
     if path not in groups:
         raise LowbitError(f"unknown kernel path {path!r}; paths: {', '.join(PATHS)}")
     tile_k = 128 if "-wgmma" in path else tile_k or dispatch.layout_tile(torch.device(device), path)
-    if path == "w4a16":
+    if path in ("w4a16", "w4a8", "w4a8-fp8"):
         order = order or dispatch.weight_order(torch.device(device), path, N, K)
-    if path == "w4a16" and order == "cutlass":
+    adtype = "fp8_e4m3" if path == "w4a8-fp8" else "int"
+    if order == "cutlass" and path == "w4a16":
         from lowbit.kernels.cutlass_w4a16 import pack_cutlass
 
         # random signed codes in the checkpoint layout, reordered as a loaded layer's are
         packs = [pack_cutlass(_random_codes(N, K, device), _random_scales(N, K // 128, device), K, 128)
                  for _ in range(_copies(N * K // 2))]
+    elif order == "cutlass" and path in ("w4a8", "w4a8-fp8"):
+        from lowbit.kernels.cutlass_w4a8 import pack_cutlass_w4a8
+
+        packs = [pack_cutlass_w4a8(_random_codes(N, K, device), _random_scales(N, 1, device), K, adtype)
+                 for _ in range(_copies(N * K // 2))]
     else:
         packs = [_random_int4(N, K, groups[path], device, tile_k) for _ in range(_copies(N * K // 2))]
-    adtype = "fp8_e4m3" if path == "w4a8-fp8" else "int"
 
     if path.endswith(("-wgmma-pipe", "-wgmma-frag")):
         from lowbit.kernels.act_quant import quantize_activations
@@ -251,7 +256,7 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None,
         packs = [FragmentInt4.from_packed(p, int8=False) for p in packs]
 
     def make(choice=None):
-        c = dispatch.choose(path, M, N, K, device, order) if choice is None and path == "w4a16" else pick(choice)
+        c = dispatch.choose(path, M, N, K, device, order) if choice is None and order else pick(choice)
         if path == "w4a16":
             fn = lambda p: run.run_w4a16(x16, p, c)
         else:

@@ -50,6 +50,17 @@ class Part:
     defines: tuple[tuple[str, str], ...]
 
 
+def unavailable() -> str | None:
+    """None when the CUTLASS libraries can be loaded or built here (``LOWBIT_CUTLASS_DIR`` and nvcc), else
+    why not, in one line (a table naming CUTLASS's order then falls back to the Gluon/Triton orders)."""
+    try:
+        cutlass_includes()
+        nvcc_path()
+    except LowbitError as exc:
+        return str(exc)
+    return None
+
+
 def nvcc_path() -> str:
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     for cand in ([str(Path(cuda_home) / "bin" / "nvcc")] if cuda_home else []) + [shutil.which("nvcc") or ""]:

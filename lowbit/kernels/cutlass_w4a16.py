@@ -138,19 +138,6 @@ def check_shape(N: int, K: int, group_size: int | None) -> None:
         raise LowbitError(why)
 
 
-def unavailable() -> str | None:
-    """None when the CUTLASS library can be loaded or built here (``LOWBIT_CUTLASS_DIR`` and nvcc), else
-    why not, in one line (a table naming CUTLASS's order then falls back to the Gluon/Triton orders)."""
-    from lowbit.kernels.cutlass_build import cutlass_includes, nvcc_path
-
-    try:
-        cutlass_includes()
-        nvcc_path()
-    except LowbitError as exc:
-        return str(exc)
-    return None
-
-
 def _lib() -> ctypes.CDLL:
     from lowbit.kernels.cutlass_build import load
 

@@ -52,9 +52,11 @@ KERNELS = {
     # weight_order "cutlass")
     "w4a16": ("triton", "dequant-cublas", "wgmma", "gemv", "cutlass"),
     # gemv: lowbit.kernels.gemv (dp4a, no tensor cores) for 1..4 rows of int8 activations, per channel
-    "w4a8": ("triton", "gemv", "w4a16-fakequant", "widen-w8a8", "dequant-cublas"),
+    # cutlass (w4a8, w4a8-fp8): lowbit.kernels.cutlass_w4a8 on CutlassInt4PerChannel weights (Hopper;
+    # weight_order "cutlass")
+    "w4a8": ("triton", "gemv", "w4a16-fakequant", "widen-w8a8", "dequant-cublas", "cutlass"),
     "w4a8-g128": ("triton", "w4a16-fakequant", "dequant-cublas"),
-    "w4a8-fp8": ("triton",),
+    "w4a8-fp8": ("triton", "cutlass"),
     "w8a8-int8": ("triton", "cublas"),
     "w8a8-fp8": ("triton", "cublas"),
     "w4a4": ("triton",),  # lowbit.kernels.w4a4: split_quantize + the W4A4 GEMM (QUIK)

@@ -11,6 +11,9 @@ a CPU tensor the op runs the PyTorch reference instead: same numerics, no Triton
 - ``lowbit::w4a16_cutlass`` (x, qweight, scales, bias?, group_size, K, N): the same GEMM on the tensors of
   a ``CutlassInt4`` (``lowbit.kernels.cutlass_w4a16``; CUDA only: that order exists only there)
 - ``lowbit::w4a8``   (x, qweight, scales, zeros?, perm?, smooth?, bias?, group_size, K, tile_k, act_dtype)
+- ``lowbit::w4a8_cutlass`` (x, qweight, scales, smooth?, bias?, K, N, act_dtype) and
+  ``lowbit::w4a8_cutlass_quantized`` (xq, xs, qweight, scales, bias?, K, N, act_dtype, out_dtype): W4A8 on
+  the tensors of a ``CutlassInt4PerChannel`` (``lowbit.kernels.cutlass_w4a8``; CUDA only)
 - ``lowbit::w8a8``   (x, wq, w_scale, smooth?, bias?)   activations quantized like ``wq``'s dtype
 - ``lowbit::w4a8_quantized`` / ``lowbit::w8a8_quantized``: the same GEMMs on activations a fused kernel
   already quantized (xq int8 / fp8 (..., K), xs (rows,) fp32; ``lowbit.kernels.act_quant``), with the
@@ -230,6 +233,50 @@ EAGER[w4a8_quantized] = _w4a8_quantized
 @w4a8_quantized.register_fake
 def _(xq, xs, qweight, scales, zeros, bias, group_size, K, tile_k, act_dtype, out_dtype):
     return xq.new_empty(*xq.shape[:-1], qweight.shape[0], dtype=out_dtype)
+
+
+def _cutlass_w4a8_weights(qweight: Tensor, scales: Tensor, K: int, N: int, act_dtype: str, device: torch.device):  # noqa: ANN202
+    if device.type != "cuda":
+        raise LowbitError("CUTLASS-ordered int4 weights exist on CUDA devices only; move the layer to the GPU "
+                          "and prepare its kernels there")
+    from lowbit.kernels.cutlass_w4a8 import CutlassInt4PerChannel
+
+    return CutlassInt4PerChannel(qweight, scales, N, K, act_dtype)
+
+
+def _w4a8_cutlass(x: Tensor, qweight: Tensor, scales: Tensor, smooth: Tensor | None, bias: Tensor | None, K: int,
+                  N: int, act_dtype: str) -> Tensor:
+    w = _cutlass_w4a8_weights(qweight, scales, K, N, act_dtype, x.device)
+    x2 = x.reshape(-1, K)
+    choice = dispatch.choose(w4a8_op_name(0, act_dtype), x2.shape[0], N, K, x.device, order="cutlass")
+    return run.run_w4a8(x2, w, act_dtype, choice, smooth, bias).reshape(*x.shape[:-1], N)
+
+
+w4a8_cutlass = torch.library.custom_op("lowbit::w4a8_cutlass", _w4a8_cutlass, mutates_args=())
+EAGER[w4a8_cutlass] = _w4a8_cutlass
+
+
+@w4a8_cutlass.register_fake
+def _(x, qweight, scales, smooth, bias, K, N, act_dtype):
+    return x.new_empty(*x.shape[:-1], N)
+
+
+def _w4a8_cutlass_quantized(xq: Tensor, xs: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, K: int,
+                            N: int, act_dtype: str, out_dtype: torch.dtype) -> Tensor:
+    w = _cutlass_w4a8_weights(qweight, scales, K, N, act_dtype, xq.device)
+    x2 = xq.reshape(-1, K)
+    choice = dispatch.choose(w4a8_op_name(0, act_dtype), x2.shape[0], N, K, xq.device, order="cutlass")
+    return run.run_w4a8_quantized(x2, xs, w, out_dtype, choice, bias).reshape(*xq.shape[:-1], N)
+
+
+w4a8_cutlass_quantized = torch.library.custom_op("lowbit::w4a8_cutlass_quantized", _w4a8_cutlass_quantized,
+                                                 mutates_args=())
+EAGER[w4a8_cutlass_quantized] = _w4a8_cutlass_quantized
+
+
+@w4a8_cutlass_quantized.register_fake
+def _(xq, xs, qweight, scales, bias, K, N, act_dtype, out_dtype):
+    return xq.new_empty(*xq.shape[:-1], N, dtype=out_dtype)
 
 
 def _w8a8_quantized(xq: Tensor, xs: Tensor, wq: Tensor, w_scale: Tensor, bias: Tensor | None,

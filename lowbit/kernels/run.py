@@ -67,9 +67,13 @@ def run_w4a8_quantized(xq: torch.Tensor, xs: torch.Tensor, w, out_dtype: torch.d
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """Activations already quantized (xq (M, K) int8 / fp8, xs (M,) fp32; columns in ``w``'s order, no
     ``perm``) times int4 weights ``w`` -> (M, N) ``out_dtype``."""
+    from lowbit.kernels.cutlass_w4a8 import CutlassInt4PerChannel, w4a8_cutlass
     from lowbit.kernels.w4a8 import w4a8_matmul
     from lowbit.kernels.w4a16 import w4a16_matmul
 
+    if isinstance(w, CutlassInt4PerChannel):
+        # a choice for another kernel (beyond the table's tuned range): the CUTLASS kernel's default tile
+        return w4a8_cutlass(xq, xs, w, choice.config if choice.kernel == "cutlass" else None, out_dtype, bias)
     if choice.kernel == "gemv":
         from lowbit.kernels.gemv import gemv_takes, w4a8_gemv
 

@@ -29,25 +29,33 @@ def _pack(layer: QuantTensors, tile_k: int | None) -> PackedInt4:
                             layer.quantized_in_features, layer.g_idx, tile_k=tile_k or TILE_K)
 
 
-def _pack_cutlass(layer: QuantTensors):  # noqa: ANN202
-    """The layer as ``CutlassInt4`` for activations of its ``kernel_dtype``, or None where the CUTLASS
-    W4A16 kernels do not take it (``cutlass_w4a16.takes``: shapes and groups; and asymmetric codes,
-    act-order, an unknown or non-16-bit activation dtype)."""
-    from lowbit.kernels.cutlass_w4a16 import DTYPES, pack_cutlass, takes, unavailable
+def _pack_cutlass(layer: QuantTensors, act_dtype: str | None = None):  # noqa: ANN202
+    """The layer in the CUTLASS kernels' order, or None where they do not take it: W4A16
+    (``act_dtype`` None; ``CutlassInt4`` for activations of the layer's ``kernel_dtype``, fp16 or bf16)
+    or W4A8 on ``act_dtype`` activations (``CutlassInt4PerChannel``, any output dtype). Both need
+    symmetric codes without act-order, and their module's ``takes`` (shapes, groups)."""
+    from lowbit.kernels import cutlass_w4a8, cutlass_w4a16
+    from lowbit.kernels.cutlass_build import unavailable
 
     N, K, group = layer.out_features, layer.quantized_in_features, layer.wfmt.group_size
     dtype = getattr(layer, "kernel_dtype", None)
-    if layer.zeros is not None or dtype not in DTYPES.values() or takes(N, K, group) is not None:
+    if act_dtype is None:
+        refused = dtype not in cutlass_w4a16.DTYPES.values() or cutlass_w4a16.takes(N, K, group) is not None
+    else:
+        refused = cutlass_w4a8.takes(N, K, group) is not None
+    if refused or layer.zeros is not None:
         return None
+    if layer.g_idx is not None and (group is None or not torch.equal(
+            layer.g_idx.long(), torch.arange(K, device=layer.g_idx.device) // group)):
+        return None  # act-order: the kernels have no column gather
     why = unavailable()
     if why is not None:
-        _note_once(f"this GPU's kernel table runs some W4A16 layers on CUTLASS kernels, which cannot be built "
+        _note_once(f"this GPU's kernel table runs some int4 layers on CUTLASS kernels, which cannot be built "
                    f"here ({why}); those layers run the Gluon/Triton kernels instead")
         return None
-    if layer.g_idx is not None and not torch.equal(
-            layer.g_idx.long(), torch.arange(K, device=layer.g_idx.device) // group):
-        return None  # act-order: the kernel has no column gather
-    return pack_cutlass(layer.qweight, layer.scales, K, group, dtype)
+    if act_dtype is None:
+        return cutlass_w4a16.pack_cutlass(layer.qweight, layer.scales, K, group, dtype)
+    return cutlass_w4a8.pack_cutlass_w4a8(layer.qweight, layer.scales, K, act_dtype)
 
 
 _NOTED: set[str] = set()
@@ -68,10 +76,14 @@ class _Int4Dense(FormatMethod):
         return _pack(layer, tile_k)
 
     def checkpoint_qweight(self, layer: QuantTensors, p) -> torch.Tensor:  # noqa: ANN001
+        from lowbit.kernels.cutlass_w4a8 import CutlassInt4PerChannel, unpack_cutlass_w4a8
         from lowbit.kernels.cutlass_w4a16 import CutlassInt4, unpack_cutlass
 
-        if isinstance(p, CutlassInt4):  # the reordering inverted on the GPU: the same bytes
+        # the CUTLASS orders: their reordering inverted on the GPU, the same bytes
+        if isinstance(p, CutlassInt4):
             return unpack_cutlass(p)
+        if isinstance(p, CutlassInt4PerChannel):
+            return unpack_cutlass_w4a8(p)
         return checkpoint_qweight(p.to_packed() if isinstance(p, FragmentInt4) else p)
 
 
@@ -130,15 +142,37 @@ class W4A8(_Int4Dense):
     def _grouping(self, layer: QuantTensors) -> bool:
         return layer.wfmt.group_size is None
 
-    def apply(self, layer: QuantTensors, p: PackedInt4, x: torch.Tensor) -> torch.Tensor:
+    def pack(self, layer: QuantTensors, tile_k: int | None = None):  # noqa: ANN201
+        """CutlassInt4PerChannel where this GPU's table packs the layer's shape in CUTLASS's order and
+        those kernels take it (per channel, symmetric, N and K multiples of 128), else PackedInt4."""
+        from lowbit.kernels.dispatch import weight_order
+
+        if weight_order(layer.qweight.device, self.table_op, layer.out_features,
+                        layer.quantized_in_features) == "cutlass":
+            packed = _pack_cutlass(layer, layer.afmt.dtype)
+            if packed is not None:
+                return packed
+        return _pack(layer, tile_k)
+
+    def apply(self, layer: QuantTensors, p, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        from lowbit.kernels.cutlass_w4a8 import CutlassInt4PerChannel
+
+        if isinstance(p, CutlassInt4PerChannel):
+            return ops.run_op(ops.w4a8_cutlass, x, p.qweight, p.scales, layer.smooth, layer.bias, p.K, p.N,
+                              layer.afmt.dtype)
         return ops.run_op(ops.w4a8, x, p.qweight, p.scales, p.zeros, p.perm, layer.smooth, layer.bias,
                           p.group_size or 0, p.K, p.tile_k, layer.afmt.dtype)
 
-    def input_quant(self, layer: QuantTensors, p: PackedInt4) -> ActQuantSpec | None:
+    def input_quant(self, layer: QuantTensors, p) -> ActQuantSpec | None:  # noqa: ANN001
         # with act-order the kernel permutes x's columns first: a fused producer cannot quantize for it
         return None if p.perm is not None else ActQuantSpec(layer.afmt.dtype, layer.smooth)
 
-    def apply_quantized(self, layer: QuantTensors, p: PackedInt4, x: QuantizedActivations) -> torch.Tensor:
+    def apply_quantized(self, layer: QuantTensors, p, x: QuantizedActivations) -> torch.Tensor:  # noqa: ANN001
+        from lowbit.kernels.cutlass_w4a8 import CutlassInt4PerChannel
+
+        if isinstance(p, CutlassInt4PerChannel):
+            return ops.run_op(ops.w4a8_cutlass_quantized, x.q, x.scale, p.qweight, p.scales, layer.bias, p.K, p.N,
+                              layer.afmt.dtype, x.dtype)
         return ops.run_op(ops.w4a8_quantized, x.q, x.scale, p.qweight, p.scales, p.zeros, layer.bias,
                           p.group_size or 0, p.K, p.tile_k, layer.afmt.dtype, x.dtype)
 

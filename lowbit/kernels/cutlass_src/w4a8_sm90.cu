@@ -1,6 +1,6 @@
 // W4A8 on Hopper through CUTLASS's mixed-input wgmma mainloop, on fp8 or int8 tensor cores (issue 18).
 //
-// y (M x N, fp16, row-major) = (s_x[m] * s_w[n]) * sum_k xq[m, k] * w[n, k]
+// y (M x N, fp16 or bf16, row-major) = (s_x[m] * s_w[n]) * sum_k xq[m, k] * w[n, k]
 //   xq (M x K) e4m3 or int8, row-major, per-token fp32 scales s_x (M,);
 //   w (N x K) int4 in two's complement, two codes a byte (column 2j low nibble: the checkpoint layout),
 //   per-output-channel fp32 scales s_w (N,).
@@ -34,7 +34,12 @@ using namespace cute;
 namespace lowbit_w4a8 {
 
 using Quant = cutlass::int4b_t;
+// LB_OUT_BF16 (a part's macro): y in bf16 instead of fp16, for bf16 models
+#if defined(LB_OUT_BF16) && LB_OUT_BF16
+using Out = cutlass::bfloat16_t;
+#else
 using Out = cutlass::half_t;
+#endif
 
 using LayoutX_T = cutlass::layout::ColumnMajor;  // transpose of the activations' row-major
 using LayoutY_T = cutlass::layout::ColumnMajor;  // transpose of y's row-major
