@@ -86,3 +86,21 @@ def serve_tiny(tiny_model_path):
             yield server
 
     return start
+
+
+@pytest.fixture
+def use_kernel_table(tmp_path, monkeypatch):
+    """``use(table)``: make ``table`` (a dict in the tuned-table format) the dispatch table for this test
+    (``LOWBIT_KERNEL_TABLE``), with dispatch's caches cleared."""
+    import json
+
+    from lowbit.kernels import dispatch
+
+    def use(table: dict) -> None:
+        path = tmp_path / f"kernel-table-{len(list(tmp_path.glob('kernel-table-*')))}.json"
+        path.write_text(json.dumps(table))
+        monkeypatch.setenv("LOWBIT_KERNEL_TABLE", str(path))
+        dispatch.load_table.cache_clear()
+        dispatch._choose_cached.cache_clear()
+
+    return use

@@ -229,15 +229,12 @@ def test_bf16_kernels_match_the_reference_and_add_the_bias(M):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_layers_of_a_cutlass_table_run_the_cutlass_kernel_and_match_the_rows_path(dtype, tmp_path, monkeypatch):
+def test_layers_of_a_cutlass_table_run_the_cutlass_kernel_and_match_the_rows_path(dtype, use_kernel_table, monkeypatch):
     """A table naming weight order "cutlass" at a shape packs W4A16 layers of that shape as CutlassInt4
     for the model's dtype; they give what the rows path gives, keep one copy of their int4 weights and
     rebuild the checkpoint's qweight exactly. Layers it refuses (asymmetric codes, no dtype given) take
     the rows or fragment order."""
-    import json
-
     from lowbit.formats import ActivationFormat, WeightFormat
-    from lowbit.kernels import dispatch
     from lowbit.kernels.cutlass_w4a16 import CutlassInt4
     from lowbit.model.qlinear import QuantLinear
     from lowbit.quant.gptq import rtn_quantize
@@ -249,13 +246,7 @@ def test_layers_of_a_cutlass_table_run_the_cutlass_kernel_and_match_the_rows_pat
         return QuantLinear.from_quantized(rtn_quantize(torch.randn(256, K, generator=g), fmt), ActivationFormat(),
                                           in_features=K, dtype=dtype, bias=torch.randn(256, generator=g)).cuda()
 
-    def use(table: dict) -> None:
-        path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.json"
-        path.write_text(json.dumps(table))
-        monkeypatch.setenv("LOWBIT_KERNEL_TABLE", str(path))
-        dispatch.load_table.cache_clear()
-        dispatch._choose_cached.cache_clear()
-
+    use = use_kernel_table
     cfg = CutlassConfig(128, 64, stream_k=True, splits=2).as_dict()
 
     def cutlass_at(N, K):

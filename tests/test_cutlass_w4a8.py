@@ -125,15 +125,12 @@ def test_weights_reordered_for_one_type_refuse_the_other():
 @gpu
 @pytest.mark.parametrize("adtype", ["int", "fp8_e4m3"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_layers_of_a_cutlass_table_run_the_cutlass_kernel_and_match_the_rows_path(adtype, dtype, tmp_path, monkeypatch):
+def test_layers_of_a_cutlass_table_run_the_cutlass_kernel_and_match_the_rows_path(adtype, dtype, use_kernel_table):
     """A table packing W4A8 (int8 or fp8 activations, per-channel weights) in CUTLASS's order at a shape
     gives layers of that shape CutlassInt4PerChannel weights; they match the rows path, with their
     activations quantized by the layer or handed over quantized (a fused producer), keep one copy of
     their int4 weights and give the checkpoint's qweight back. Grouped weights keep the rows."""
-    import json
-
     from lowbit.formats import ActivationFormat, WeightFormat
-    from lowbit.kernels import dispatch
     from lowbit.kernels.act_quant import quantize_activations
     from lowbit.kernels.activations import QuantizedActivations
     from lowbit.kernels.cutlass_w4a8 import CutlassInt4PerChannel
@@ -149,13 +146,7 @@ def test_layers_of_a_cutlass_table_run_the_cutlass_kernel_and_match_the_rows_pat
         return QuantLinear.from_quantized(rtn_quantize(torch.randn(256, 1024, generator=g), fmt), afmt,
                                           in_features=1024, dtype=dtype, bias=torch.randn(256, generator=g)).cuda()
 
-    def use(table: dict) -> None:
-        path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.json"
-        path.write_text(json.dumps(table))
-        monkeypatch.setenv("LOWBIT_KERNEL_TABLE", str(path))
-        dispatch.load_table.cache_clear()
-        dispatch._choose_cached.cache_clear()
-
+    use = use_kernel_table
     lin = layer()
     qweight = lin.qweight.clone()
     use({"entries": {}})
