@@ -58,6 +58,11 @@ def _to_fp16_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.clamp(min=_FP16_TINY, max=65504.0).to(torch.float16)
 
 
+def _divisor(value: float, device: torch.device) -> torch.Tensor:
+    """A 0-dim fp32 tensor on ``device`` (a fill: no host-to-device copy, CUDA-graph safe)."""
+    return torch.full((), float(value), device=device)
+
+
 def compute_scales(
     w: torch.Tensor, fmt: WeightFormat, clip: torch.Tensor | None = None, g_idx: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -79,14 +84,17 @@ def compute_scales(
         c = clip.float().to(w.device)
         c = c[:, None] if c.ndim == 1 else c
         wmax, wmin = wmax * c, wmin * c
+    # Divisors are device tensors, not Python numbers: CUDA divides by a host scalar by multiplying
+    # with its reciprocal (not IEEE), which moves a scale by an fp32 ulp against the CPU's and, now and
+    # then, across an fp16 rounding boundary (see quantize_activation)
     if fmt.dtype == "fp8_e4m3":
-        return _to_fp16_scale(torch.maximum(wmax.abs(), wmin.abs()) / FP8_MAX), None
+        return _to_fp16_scale(torch.maximum(wmax.abs(), wmin.abs()) / _divisor(FP8_MAX, w.device)), None
     if fmt.symmetric:
         absmax = torch.maximum(wmax.abs(), wmin.abs())
-        return _to_fp16_scale(absmax / ((2**fmt.bits - 1) / 2)), None
+        return _to_fp16_scale(absmax / _divisor((2**fmt.bits - 1) / 2, w.device)), None
     wmax, wmin = wmax.clamp(min=0), wmin.clamp(max=0)
     qmax = 2**fmt.bits - 1
-    scale = _to_fp16_scale((wmax - wmin) / qmax)
+    scale = _to_fp16_scale((wmax - wmin) / _divisor(qmax, w.device))
     zero = torch.round(-wmin / scale.float()).clamp(0, qmax).to(torch.uint8)
     return scale, zero
 

@@ -66,7 +66,7 @@ def calibration_windows(ids: torch.Tensor, cfg: CalibrationConfig) -> torch.Tens
 
 
 class _GroupStats:
-    """Statistics of one Linear input: absmax (K,), Hessian (K, K) and a token sample (<= T, K), fp32."""
+    """Statistics of one Linear input: absmax (K,) fp32, Hessian (K, K) float64 and a token sample (<= T, K) fp32."""
 
     def __init__(self, K: int, device: torch.device, keep_tokens: int) -> None:
         self.absmax = torch.zeros(K, device=device)
@@ -98,7 +98,8 @@ class _GroupStats:
     def rescale(self, s: torch.Tensor) -> None:
         """Statistics of x / s, exactly: absmax / s, H / (s s^T), sample / s."""
         self.absmax = self.absmax / s
-        self.H = self.H / (s[:, None] * s[None, :])
+        s64 = s.to(self.H.dtype)  # s s^T in the Hessian's float64: an fp32 product would round it
+        self.H = self.H / (s64[:, None] * s64[None, :])
         self.sample = [t / s for t in self.sample]
 
 

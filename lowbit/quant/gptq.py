@@ -1,8 +1,15 @@
 """GPTQ (Frantar et al. 2022) and SparseGPT 2:4 (Frantar & Alistarh 2023), plus round-to-nearest.
 
-Pure PyTorch in fp32 on whatever device the inputs are on. Split, as llm-compressor does
+Pure PyTorch on whatever device the inputs are on. Split, as llm-compressor does
 (``modifiers/gptq/gptq_quantize.py``), into small functions: collect a Hessian with
 ``make_empty_hessian`` / ``accumulate_hessian``, then ``gptq_quantize`` one Linear.
+
+Precision, chosen so that the result does not depend on the device: the Hessian is accumulated in
+float64 and the dampened Hessian is factorized and inverted in float64; only the column sweep runs in
+fp32. A sum of 2 x^T x over 65k tokens in fp32 carries rounding errors of order 1e-6 whose pattern
+depends on the reduction order (CPU BLAS and cuBLAS differ), and GPTQ multiplies them by the condition
+number of the dampened Hessian (up to 5e4 on SmolLM2-135M's o_proj): in fp32 the factor U differed
+from its float64 value by up to 1e-3 there, now by fp32 rounding (about 1e-7).
 
 GPTQ quantizes the columns of W (N out x K in) one at a time and spreads each column's error over the
 columns not yet quantized, weighted by the inverse Hessian of the layer's reconstruction loss
@@ -40,22 +47,27 @@ from lowbit.quant.sparse import select_n_of_m
 _CHOLESKY_RETRIES = 3  # each retry multiplies the dampening by 10
 
 
+HESSIAN_DTYPE = torch.float64  # accumulation and inversion; see the module docstring
+
+
 def make_empty_hessian(K: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(K, K) fp32 zeros, the start of ``accumulate_hessian``."""
-    return torch.zeros(K, K, dtype=torch.float32, device=device)
+    """(K, K) float64 zeros, the start of ``accumulate_hessian``."""
+    return torch.zeros(K, K, dtype=HESSIAN_DTYPE, device=device)
 
 
 def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, n_seen: int) -> tuple[torch.Tensor, int]:
     """Fold activations ``x`` (..., K) into ``H``, kept as the mean of ``2 x^T x`` over all tokens.
 
-    ``H`` is updated in place (a 14336-wide Hessian is 800 MB) and returned with the new token count.
-    Keeping the mean rather than the sum makes H, and hence the dampening, independent of how many
-    calibration tokens were used.
+    ``H`` is updated in place (a 14336-wide float64 Hessian is 1.6 GB) and returned with the new token
+    count. Keeping the mean rather than the sum makes H, and hence the dampening, independent of how
+    many calibration tokens were used. The products and sums are taken in ``H``'s dtype (float64 from
+    ``make_empty_hessian``: x of any float dtype is exact in it, so the result is within float64
+    rounding of the exact mean, however the tokens are chunked and on whatever device).
     """
     K = H.shape[0]
     if x.shape[-1] != K:
         raise LowbitError(f"activations have {x.shape[-1]} channels but the Hessian is {K}x{K}")
-    x = x.reshape(-1, K).to(device=H.device, dtype=torch.float32)
+    x = x.reshape(-1, K).to(device=H.device, dtype=H.dtype)
     n_new = x.shape[0]
     if n_new == 0:
         return H, n_seen
@@ -68,8 +80,8 @@ def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, n_seen: int) -> tuple[t
 def layer_output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
     """``trace((w - w_hat) H (w - w_hat)^T) / N``: the expected squared output error per output channel
     (with H = 2 E[x^T x], twice the output MSE summed over a token's outputs, averaged over rows)."""
-    d = (w.float() - w_hat.float().to(w.device))
-    return float(((d @ H.float().to(w.device)) * d).sum() / d.shape[0])
+    d = (w.float() - w_hat.float().to(w.device)).double()  # the difference in fp32, the form in float64
+    return float(((d @ H.to(w.device, torch.float64)) * d).sum() / d.shape[0])
 
 
 def rtn_quantize(w: torch.Tensor, fmt: WeightFormat, clip: torch.Tensor | None = None) -> QuantizedWeight:
@@ -114,9 +126,12 @@ def _split_columns(K: int, keep: torch.Tensor | None, device: torch.device) -> t
 def _inverse_hessian_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.Tensor | None:
     """Upper Cholesky factor of (H + damp * mean(diag(H)) I)^-1, retrying with 10x dampening; None if all fail.
 
-    ``name`` (the layer) goes into the warnings: a model has hundreds of Linears, and the fallback
-    is worth knowing about only if one can tell which layer lost GPTQ's error feedback.
+    Computed in float64 whatever ``H``'s dtype (the factorization is where rounding errors are
+    amplified by the condition number), returned in fp32 for the sweep. ``name`` (the layer) goes into
+    the warnings: a model has hundreds of Linears, and the fallback is worth knowing about only if one
+    can tell which layer lost GPTQ's error feedback.
     """
+    H = H.to(HESSIAN_DTYPE)
     diag = torch.arange(H.shape[0], device=H.device)
     mean_diag = float(H.diagonal().mean())
     for attempt in range(_CHOLESKY_RETRIES + 1):
@@ -127,7 +142,7 @@ def _inverse_hessian_cholesky(H: torch.Tensor, damp: float, name: str) -> torch.
         if int(info) == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if int(info) == 0 and torch.isfinite(U).all():
-                return U
+                return U.float()
         if attempt < _CHOLESKY_RETRIES:
             warnings.warn(
                 f"GPTQ: Cholesky of the dampened Hessian of {name} failed (damp={d:g}); retrying with "
@@ -265,7 +280,7 @@ def gptq_quantize(
         block_size = max(4, block_size - block_size % 4)
 
     W = w.detach().float().clone()
-    H = H.detach().to(device=device, dtype=torch.float32).clone()
+    H = H.detach().to(device=device, dtype=HESSIAN_DTYPE).clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
