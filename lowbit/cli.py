@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--schemes", default="", help="comma-separated schemes to quantize with and compare, or 'all'")
     e.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (default: 512)")
     e.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N windows")
-    e.add_argument("--json", default=None, help="write the table as JSON to this file")
+    e.add_argument("--json", default=None, help="write the table as JSON to this file, rewritten (atomically) after every row")
     _add_calibration(e)
     _add_placement(e)
     e.set_defaults(func=_cmd_eval)
@@ -510,11 +510,15 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     schemes = list(PRESETS.values()) if names == ["all"] else [get_scheme(n) for n in names]
     settings = EvalSettings(dataset=args.dataset, eval_seq_len=args.eval_seq_len, max_chunks=args.max_chunks,
                             calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    rows, meta = run_eval(args.model, schemes, settings, device=args.device, dtype=args.dtype)
+    def keep(rows, meta) -> None:  # noqa: ANN001
+        # after every row: a long run stopped part-way keeps what it measured (written atomically)
+        print(format_table(rows[-1:], meta).splitlines()[-1], file=sys.stderr, flush=True)
+        if args.json:
+            write_json(args.json, rows, meta)
+
+    rows, meta = run_eval(args.model, schemes, settings, device=args.device, dtype=args.dtype, on_row=keep)
     print()
     print(format_table(rows, meta))
-    if args.json:
-        write_json(args.json, rows, meta)
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:

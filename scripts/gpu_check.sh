@@ -7,6 +7,7 @@
 #   kernels: kernel tests (W4A16/W4A8/W8A8, QUIK W4A4, COMET W4Ax, 2:4, the ops and dispatch); tune: bench/tune_kernels.py $TUNE_ARGS; bench: lowbit bench kernels $BENCH_ARGS;
 #   e2e: quantize the default model (w4a16, w4a8, w8a8-fp8) and generate with it on the kernels
 #   engine: engine tests on the GPU (decode-attention kernel, quantized KV, CUDA-graph decode, custom ops)
+#   gptq-speed: bench/gptq_speed.py $GPTQ_ARGS (calibration time at Llama-3-8B / 70B shapes, random weights)
 #   bench-e2e: lowbit bench e2e $E2E_ARGS (Llama-3-8B shape, random weights; transformers baseline)
 #   profile: bench/profile_decode.py $PROFILE_ARGS (kernel time per decode step; GEMMs timed in CUDA graphs)
 #   load: lowbit bench serve smollm2-135m $LOAD_ARGS (the server's load test, on the default model)
@@ -27,28 +28,36 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 LOWBIT_CACHE=/tmp/lowbit-cache
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
 fi
+# a warm machine keeps what an earlier call installed and unpacked: later calls need not carry it again
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
+[ -d /tmp/cutlass/include ] && export LOWBIT_CUTLASS_DIR=/tmp/cutlass
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 OUTDIR=${OUT:-/tmp/out}; mkdir -p "$OUTDIR"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; from importlib.metadata import version; print('torch', torch.__version__, 'transformers', transformers.__version__, 'gguf', version('gguf'))"
 
+# Files larger than one call may carry travel in parts over several calls to the same warm machine
+# (.gpu_assets*/NAME.partI, NAME.nparts, NAME.sha256); parts are kept in /tmp/lowbit-parts in between.
 mkdir -p /tmp/lowbit-parts
 cp .gpu_assets*/* /tmp/lowbit-parts/ 2>/dev/null
+assemble() {  # assemble NAME TARGET: 0 when TARGET exists or was assembled from all its parts, verified
+  local name=$1 target=$2 dir=/tmp/lowbit-parts n i
+  [ -f "$target" ] && return 0
+  [ -f "$dir/$name.nparts" ] && [ -f "$dir/$name.sha256" ] || return 1
+  n=$(cat "$dir/$name.nparts")
+  for ((i = 0; i < n; i++)); do [ -f "$dir/$name.part$i" ] || { echo "$name: part $i of $n not carried yet"; return 1; }; done
+  mkdir -p "$(dirname "$target")"
+  for ((i = 0; i < n; i++)); do cat "$dir/$name.part$i"; done > "$target.tmp"
+  if [ "$(sha256sum < "$target.tmp" | cut -d' ' -f1)" = "$(cat "$dir/$name.sha256")" ]; then
+    mv "$target.tmp" "$target"
+  else
+    echo "$name: assembled file has the wrong checksum"; rm -f "$target.tmp"; return 1
+  fi
+}
 model=$LOWBIT_CACHE/assets/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
 have_model=no
-if [ -f "$model" ]; then
-  have_model=yes
-elif [ -f /tmp/lowbit-parts/gguf.sha256 ] && [ -f /tmp/lowbit-parts/gguf.part1 ] && [ -f /tmp/lowbit-parts/gguf.part0 ]; then
-  mkdir -p "$(dirname "$model")"
-  cat /tmp/lowbit-parts/gguf.part0 /tmp/lowbit-parts/gguf.part1 > "$model.tmp"
-  if [ "$(sha256sum < "$model.tmp" | cut -d' ' -f1)" = "$(cat /tmp/lowbit-parts/gguf.sha256)" ]; then
-    mv "$model.tmp" "$model"; have_model=yes
-  else
-    echo "assembled GGUF has the wrong checksum"; rm -f "$model.tmp"
-  fi
-fi
+assemble gguf "$model" && have_model=yes
 echo "default model present: $have_model"
 # The prepared wiki corpus travels as files (the device machine reaches no package index to build it).
 if [ -d .gpu_corpus/wiki ] && [ ! -d "$LOWBIT_CACHE/corpora/wiki" ]; then
@@ -180,6 +189,16 @@ if want prefill; then
     python3 -m lowbit.cli bench e2e --schemes fp16 --batch 1,16 --context $L --prompt-len $L --steps 4 2>&1 \
       | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tail -n 8 | tee -a "$OUTDIR/prefill.log"
   done
+fi
+if want gptq-speed; then
+  # calibration time on random-weight models of real shapes, one layer on the GPU at a time ($GPTQ_ARGS);
+  # GPTQ_OLD=DIR also times the implementation in DIR (a copy of an older lowbit/) with $GPTQ_OLD_ARGS
+  python3 bench/gptq_speed.py ${GPTQ_ARGS:-} --json "$OUTDIR/gptq_speed.json" 2>&1 | tr '\r' '\n' \
+    | grep -v "it/s\]\|s/it\]\|layer/s\]" | tee -a "$OUTDIR/gptq_speed.log"
+  if [ -n "${GPTQ_OLD:-}" ]; then
+    PYTHONPATH="$GPTQ_OLD:${PYTHONPATH:-}" python3 bench/gptq_speed.py ${GPTQ_OLD_ARGS:-} --json "$OUTDIR/gptq_speed_old.json" 2>&1 \
+      | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|layer/s\]" | tee -a "$OUTDIR/gptq_speed.log"
+  fi
 fi
 if want bench; then
   python3 -m lowbit.cli bench kernels ${BENCH_ARGS:-} --json "$OUTDIR/kernels.json" 2>&1 | tee "$OUTDIR/bench.log"

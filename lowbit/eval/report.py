@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,20 +62,36 @@ class EvalSettings:
 
 
 def run_eval(
-    models: list[str], schemes: list[QuantScheme], settings: EvalSettings, *, device: str | None, dtype: str | None
+    models: list[str], schemes: list[QuantScheme], settings: EvalSettings, *, device: str | None, dtype: str | None,
+    on_row: Callable[[list[EvalRow], dict[str, Any]], None] | None = None,
 ) -> tuple[list[EvalRow], dict[str, Any]]:
-    """Evaluate every model, then the first one quantized with each scheme. Returns rows and metadata."""
+    """Evaluate every model, then the first one quantized with each scheme. Returns rows and metadata.
+
+    ``on_row(rows, meta)`` is called after every row with all rows so far (deltas filled in), so a
+    long run (a CPU calibration of every preset takes hours) can keep what it has measured.
+    """
     rows: list[EvalRow] = []
     first = None
+    meta: dict[str, Any] = {}
+
+    def add(row: EvalRow) -> None:
+        rows.append(row)
+        row.delta = row.ppl - rows[0].ppl
+        row.delta_pct = 100 * (row.ppl / rows[0].ppl - 1)
+        if not meta:
+            meta.update(_meta(first, settings, rows[0].tokens))
+        if on_row is not None:
+            on_row(rows, meta)
+
     for name in models:
         loaded = load_model(name, device=device, dtype=dtype)
         scheme = loaded.model.quant_scheme
         label = scheme.name if scheme else "unquantized"
-        rows.append(_row(label if len(models) == 1 else f"{label} ({loaded.path.name})", loaded, None, settings))
         if first is None:
             first = loaded
             pristine = copy.deepcopy(loaded.model) if schemes else None
-        else:
+        add(_row(label if len(models) == 1 else f"{label} ({loaded.path.name})", loaded, None, settings))
+        if loaded is not first:
             del loaded
     for scheme in schemes:
         model = copy.deepcopy(pristine)
@@ -82,21 +99,21 @@ def run_eval(
         with Stopwatch() as sw:
             quantize(candidate, scheme, settings.calib, samples=settings.samples, seq_len=settings.seq_len,
                      seed=settings.seed)
-        rows.append(_row(scheme.name, candidate, sw.seconds, settings))
+        add(_row(scheme.name, candidate, sw.seconds, settings))
         del model, candidate
-    for r in rows:
-        r.delta = r.ppl - rows[0].ppl
-        r.delta_pct = 100 * (r.ppl / rows[0].ppl - 1)
+    return rows, meta
+
+
+def _meta(first: Any, settings: EvalSettings, tokens: int) -> dict[str, Any]:
     dev = first.device
-    meta = {
+    return {
         "model": str(first.path), "dataset": settings.dataset, "eval_seq_len": settings.eval_seq_len,
         "max_chunks": settings.max_chunks, "calib": settings.calib, "samples": settings.samples,
-        "seq_len": settings.seq_len, "tokens": rows[0].tokens,
+        "seq_len": settings.seq_len, "tokens": tokens,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "dtype": str(first.model.embed_tokens.weight.dtype).removeprefix("torch."),
         "date": datetime.date.today().isoformat(), "lowbit": __version__,
     }
-    return rows, meta
 
 
 def _row(label: str, loaded: Any, seconds: float | None, s: EvalSettings) -> EvalRow:

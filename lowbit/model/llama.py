@@ -248,7 +248,9 @@ class Transformer(nn.Module):
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, T, hd) for rotary positions (B, T); computed in fp32 as in transformers."""
-        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        # inv_freq follows the positions: calibration runs one layer on the GPU while the model (and
+        # this buffer) stays on the CPU (lowbit.quant.calibrate); a no-op when they share a device
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -34,16 +34,18 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal): keeps all-zero groups from dividing by 0
 
 
-def group_index(K: int, group_size: int | None) -> torch.Tensor:
-    """(K,) int64: the group of each input column in natural order (the last group may be shorter)."""
+def group_index(K: int, group_size: int | None, device: torch.device | str | None = None) -> torch.Tensor:
+    """(K,) int64 on ``device`` (default CPU): the group of each input column in natural order (the last
+    group may be shorter). Made where it is used: a host-to-device copy waits for the GPU's queue,
+    and GPTQ's column loop calls this once per column."""
     if group_size is None:
-        return torch.zeros(K, dtype=torch.long)
-    return torch.arange(K) // group_size
+        return torch.zeros(K, dtype=torch.long, device=device)
+    return torch.arange(K, device=device) // group_size
 
 
 def _column_groups(K: int, fmt: WeightFormat, g_idx: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """(K,) group of each column: ``g_idx`` if given (act-order), else natural order."""
-    return group_index(K, fmt.group_size).to(device) if g_idx is None else g_idx.to(device)
+    return group_index(K, fmt.group_size, device) if g_idx is None else g_idx.to(device)
 
 
 def num_groups(K: int, group_size: int | None) -> int:

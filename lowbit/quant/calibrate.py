@@ -30,6 +30,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import ActivationFormat, QuantScheme, WeightFormat, get_scheme
 from lowbit.model.llama import DecoderLayer, Transformer
 from lowbit.model.qlinear import QuantLinear
+from lowbit.numerics.quantized import QuantizedWeight
 from lowbit.numerics import kv
 from lowbit.quant import clip, fmpq, gptq, outliers, smooth
 
@@ -68,9 +69,10 @@ def calibration_windows(ids: torch.Tensor, cfg: CalibrationConfig) -> torch.Tens
 class _GroupStats:
     """Statistics of one Linear input: absmax (K,) fp32, Hessian (K, K) float64 and a token sample (<= T, K) fp32."""
 
-    def __init__(self, K: int, device: torch.device, keep_tokens: int) -> None:
+    def __init__(self, K: int, device: torch.device, keep_tokens: int, hessian: bool = True) -> None:
         self.absmax = torch.zeros(K, device=device)
-        self.H = gptq.make_empty_hessian(K, device)
+        # only GPTQ and the clipping search read the Hessian; RTN schemes skip its (K, K) float64 products
+        self.H = gptq.make_empty_hessian(K, device) if hessian else None
         self.n = 0
         self.sample: list[torch.Tensor] = []
         self.keep_tokens = keep_tokens
@@ -86,7 +88,8 @@ class _GroupStats:
                 "checkpoint's weights are sane (an overflow in an earlier layer), or calibrate on other text (--calib)"
             )
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
-        self.H, self.n = gptq.accumulate_hessian(self.H, x, self.n)
+        if self.H is not None:
+            self.H, self.n = gptq.accumulate_hessian(self.H, x, self.n)
         have = sum(s.shape[0] for s in self.sample)
         if have < self.keep_tokens:
             step = max(1, x.shape[0] // 64)  # spread the sample over the window, not its first tokens
@@ -98,8 +101,9 @@ class _GroupStats:
     def rescale(self, s: torch.Tensor) -> None:
         """Statistics of x / s, exactly: absmax / s, H / (s s^T), sample / s."""
         self.absmax = self.absmax / s
-        s64 = s.to(self.H.dtype)  # s s^T in the Hessian's float64: an fp32 product would round it
-        self.H = self.H / (s64[:, None] * s64[None, :])
+        if self.H is not None:
+            s64 = s.to(self.H.dtype)  # s s^T in the Hessian's float64: an fp32 product would round it
+            self.H = self.H / (s64[:, None] * s64[None, :])
         self.sample = [t / s for t in self.sample]
 
 
@@ -183,7 +187,7 @@ def _quantize_head(model: Transformer, hidden: torch.Tensor, scheme: QuantScheme
         model.lm_head = head
     model.norm.to(dev)
     model.lm_head.to(dev)
-    st = _GroupStats(model.lm_head.in_features, dev, cfg.smooth_tokens)
+    st = _GroupStats(model.lm_head.in_features, dev, cfg.smooth_tokens, _needs_hessian(wfmt))
     for b in range(0, hidden.shape[0], cfg.batch_size):
         st.add(model.norm(hidden[b : b + cfg.batch_size]), "lm_head")
     runtime = None
@@ -193,7 +197,11 @@ def _quantize_head(model: Transformer, hidden: torch.Tensor, scheme: QuantScheme
     model.norm.to(home)
 
 
-def _collect(model, layer, i, hidden, cfg) -> tuple[dict[str, _GroupStats], dict[str, torch.Tensor]]:  # noqa: ANN001
+def _needs_hessian(wfmt: WeightFormat) -> bool:
+    return wfmt.method == "gptq" or wfmt.clip_search
+
+
+def _collect(model, layer, i, hidden, cfg, scheme) -> tuple[dict[str, _GroupStats], dict[str, torch.Tensor]]:  # noqa: ANN001
     """Run the float layer once with hooks: stats per input group, per-head K/V absmax."""
     stats: dict[str, _GroupStats] = {}
     kv_absmax: dict[str, torch.Tensor] = {}
@@ -203,7 +211,8 @@ def _collect(model, layer, i, hidden, cfg) -> tuple[dict[str, _GroupStats], dict
     for names, _ in _GROUPS:
         first = names[0]
         lin = _get(layer, first)
-        stats[first] = _GroupStats(lin.in_features, hidden.device, cfg.smooth_tokens)
+        hessian = any(_needs_hessian(scheme.for_layer(f"layers.{i}.{n}")[0]) for n in names)
+        stats[first] = _GroupStats(lin.in_features, hidden.device, cfg.smooth_tokens, hessian)
         where = f"layers.{i}.{first}"
         hooks.append(lin.register_forward_pre_hook(lambda m, a, s=stats[first], w=where: s.add(a[0], w)))
 
@@ -247,7 +256,26 @@ def _smooth_group(layer: DecoderLayer, names: Sequence[str], absorber: str | Non
 def _quantize_linear(lin: nn.Linear, st: _GroupStats, wfmt: WeightFormat, afmt: ActivationFormat,
                      cfg: CalibrationConfig, runtime_smooth: torch.Tensor | None, name: str) -> QuantLinear:
     """``name`` (``layers.3.self_attn.q_proj``) goes into GPTQ's warnings and errors."""
-    W = lin.weight.float()
+    return _quantize_linears([lin], st, wfmt, afmt, cfg, runtime_smooth, name)[0]
+
+
+def _row_slice(qw: QuantizedWeight, a: int, b: int) -> QuantizedWeight:
+    """Output channels ``a:b`` of ``qw``: every GPTQ / RTN / clipping choice is made per row."""
+    zero = None if qw.zero is None else qw.zero[a:b].contiguous()
+    return QuantizedWeight(qw.fmt, qw.codes[a:b].contiguous(), qw.scale[a:b].contiguous(), zero, qw.g_idx)
+
+
+def _quantize_linears(lins: Sequence[nn.Linear], st: _GroupStats, wfmt: WeightFormat, afmt: ActivationFormat,
+                      cfg: CalibrationConfig, runtime_smooth: torch.Tensor | None, name: str) -> list[QuantLinear]:
+    """Quantize Linears that read one input (statistics ``st``) and share formats, as one matrix.
+
+    Their weights are stacked along the output channels: GPTQ, RTN and the clipping search treat each
+    row on its own and depend on the input only through ``st`` (the Hessian is the input's), so one
+    factorization of the Hessian and one column sweep over the stacked (sum N_i, K) weights give every
+    Linear the result it would get alone (up to the reduction order of GPTQ's block updates, a matmul
+    over more rows), in a third of the sweeps for q/k/v. ``name`` goes into GPTQ's warnings and errors.
+    """
+    W = torch.cat([lin.weight.float() for lin in lins]) if len(lins) > 1 else lins[0].weight.float()
     K = W.shape[1]
     out_idx = None
     if afmt.outlier_columns:
@@ -262,7 +290,8 @@ def _quantize_linear(lin: nn.Linear, st: _GroupStats, wfmt: WeightFormat, afmt: 
     # Columns in stored order: the quantized ones (kept, permuted), then the outliers, which GPTQ
     # processes last so that they absorb the quantization error of all the others (QUIK).
     order = kept if out_idx is None else torch.cat([kept, out_idx])
-    Wo, Ho = W[:, order], st.H[order][:, order]
+    Wo = W[:, order]
+    Ho = None if st.H is None else st.H[order][:, order]
     Kq = kept.numel()
     ratio = clip.search_clip(Wo[:, :Kq], Ho[:Kq, :Kq], wfmt) if wfmt.clip_search else None
     if wfmt.method == "gptq":
@@ -270,30 +299,50 @@ def _quantize_linear(lin: nn.Linear, st: _GroupStats, wfmt: WeightFormat, afmt: 
         qw, outlier_w = gptq.gptq_quantize(Wo, Ho, wfmt, damp=cfg.damp, clip=ratio, keep_columns=keep, name=name)
     else:
         qw, outlier_w = gptq.rtn_quantize(Wo[:, :Kq], wfmt, clip=ratio), (None if out_idx is None else Wo[:, Kq:])
-    return QuantLinear.from_quantized(
-        qw, afmt, in_features=K, dtype=lin.weight.dtype, bias=lin.bias, smooth=runtime_smooth,
-        outlier_idx=out_idx, outlier_weight=outlier_w, act_perm=perm, fmpq_high=high,
-    )
+    result, row = [], 0
+    for j, lin in enumerate(lins):
+        n = lin.out_features
+
+        def own(t: torch.Tensor | None) -> torch.Tensor | None:
+            # every Linear its own copy of the input's choices: a checkpoint stores each layer's tensors
+            # (safetensors refuses tensors that share memory)
+            return t if t is None or j == 0 else t.clone()
+
+        sl = _row_slice(qw, row, row + n)
+        sl.g_idx = own(sl.g_idx)
+        result.append(QuantLinear.from_quantized(
+            sl, afmt, in_features=K, dtype=lin.weight.dtype, bias=lin.bias,
+            smooth=own(runtime_smooth), outlier_idx=own(out_idx),
+            outlier_weight=None if outlier_w is None else outlier_w[row : row + n].contiguous(),
+            act_perm=own(perm), fmpq_high=own(high),
+        ))
+        row += n
+    return result
 
 
 def _quantize_layer(model: Transformer, layer: DecoderLayer, i: int, hidden: torch.Tensor,
                     scheme: QuantScheme, cfg: CalibrationConfig) -> None:
-    stats, kv_absmax = _collect(model, layer, i, hidden, cfg)
+    stats, kv_absmax = _collect(model, layer, i, hidden, cfg, scheme)
     # 1. smoothing for every group first: folding into up_proj must happen before up_proj is quantized
     runtime: dict[str, torch.Tensor | None] = {}
     for names, absorber in _GROUPS:
         wfmt, afmt = scheme.for_layer(f"layers.{i}.{names[0]}")
         if scheme.smooth and afmt.bits is not None:
             runtime[names[0]] = _smooth_group(layer, names, absorber, stats[names[0]], wfmt, afmt)
-    # 2. quantize every Linear
+    # 2. quantize every Linear; those reading one input in the same formats together (_quantize_linears)
     for names, _ in _GROUPS:
+        together: dict[tuple[WeightFormat, ActivationFormat], list[str]] = {}
         for name in names:
-            wfmt, afmt = scheme.for_layer(f"layers.{i}.{name}")
-            lin = _get(layer, name)
-            if not torch.isfinite(lin.weight).all():
+            if not torch.isfinite(_get(layer, name).weight).all():
                 raise LowbitError(f"weight layers.{i}.{name} holds NaN/Inf after smoothing")
-            qlin = _quantize_linear(lin, stats[names[0]], wfmt, afmt, cfg, runtime.get(names[0]), f"layers.{i}.{name}")
-            _set(layer, name, qlin)
+            together.setdefault(scheme.for_layer(f"layers.{i}.{name}"), []).append(name)
+        for (wfmt, afmt), members in together.items():
+            parent = members[0].rpartition(".")[0]  # self_attn or mlp: "layers.3.self_attn.q_proj+k_proj+v_proj"
+            label = f"layers.{i}.{parent}." + "+".join(n.rpartition(".")[2] for n in members)
+            qlins = _quantize_linears([_get(layer, n) for n in members], stats[names[0]], wfmt, afmt, cfg,
+                                      runtime.get(names[0]), label)
+            for name, qlin in zip(members, qlins):
+                _set(layer, name, qlin)
     # 3. KV cache format, with static per-head scales for fp8
     if scheme.kv_cache.dtype != "fp16":
         attn = layer.self_attn

@@ -40,7 +40,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import WeightFormat
-from lowbit.numerics.primitives import compute_scales, dequantize_weight, num_groups, quantize_weight
+from lowbit.numerics.primitives import compute_scales, int_range, num_groups, quantize_weight
 from lowbit.numerics.quantized import QuantizedWeight
 from lowbit.quant.sparse import select_n_of_m
 
@@ -200,38 +200,50 @@ def _gptq_blocks(
     """
     N = W.shape[0]
     gs = fmt.group_size
-    col_fmt = replace(fmt, group_size=None)  # the primitives on one column / one group at a time
+    col_fmt = replace(fmt, group_size=None)  # the primitives on one group at a time
     sparse = fmt.sparsity == "2:4"
+    lo, hi = int_range(fmt.bits, fmt.symmetric)
     codes = torch.empty(N, K_q, dtype=torch.int8 if fmt.symmetric else torch.uint8, device=W.device)
+    # One column costs a dozen small kernels and nothing else: no host-device copy or sync inside the
+    # loop (each would wait for the GPU's queue to drain). The arithmetic is quantize_weight's and
+    # dequantize_weight's on one column, written out on the column's fp32 scale (N,) and zero point.
+    g_cur, s_col, z_col = -1, None, None
     for i1 in range(0, K_q, block_size):
         i2 = min(i1 + block_size, K_q)
         W1 = W[:, i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        Err1 = torch.empty_like(W1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool) if sparse else None
         for i in range(i2 - i1):
             p = i1 + i
             g = pos_group[p]
             if dynamic and p % gs == 0:
                 # as the reference: W holds the weights updated by all previous blocks (not yet by
                 # this block's earlier columns; those updates are applied lazily at the block's end)
-                s, z = compute_scales(W[:, p : min(p + gs, K_q)], col_fmt, _clip_for_group(clip, g))
-                scale[:, g : g + 1] = s
+                sg, zg = compute_scales(W[:, p : min(p + gs, K_q)], col_fmt, _clip_for_group(clip, g))
+                scale[:, g : g + 1] = sg
                 if zero is not None:
-                    zero[:, g : g + 1] = z
+                    zero[:, g : g + 1] = zg
+                g_cur = -1
+            if g != g_cur:
+                s_col = scale[:, g].float()
+                z_col = None if zero is None else zero[:, g].float()
+                g_cur = g
             if sparse and i % 4 == 0:  # block_size and i1 are multiples of 4: groups of 4 never straddle blocks
                 mask1[:, i : i + 4] = select_n_of_m(W1[:, i : i + 4], U1.diagonal()[i : i + 4])
-            s = scale[:, g : g + 1]
-            z = None if zero is None else zero[:, g : g + 1]
             w = W1[:, i]
-            c = quantize_weight(w[:, None], s, z, col_fmt)
+            c = torch.round(w / s_col)
+            if z_col is not None:
+                c += z_col
+            c.clamp_(lo, hi)
             if sparse:
-                c = c.masked_fill(mask1[:, i : i + 1], 0)  # symmetric: code 0 is exactly 0
-            q = dequantize_weight(c, s, z, col_fmt)[:, 0]
-            codes[:, p] = c[:, 0]
-            err = (w - q) / U1[i, i]
+                c.masked_fill_(mask1[:, i], 0.0)  # symmetric: code 0 is exactly 0
+            codes[:, p] = c
+            q = c - z_col if z_col is not None else c
+            q *= s_col
+            err = Err1[:, i]
+            torch.div(w - q, U1[i, i], out=err)
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return codes
 
