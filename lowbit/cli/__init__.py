@@ -18,41 +18,12 @@ from typing import Any
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
+from lowbit.cli.arguments import add_calibration, add_placement
+from lowbit.cli.bench import add_bench_parser
 from lowbit.formats import PRESETS
 
 CHECKPOINT_FORMATS = ("lowbit", "compressed-tensors")
 MODEL_HELP = "a Hugging Face model directory (config.json + *.safetensors), a .gguf file, or a known name: smollm2-135m, qwen2.5-coder-1.5b"
-
-
-def _add_placement(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--dtype", default="auto", help="fp32, fp16 or bf16 (default: bf16 on GPUs that have it, fp32 on CPU)"
-    )
-    _add_workload(p)
-
-
-def _add_workload(p: argparse.ArgumentParser) -> None:
-    from lowbit.kernels.dispatch import WORKLOAD_ENV, WORKLOADS
-
-    p.add_argument("--workload", choices=tuple(WORKLOADS), default=None,
-                   help="the batch sizes to pack int4 weights for, where the GPU's kernel table has more than one "
-                   "weight order for a layer (H200 W4A16): latency (1-16 sequences), throughput (64 and up) or "
-                   f"balanced (all; the default, or ${WORKLOAD_ENV})")
-
-
-def _add_calibration(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", default="wiki", help="calibration text: wiki (default corpus, calib split) or a .txt/.jsonl file")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows (default: 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default: 0)")
-
-
-def _add_report_files(p: argparse.ArgumentParser, plot: str) -> None:
-    """--json, --plot and --from-json of the benchmark commands."""
-    p.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
-    p.add_argument("--plot", metavar="FILE", help=f"write a PNG (matplotlib): {plot}")
-    p.add_argument("--from-json", metavar="FILE", help="no GPU: re-print the table (and --plot) from a saved --json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reference", action="store_true",
                    help="quantized models: run the PyTorch reference path on the GPU instead of the Triton kernels")
     g.add_argument("--system", default=None, help="system message for the chat template")
-    _add_placement(g)
+    add_placement(g)
     g.set_defaults(func=_cmd_generate)
 
     q = sub.add_parser(
@@ -98,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=CHECKPOINT_FORMATS, default="lowbit",
                    help="checkpoint format: lowbit (default; every scheme) or compressed-tensors (what vLLM and "
                    "llm-compressor read; W4A16, W4A8 and W8A8 int8 without run-time smoothing, and W8A8 FP8)")
-    _add_calibration(q)
-    _add_placement(q)
+    add_calibration(q)
+    add_placement(q)
     q.set_defaults(func=_cmd_quantize)
 
     x = sub.add_parser(
@@ -157,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (default: 512)")
     e.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N windows")
     e.add_argument("--json", default=None, help="write the table as JSON to this file, rewritten (atomically) after every row")
-    _add_calibration(e)
-    _add_placement(e)
+    add_calibration(e)
+    add_placement(e)
     e.set_defaults(func=_cmd_eval)
 
     c = sub.add_parser(
@@ -187,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="columns of the printed report, at least 40 (default: the terminal's width, 100 when not "
                    "a terminal)")
     c.add_argument("--json", metavar="FILE", default=None, help="also write the comparison as JSON to FILE")
-    _add_placement(c)
+    add_placement(c)
     c.set_defaults(func=_cmd_compare)
 
     f = sub.add_parser(
@@ -228,76 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--drain-timeout", type=float, default=30.0,
                     help="seconds that requests in flight may take to finish after SIGTERM (default: 30)")
     sv.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step (default: 256)")
-    _add_placement(sv)
+    add_placement(sv)
     sv.set_defaults(func=_cmd_serve)
 
-    b = sub.add_parser(
-        "bench",
-        help="benchmark kernels on the GPU",
-        description="Speed measurements on the GPU. 'lowbit bench kernels' times every quantized GEMM path "
-        "against cuBLAS fp16 and fp8 on real layer shapes.",
-    )
-    bsub = b.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
-    k = bsub.add_parser(
-        "kernels",
-        help="quantized GEMMs vs cuBLAS fp16 (torch.matmul) and fp8 (torch._scaled_mm), per layer shape and M",
-        description="Time each kernel path as dispatch runs it (activation quantization included for 8- and 4-bit "
-        "activations), against torch.matmul fp16, torch._scaled_mm fp8 (row-wise) and torch._int_mm in the same "
-        "process: each the median of 5 replays of a CUDA graph of 50 calls (kernel time without Python launch "
-        "overhead, as in graphed decode), random data, weights rotated past L2. Prints a table of "
-        "speed-ups over fp16 (last), and optionally writes JSON (with GB/s and TFLOP/s) and a PNG plot.",
-    )
-    k.add_argument("--shapes", default="llama3-8b,llama3-70b",
-                   help="comma-separated: llama3-8b, llama3-70b, MODEL:LAYER (e.g. llama3-70b:gateup) or NxK "
-                   "(default: llama3-8b,llama3-70b)")
-    k.add_argument("--m", default="1,16,32,64,128,256,1024,4096", help="batch sizes M (tokens), comma-separated")
-    k.add_argument("--paths", default=None, help="kernel paths to time, comma-separated (default: all): "
-                   "fp16, fp8-cublas, int8-cublas, w4a16, w4a8, w4a8-g128, w4a8-fp8, w8a8-int8, w8a8-fp8, "
-                   "w4a4-quik (QUIK, 256 fp16 outlier columns), w4a4 (the same kernel without outliers), "
-                   "w4ax (COMET, 25%% of activation blocks at 8 bits), w4a16-2:4 (2:4-sparse int4)")
-    _add_report_files(k, "speed-up over fp16 vs M, one line per path")
-    k.set_defaults(func=_cmd_bench_kernels)
-    e = bsub.add_parser(
-        "e2e",
-        help="whole-model prefill and decode tokens/s: our engine per scheme vs transformers fp16 generate",
-        description="Decode tokens/s, time per output token, achieved weight bandwidth (and its share of this GPU's "
-        "measured copy bandwidth), prefill tokens/s and peak memory, for our engine (CUDA-graph decode, "
-        "decode-attention kernel) in fp16 and each scheme, and for Hugging Face transformers fp16 generate, at "
-        "each batch size. The default model has Llama-3-8B's shape and random weights (speed does not depend on "
-        "weight values; schemes are applied by round-to-nearest in their formats, with QUIK outlier columns, COMET "
-        "FMPQ blocks and 2:4 masks drawn at random with a fixed seed); decode is timed with --context "
-        "random tokens already in every sequence's KV cache. Prints a table last; --json and --plot save it.",
-    )
-    e.add_argument("--model", default="llama3-8b-random",
-                   help="llama3-8b-random (default), or a checkpoint directory / GGUF file / known model name")
-    e.add_argument("--schemes", default="fp16,w4a16,w4a8,w8a8-fp8",
-                   help="comma-separated: fp16 and presets (w4a16, w4a16-rtn, w4a8, w4a8-g128, w8a8-fp8, w8a8-int8, "
-                   "w4a4-quik, w4a4, w4a4kv4-comet, w4a16-2:4), each optionally +kv8, +kv4, +kv4-head or +kvfp8 and +head; a scheme with "
-                   "a layer that has no GPU kernel is refused (default: fp16,w4a16,w4a8,w8a8-fp8)")
-    e.add_argument("--batch", default="1,4,16,64,256", help="batch sizes, comma-separated (default: 1,4,16,64,256)")
-    e.add_argument("--kv", default="fp16", help="KV cache formats, comma-separated: fp16, int8, int4 (scales per 32 "
-                   "channels, as +kv4), int4-head (one scale per token and head, as COMET and +kv4-head), fp8 "
-                   "(default: fp16)")
-    e.add_argument("--context", type=int, default=512, help="tokens in each sequence's cache during decode (default: 512)")
-    e.add_argument("--prompt-len", type=int, default=512, help="prefill length in tokens (default: 512)")
-    e.add_argument("--steps", type=int, default=32, help="decode steps timed per configuration (default: 32)")
-    e.add_argument("--no-transformers", action="store_true", help="skip the transformers fp16 generate baseline")
-    _add_workload(e)
-    _add_report_files(e, "decode tokens/s vs batch, one line per engine/scheme")
-    e.set_defaults(func=_cmd_bench_e2e)
-    from lowbit.bench.load import add_arguments as add_load_arguments
-
-    ld = bsub.add_parser(
-        "serve",
-        help="load test of an OpenAI-compatible server: concurrent streaming clients, throughput, p50/p99 latency",
-        description="Send --requests greedy streaming completions from --clients concurrent clients to a running "
-        "server (--url) or to MODEL served in this process on a free loopback port; report throughput, time to "
-        "first token, inter-token and end-to-end latency (p50/p99), and check that no request is lost or mixed "
-        "up: each response must equal the same prompt run alone. Bounded by --timeout. Exit code 1 if any "
-        "request failed, was not sent, or was mixed up.",
-    )
-    add_load_arguments(ld)
-    ld.set_defaults(func=_cmd_bench_serve)
+    add_bench_parser(sub)
     return parser
 
 
@@ -328,87 +233,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               f"queue {served.loop.max_queue}; {auth}]", file=sys.stderr, flush=True)
 
     return run_server(app, args.host, args.port, drain_timeout_s=args.drain_timeout, announce=announce)
-
-
-def _cmd_bench_serve(args: argparse.Namespace) -> int:
-    from lowbit.bench import load
-
-    return load.main(args)
-
-
-def _int_list(value: str, flag: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError as exc:
-        raise LowbitError(f"{flag} takes comma-separated integers, got {value!r}") from exc
-    if not out or min(out) < 1:
-        raise LowbitError(f"{flag} needs integers >= 1, got {value!r}")
-    return out
-
-
-def _read_report(path: str, report_class: type, what: str):  # noqa: ANN202 - an instance of report_class
-    """A saved --json report (``--from-json``), or a LowbitError naming ``what``."""
-    from lowbit.report_files import read_json
-
-    data = read_json(path, what)
-    try:
-        return report_class.from_json(data)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LowbitError(f"cannot read {what} from {path}: {exc}") from exc
-
-
-def _cmd_bench_e2e(args: argparse.Namespace) -> None:
-    from lowbit.bench import e2e
-    from lowbit.report_files import write_json
-
-    if args.from_json:
-        report = _read_report(args.from_json, e2e.E2EReport, "an e2e report")
-    else:
-        kv = tuple(k.strip() for k in args.kv.split(",") if k.strip())
-        unknown = [k for k in kv if k not in e2e.KV_FORMATS]
-        if unknown:
-            raise LowbitError(f"unknown --kv {', '.join(unknown)}; known: {', '.join(e2e.KV_FORMATS)}")
-        schemes = tuple(s.strip() for s in args.schemes.split(",") if s.strip())
-        from lowbit.formats import get_scheme
-
-        for s in schemes:
-            if s != "fp16":
-                get_scheme(s)  # an unknown name fails here, before any GPU work
-        cfg = e2e.E2EConfig(model=args.model, schemes=schemes, batches=_int_list(args.batch, "--batch"), kv=kv,
-                            context=args.context, prompt_len=args.prompt_len, steps=args.steps,
-                            transformers=not args.no_transformers)
-        report = e2e.run(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
-        if args.json:
-            write_json(args.json, report.to_json())
-    if args.plot:
-        e2e.plot(report, args.plot)
-    print(e2e.format_table(report))
-
-
-def _cmd_bench_kernels(args: argparse.Namespace) -> None:
-    from lowbit.bench import kernels as kb
-    from lowbit.report_files import write_json
-
-    if args.from_json:
-        report = _read_report(args.from_json, kb.KernelReport, "a kernel report")
-    else:
-        ms = list(_int_list(args.m, "--m"))
-        shapes = kb.parse_shapes(args.shapes)
-        paths = kb.parse_paths(args.paths)  # fp16 first: every ratio is over it
-        total = len(shapes) * len(ms) * len(paths)
-        import torch
-        from tqdm import tqdm
-
-        if not torch.cuda.is_available():
-            raise LowbitError("lowbit bench kernels needs a CUDA GPU (or --from-json FILE to re-print a saved run)")
-
-        with tqdm(total=total, desc="timing", unit="run", file=sys.stderr) as bar:
-            report = kb.run(shapes, ms, paths, progress=lambda r: bar.update(1))
-        if args.json:
-            write_json(args.json, report.to_json())
-    if args.plot:
-        kb.plot(report, args.plot)
-    print(kb.format_table(report))
 
 
 def _save(model: Any, out: Path, fmt: str, *, tokenizer: Any, overwrite: bool) -> None:
