@@ -171,3 +171,24 @@ def test_w4a8_ops_take_the_cutlass_order_too():
             assert cands and all(c.kernel == "cutlass" for c in cands)
             for c in cands:
                 config_index(adtype, torch.float16, c.config)
+
+
+def test_rows_ordered_w4a8_layers_look_up_rows_entries_only(monkeypatch):
+    """A W4A8 layer packed in rows order (PackedInt4) must be served by an entry tuned in rows order,
+    whatever order the table packs its shape in: on the H200 with --workload latency, a rows layer
+    of a shape whose balanced order is CUTLASS's got a CutlassConfig and crashed in the Triton kernel."""
+    from types import SimpleNamespace
+
+    from lowbit.kernels import ops
+
+    seen = []
+
+    def fake_choose(op, M, N, K, device, order=None):
+        seen.append((op, order))
+        return dispatch.Choice("triton", TileConfig(16, 64))
+
+    monkeypatch.setattr(dispatch, "choose", fake_choose)
+    w = SimpleNamespace(N=4096, K=4096, half=64)
+    for group, adtype, op in ((0, "int8", "w4a8"), (0, "fp8_e4m3", "w4a8-fp8"), (128, "int8", "w4a8-g128")):
+        ops._w4a8_choice(w, group, adtype, 3, torch.device("cpu"))
+        assert seen[-1] == (op, "rows")
