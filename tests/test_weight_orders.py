@@ -192,3 +192,24 @@ def test_rows_ordered_w4a8_layers_look_up_rows_entries_only(monkeypatch):
     for group, adtype, op in ((0, "int8", "w4a8"), (0, "fp8_e4m3", "w4a8-fp8"), (128, "int8", "w4a8-g128")):
         ops._w4a8_choice(w, group, adtype, 3, torch.device("cpu"))
         assert seen[-1] == (op, "rows")
+
+
+def test_choose_without_an_order_follows_the_workload_the_layers_were_packed_for(monkeypatch):
+    """choose(order=None) looks in the order weight_order packs the shape in for $LOWBIT_WORKLOAD, not
+    the balanced one: the H200 table packs the 8B gate+up's w4a8 in CUTLASS's order for "balanced" and
+    in rows order for "latency"."""
+    monkeypatch.setattr(dispatch, "_device_info", lambda index: ("NVIDIA H200", 132, (9, 0)))
+    monkeypatch.delenv("LOWBIT_KERNEL_TABLE", raising=False)
+    h200 = dispatch.load_table("h200")
+    dev = torch.device("cuda", 0)
+    dispatch._choose_cached.cache_clear()
+    try:
+        for workload in ("balanced", "latency"):
+            monkeypatch.setenv(dispatch.WORKLOAD_ENV, workload)
+            order = dispatch.weight_order(dev, "w4a8", 28672, 4096)
+            want = dispatch.lookup_entry(dispatch.order_entries(h200, "w4a8", order), 1, 28672, 4096)
+            assert dispatch.choose("w4a8", 1, 28672, 4096, dev) == dispatch.entry_choice(want)
+        assert {dispatch.table_order(h200, "w4a8", 28672, 4096, w) for w in ("balanced", "latency")} == {
+            "cutlass", "rows"}
+    finally:
+        dispatch._choose_cached.cache_clear()

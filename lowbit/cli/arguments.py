@@ -20,7 +20,7 @@ def add_workload(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--workload", choices=tuple(WORKLOADS), default=None,
                    help="the batch sizes to pack int4 weights for, where the GPU's kernel table has more than one "
-                   "weight order for a layer (H200 W4A16): latency (1-16 sequences), throughput (64 and up) or "
+                   "weight order for a layer (H200 W4A16 and W4A8): latency (1-16 sequences), throughput (64 and up) or "
                    f"balanced (all; the default, or ${WORKLOAD_ENV})")
 
 
@@ -36,7 +36,6 @@ def add_report_files(p: argparse.ArgumentParser, plot: str) -> None:
     p.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
     p.add_argument("--plot", metavar="FILE", help=f"write a PNG (matplotlib): {plot}")
     p.add_argument("--from-json", metavar="FILE", help="no GPU: re-print the table (and --plot) from a saved --json")
-
 
 
 def int_list(value: str, flag: str) -> tuple[int, ...]:

@@ -324,23 +324,25 @@ def entry_choice(e: dict) -> Choice:
 
 def choose(op: str, M: int, N: int, K: int, device: torch.device, order: str | None = None) -> Choice:
     """The kernel and configuration for this GEMM on this CUDA device, for weights in ``order`` (None:
-    the order the table packs this shape in): only entries tuned in that order are looked at."""
+    the order the table packs this shape in for ``$LOWBIT_WORKLOAD``, as ``weight_order`` packs it):
+    only entries tuned in that order are looked at."""
     if op not in OPS:
         raise LowbitError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
     if device.type != "cuda":
         raise LowbitError("kernel dispatch is for CUDA devices; on the CPU the reference path runs")
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _choose_cached(op, M, N, K, index, order, os.environ.get("LOWBIT_KERNEL_TABLE"))
+    return _choose_cached(op, M, N, K, index, order, os.environ.get("LOWBIT_KERNEL_TABLE"), workload())
 
 
 @lru_cache(maxsize=4096)
-def _choose_cached(op: str, M: int, N: int, K: int, index: int, order: str | None, table_env: str | None) -> Choice:
+def _choose_cached(op: str, M: int, N: int, K: int, index: int, order: str | None, table_env: str | None,
+                   workload_name: str) -> Choice:
     """``choose`` memoized per GEMM shape: every layer calls it on every forward (``table_env`` keys
     the cache on the table override, which ``table_key`` reads)."""
     name, sms, cap, table = _device_table(torch.device("cuda", index))
     if "fp8" in op and cap < (8, 9):
         raise LowbitError(f"{op} needs FP8 tensor cores (compute capability 8.9+); {name} has {cap[0]}.{cap[1]}")
-    e = lookup_entry(order_entries(table, op, order or table_order(table, op, N, K)), M, N, K)
+    e = lookup_entry(order_entries(table, op, order or table_order(table, op, N, K, workload_name)), M, N, K)
     if e is not None:
         return entry_choice(e)
     return default_choice(op, M, N, K, sms)

@@ -159,8 +159,7 @@ def w4a8_op_name(group_size: int, act_dtype: str) -> str:
 
 def _w4a8_choice(w: PackedInt4, group_size: int, act_dtype: str, M: int, device: torch.device) -> dispatch.Choice:
     # the layer's weights are in rows order (PackedInt4): only entries tuned in it apply, whatever order
-    # the table packs this shape in for the balanced workload (a rows layer packed for --workload latency
-    # got a CUTLASS entry's config otherwise)
+    # the table packs this shape in (as the W4A16 rows path asks)
     choice = dispatch.choose(w4a8_op_name(group_size, act_dtype), M, w.N, w.K, device, order="rows")
     if group_size and group_size % w.half:  # groups smaller than a tile half: only the W4A16 kernel
         choice = dispatch.Choice("w4a16-fakequant", choice.config)
