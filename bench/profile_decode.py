@@ -28,7 +28,7 @@ import torch
 
 def _family(name: str) -> str:
     """A short name for a kernel: Triton kernels by function name, cuBLAS/cutlass and others by a stem."""
-    for pat, fam in (("gemm|gemv|cutlass|sm90_|sm80_|cublas", "cuBLAS GEMM"), ("elementwise|vectorized", "torch elementwise"),
+    for pat, fam in (("cutlass", "CUTLASS GEMM"), ("gemm|gemv|sm90_|sm80_|cublas|nvjet", "cuBLAS GEMM"), ("elementwise|vectorized", "torch elementwise"),
                      ("reduce", "torch reduce"), ("Memcpy|memcpy", "memcpy"), ("Memset|memset", "memset")):
         if re.search(pat, name) and not name.startswith("_"):
             return fam
@@ -78,26 +78,37 @@ def profile_step(model, batch: int, context: int, steps: int) -> tuple[float, di
 
 
 def gemm_rows(M: int) -> list[tuple[str, str, float, float]]:
-    """(shape, path, us per call in a graph, GB/s of weights) for the 8B GEMMs at M."""
-    from lowbit.bench.kernels import _copies, _random_int4, _rotating, build, time_us
+    """(shape, path, us per call in a graph, GB/s of weights) for the 8B GEMMs at M: fp16, w4a16 and
+    w4a8 as dispatch runs them, then the w4a8 path's two kernels apart (the activation quantization,
+    and the GEMM in the weight order this GPU's table packs the shape in: "w4a8-gemm" rows order,
+    "w4a8-cutlass" CUTLASS's)."""
+    from lowbit.bench.kernels import _copies, _random_codes, _random_int4, _random_scales, _rotating, build, time_us
     from lowbit.kernels.act_quant import quantize_activations
-    from lowbit.kernels.dispatch import choose, layout_tile
+    from lowbit.kernels.dispatch import choose, layout_tile, weight_order
     from lowbit.kernels.w4a8 import w4a8_matmul
 
     shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gateup": (28672, 4096), "down": (4096, 14336)}
     rows = []
     dev = torch.device("cuda")
     for sname, (N, K) in shapes.items():
-        for path in ("fp16", "w4a16", "w4a8", "w4a8-gemm", "act-quant"):
-            if path in ("w4a8-gemm", "act-quant"):  # the two kernels of the w4a8 path, apart
+        order = weight_order(dev, "w4a8", N, K)
+        for path in ("fp16", "w4a16", "w4a8", "act-quant", "w4a8-gemm" if order == "rows" else "w4a8-cutlass"):
+            if path in ("w4a8-gemm", "w4a8-cutlass", "act-quant"):  # the two kernels of the w4a8 path, apart
                 x = torch.randn(M, K, device=dev, dtype=torch.float16)
                 xq, xs = quantize_activations(x)
-                tile = layout_tile(dev, "w4a8")
-                packs = [_random_int4(N, K, None, dev, tile) for _ in range(_copies(N * K // 2))]
-                cfg = choose("w4a8", M, N, K, dev).config
+                cfg = choose("w4a8", M, N, K, dev, order).config
                 if path == "act-quant":
                     fn, nbytes = (lambda x=x: quantize_activations(x)), x.nbytes
+                elif path == "w4a8-cutlass":
+                    from lowbit.kernels.cutlass_w4a8 import pack_cutlass_w4a8, w4a8_cutlass
+
+                    packs = [pack_cutlass_w4a8(_random_codes(N, K, dev), _random_scales(N, 1, dev), K, "int")
+                             for _ in range(_copies(N * K // 2))]
+                    fn = _rotating(lambda p, xq=xq, xs=xs, cfg=cfg: w4a8_cutlass(xq, xs, p, cfg), packs)
+                    nbytes = packs[0].nbytes()
                 else:
+                    tile = layout_tile(dev, "w4a8")
+                    packs = [_random_int4(N, K, None, dev, tile) for _ in range(_copies(N * K // 2))]
                     fn = _rotating(lambda p, xq=xq, xs=xs, cfg=cfg: w4a8_matmul(xq, xs, p, torch.float16, None, cfg), packs)
                     nbytes = packs[0].nbytes()
             else:

@@ -18,6 +18,9 @@
 #   gen-rand: lowbit generate at batch 1 and 4 on a random Llama-3.2-1B-shaped checkpoint beside bench e2e
 #             at the same shape (issue 17 item 4)
 #   prefill-profile: bench/prefill_profile.py (GPU busy time against wall time of one engine prefill)
+#   recipe-trace: bench/recipe_trace.py on the GPU for $TRACE_SCHEMES (default w4a8 w4a16-2:4), the default
+#             model in fp32, 128 windows: every smoothing / clipping / GPTQ decision per layer, written to
+#             $OUT/trace-SCHEME-cuda.pt for `recipe_trace.py --compare` against a CPU trace (issue 21)
 #   prefill: bench e2e fp16 prefill against transformers at batch 1 and 16, prompts 512, 2048, 4096 (item 6)
 #   ncu: Nsight Compute on what dispatch runs, per "PATH:MODEL:LAYER:M" in $NCU_CELLS (default: W4A16 on
 #        the 8B gate+up at M = 1, 16, 64, 256, 1024): duration, DRAM / SM throughput, occupancy,
@@ -164,6 +167,12 @@ if want gen-rand; then
     -p "${P[3]}" 2>&1 | tail -n 2 | tee -a "$OUTDIR/gen-rand.log"
   python3 -m lowbit.cli bench e2e --model /tmp/rand1b --schemes fp16 --batch 1,4 --context 256 --no-transformers 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tail -n 8 | tee -a "$OUTDIR/gen-rand.log"
+fi
+if [ $have_model = yes ] && want recipe-trace; then
+  for sch in ${TRACE_SCHEMES:-w4a8 w4a16-2:4}; do
+    python3 bench/recipe_trace.py smollm2-135m --scheme $sch --device cuda --samples ${TRACE_SAMPLES:-128} \
+      --out "$OUTDIR/trace-${sch/:/}-cuda.pt" 2>&1 | tr '\r' '\n' | grep -v "layer/s\]\|s/layer\]" | tail -n 2
+  done
 fi
 if want prefill-profile; then
   python3 bench/prefill_profile.py --lengths ${PREFILL_LENGTHS:-64,512,2048} 2>&1 | tee "$OUTDIR/prefill_profile.log"
