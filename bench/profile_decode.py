@@ -82,7 +82,7 @@ def gemm_rows(M: int) -> list[tuple[str, str, float, float]]:
     w4a8 as dispatch runs them, then the w4a8 path's two kernels apart (the activation quantization,
     and the GEMM in the weight order this GPU's table packs the shape in: "w4a8-gemm" rows order,
     "w4a8-cutlass" CUTLASS's)."""
-    from lowbit.bench.kernels import _copies, _random_codes, _random_int4, _random_scales, _rotating, build, time_us
+    from lowbit.bench.kernels import _copies, _random_cutlass_w4a8, _random_int4, _rotating, build, time_us
     from lowbit.kernels.act_quant import quantize_activations
     from lowbit.kernels.dispatch import choose, layout_tile, weight_order
     from lowbit.kernels.w4a8 import w4a8_matmul
@@ -100,10 +100,9 @@ def gemm_rows(M: int) -> list[tuple[str, str, float, float]]:
                 if path == "act-quant":
                     fn, nbytes = (lambda x=x: quantize_activations(x)), x.nbytes
                 elif path == "w4a8-cutlass":
-                    from lowbit.kernels.cutlass_w4a8 import pack_cutlass_w4a8, w4a8_cutlass
+                    from lowbit.kernels.cutlass_w4a8 import w4a8_cutlass
 
-                    packs = [pack_cutlass_w4a8(_random_codes(N, K, dev), _random_scales(N, 1, dev), K, "int")
-                             for _ in range(_copies(N * K // 2))]
+                    packs = [_random_cutlass_w4a8(N, K, dev, "int") for _ in range(_copies(N * K // 2))]
                     fn = _rotating(lambda p, xq=xq, xs=xs, cfg=cfg: w4a8_cutlass(xq, xs, p, cfg), packs)
                     nbytes = packs[0].nbytes()
                 else:

@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from lowbit.bench.kernels import _random_codes, _random_scales  # noqa: E402
+from lowbit.bench.kernels import _random_cutlass_w4a8  # noqa: E402
 from lowbit.kernels.act_quant import quantize_activations  # noqa: E402
 from lowbit.kernels.config import CutlassConfig  # noqa: E402
-from lowbit.kernels.cutlass_w4a8 import TILES, pack_cutlass_w4a8, w4a8_cutlass  # noqa: E402
+from lowbit.kernels.cutlass_w4a8 import TILES, w4a8_cutlass  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     configs = TILES + (CutlassConfig(128, 16, stream_k=True, splits=2), CutlassConfig(128, 16, stream_k=True, splits=4))
     for shape in args.shapes.split(","):
         N, K = (int(v) for v in shape.split("x"))
-        w = [pack_cutlass_w4a8(_random_codes(N, K, dev), _random_scales(N, 1, dev), K, "int") for _ in range(8)]
+        w = [_random_cutlass_w4a8(N, K, dev, "int") for _ in range(8)]
         for M in (int(m) for m in args.m.split(",")):
             xq, xs = quantize_activations(torch.randn(M, K, device=dev, dtype=torch.float16))
             for cfg in configs:

@@ -142,6 +142,14 @@ def _copies(nbytes: int) -> int:
     return max(1, min(16, math.ceil(L2_FLUSH_BYTES / max(nbytes, 1))))
 
 
+def _random_cutlass_w4a8(N: int, K: int, device, adtype: str):
+    """Random per-channel int4 weights reordered for the CUTLASS W4A8 kernels on ``adtype`` activations
+    ("int" or "fp8_e4m3"), as a loaded layer's are (``CutlassInt4PerChannel``)."""
+    from lowbit.kernels.cutlass_w4a8 import pack_cutlass_w4a8
+
+    return pack_cutlass_w4a8(_random_codes(N, K, device), _random_scales(N, 1, device), K, adtype)
+
+
 def _random_int4(N: int, K: int, group: int | None, device, tile_k: int):
     """Random int4 weights with realistic scales, packed for the kernels (``PackedInt4``)."""
     from lowbit.kernels.layout import pack_for_kernels
@@ -214,10 +222,7 @@ def build(path: str, N: int, K: int, M: int, device, tile_k: int | None = None,
         packs = [pack_cutlass(_random_codes(N, K, device), _random_scales(N, K // 128, device), K, 128)
                  for _ in range(_copies(N * K // 2))]
     elif order == "cutlass" and path in ("w4a8", "w4a8-fp8"):
-        from lowbit.kernels.cutlass_w4a8 import pack_cutlass_w4a8
-
-        packs = [pack_cutlass_w4a8(_random_codes(N, K, device), _random_scales(N, 1, device), K, adtype)
-                 for _ in range(_copies(N * K // 2))]
+        packs = [_random_cutlass_w4a8(N, K, device, adtype) for _ in range(_copies(N * K // 2))]
     else:
         packs = [_random_int4(N, K, groups[path], device, tile_k) for _ in range(_copies(N * K // 2))]
 
