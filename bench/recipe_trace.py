@@ -2,7 +2,9 @@
 
     python bench/recipe_trace.py MODEL --scheme w4a8 --device cpu --out /tmp/trace-cpu.pt [--samples 128]
     python bench/recipe_trace.py MODEL --scheme w4a8 --perturb 1e-7 --out /tmp/trace-cpu-noise.pt
+    python bench/recipe_trace.py MODEL --scheme w4a8 --perturb 1e-7 --noise-seed 3 --eval --out /tmp/t3.pt
     python bench/recipe_trace.py --compare /tmp/trace-cpu.pt /tmp/trace-cuda.pt
+    python bench/recipe_trace.py --spread /tmp/t*.pt
 
 The first form quantizes MODEL (fp32, on ``--device``) as ``lowbit eval`` does (the wiki calibration
 split, ``--samples`` windows of 512, seed 0) and writes, in call order: each smoothing search's alpha
@@ -14,6 +16,11 @@ in the library changes: the recipe's own functions are wrapped while it runs.
 The second form prints, per layer, where the two traces part: alphas that differ, rows whose clipping
 ratio differs, the fraction of codes that differ, and how far the layer's output hidden states are
 apart, so the first layer (and step) where two devices choose differently is named.
+
+``--eval`` adds the quantized model's perplexity on the wiki eval split (every window of 512, as
+``lowbit eval``) to the trace; ``--noise-seed`` draws another perturbation. ``--spread`` prints the
+perplexities of several traces and their spread: how far a recipe's result moves under rounding-
+sized noise alone, the yardstick for a difference between two devices.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ def _row_hashes(codes: torch.Tensor) -> torch.Tensor:
     return (codes.detach().cpu().long() * w[None, :]).sum(1)
 
 
-def record(model_name: str, scheme: str, device: str, samples: int, perturb: float = 0.0) -> dict:
+def record(model_name: str, scheme: str, device: str, samples: int, perturb: float = 0.0, noise_seed: int = 0,
+           evaluate_ppl: bool = False) -> dict:
     from lowbit import load_model
     from lowbit.eval.calibration import quantize
     from lowbit.quant import calibrate, clip, gptq, smooth
@@ -74,8 +82,9 @@ def record(model_name: str, scheme: str, device: str, samples: int, perturb: flo
     def run_layer(model, layer, hidden, cfg):  # noqa: ANN001, ANN202
         out = originals[(calibrate, "_run_layer")](model, layer, hidden, cfg)
         if perturb:  # rounding-sized noise on what the next layer sees: which decisions does it flip?
-            g = torch.Generator(device=out.device).manual_seed(len(calls))
-            out = out * (1 + perturb * torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype))
+            # drawn on the CPU: the same noise on every device (a CUDA generator draws other numbers)
+            g = torch.Generator().manual_seed(len(calls) + 1_000_003 * noise_seed)
+            out = out * (1 + perturb * torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device))
         calls.append({"kind": "hidden", "sum": float(out.double().sum()), "abs_sum": float(out.double().abs().sum()),
                       "first": out[0, :16].detach().float().cpu().clone()})
         return out
@@ -91,8 +100,15 @@ def record(model_name: str, scheme: str, device: str, samples: int, perturb: flo
     finally:
         for (mod, attr), fn in originals.items():
             setattr(mod, attr, fn)
-    return {"model": model_name, "scheme": scheme, "device": device + (f" perturb {perturb:g}" if perturb else ""),
-            "samples": samples, "torch": torch.__version__, "calls": calls}
+    ppl = None
+    if evaluate_ppl:
+        from lowbit.eval.perplexity import evaluate
+        ppl = evaluate(loaded, "wiki", seq_len=512).ppl
+    label = device + (f" perturb {perturb:g} seed {noise_seed}" if perturb else "")
+    if device.startswith("cuda"):
+        label += f" ({torch.cuda.get_device_name()})"
+    return {"model": model_name, "scheme": scheme, "device": label, "samples": samples, "torch": torch.__version__,
+            "ppl": ppl, "calls": calls}
 
 
 def _layers(calls: list[dict]) -> list[list[dict]]:
@@ -153,6 +169,20 @@ def compare(a: dict, b: dict) -> None:
               f"{d['code_rows_differ']:>8}/{d['code_rows']:<6} ({pct:5.1f}%) {d['hidden_rel']:16.2e} {d['first_rel']:15.2e}")
 
 
+def spread(traces: list[dict]) -> None:
+    """Print each trace's perplexity and, per scheme and device, the spread (max - min over the mean)."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for t in traces:
+        ppl = t.get("ppl")
+        print(f"{t['scheme']:<12} {t['device']:<44} ppl {ppl if ppl is None else f'{ppl:.3f}'}")
+        if ppl is not None:
+            groups.setdefault((t["scheme"], t["device"].split(" perturb")[0]), []).append(ppl)
+    for (scheme, dev), ps in groups.items():
+        mean = sum(ps) / len(ps)
+        print(f"{scheme} on {dev}: {len(ps)} runs, min {min(ps):.3f} max {max(ps):.3f} mean {mean:.3f}, "
+              f"spread {100 * (max(ps) - min(ps)) / mean:.2f}% of the mean")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default="smollm2-135m")
@@ -162,19 +192,26 @@ def main() -> None:
     ap.add_argument("--perturb", type=float, default=0.0,
                     help="multiply each layer's output hidden states by 1 + PERTURB * N(0, 1) (e.g. 1e-7: a rounding-"
                     "sized difference, as another device's arithmetic makes) to see which decisions it flips")
+    ap.add_argument("--noise-seed", type=int, default=0, help="which perturbation to draw (with --perturb)")
+    ap.add_argument("--eval", action="store_true", help="also evaluate the quantized model's wiki perplexity")
+    ap.add_argument("--spread", nargs="+", metavar="TRACE", help="print the perplexities of traces and their spread")
     ap.add_argument("--out", help="where to write the trace (torch.save; written to a temporary file, then renamed)")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print where two traces part")
     args = ap.parse_args()
     if args.compare:
         compare(*(torch.load(p, weights_only=False) for p in args.compare))
         return
+    if args.spread:
+        spread([torch.load(p, weights_only=False) for p in args.spread])
+        return
     if not args.out:
         ap.error("--out is needed to record a trace")
-    trace = record(args.model, args.scheme, args.device, args.samples, args.perturb)
+    trace = record(args.model, args.scheme, args.device, args.samples, args.perturb, args.noise_seed, args.eval)
     tmp = f"{args.out}.tmp"
     torch.save(trace, tmp)
     os.replace(tmp, args.out)
-    print(f"wrote {args.out}: {len(trace['calls'])} calls")
+    ppl = f", perplexity {trace['ppl']:.3f}" if trace["ppl"] is not None else ""
+    print(f"wrote {args.out}: {len(trace['calls'])} calls{ppl}")
 
 
 if __name__ == "__main__":

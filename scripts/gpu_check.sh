@@ -21,6 +21,8 @@
 #   recipe-trace: bench/recipe_trace.py on the GPU for $TRACE_SCHEMES (default w4a8 w4a16-2:4), the default
 #             model in fp32, 128 windows: every smoothing / clipping / GPTQ decision per layer, written to
 #             $OUT/trace-SCHEME-cuda.pt for `recipe_trace.py --compare` against a CPU trace (issue 21)
+#   recipe-spread: recipe-trace with --eval, unperturbed and under $SPREAD_SEEDS 1e-7 perturbations,
+#             $SPREAD_JOBS at once: the perplexity spread rounding alone makes on the GPU (issue 21)
 #   prefill: bench e2e fp16 prefill against transformers at batch 1 and 16, prompts 512, 2048, 4096 (item 6)
 #   ncu: Nsight Compute on what dispatch runs, per "PATH:MODEL:LAYER:M" in $NCU_CELLS (default: W4A16 on
 #        the 8B gate+up at M = 1, 16, 64, 256, 1024): duration, DRAM / SM throughput, occupancy,
@@ -173,6 +175,27 @@ if [ $have_model = yes ] && want recipe-trace; then
     python3 bench/recipe_trace.py smollm2-135m --scheme $sch --device cuda --samples ${TRACE_SAMPLES:-128} \
       --out "$OUTDIR/trace-${sch/:/}-cuda.pt" 2>&1 | tr '\r' '\n' | grep -v "layer/s\]\|s/layer\]" | tail -n 2
   done
+fi
+if [ $have_model = yes ] && want recipe-spread; then
+  # the same traces with --eval, unperturbed and under $SPREAD_SEEDS perturbations of 1e-7 (noise drawn on
+  # the CPU, the same as a CPU run's), $SPREAD_JOBS processes at once (a 135M model leaves the GPU mostly idle):
+  # the perplexity spread that rounding alone makes, against the CPU's (issue 21)
+  jobs=()
+  for sch in ${TRACE_SCHEMES:-w4a8 w4a16-2:4}; do
+    jobs+=("$sch 0 0"); for s in ${SPREAD_SEEDS:-1 2 3}; do jobs+=("$sch 1e-7 $s"); done
+  done
+  n=0
+  for job in "${jobs[@]}"; do
+    read -r sch pert seed <<< "$job"; tag=${sch/:/}-p$pert-s$seed
+    # only the unperturbed traces come back (8 files at most); the others stay for --spread
+    dest=/tmp/spread; [ "$pert" = 0 ] && dest=$OUTDIR; mkdir -p /tmp/spread
+    python3 bench/recipe_trace.py smollm2-135m --scheme $sch --device cuda --perturb $pert --noise-seed $seed --eval \
+      --samples ${TRACE_SAMPLES:-128} --out "$dest/cuda-$tag.pt" > "/tmp/spread-$tag.log" 2>&1 &
+    n=$((n + 1)); [ $((n % ${SPREAD_JOBS:-4})) = 0 ] && wait
+  done
+  wait
+  for f in /tmp/spread-*.log; do echo "$f: $(tail -n 1 "$f")"; done
+  python3 bench/recipe_trace.py --spread "$OUTDIR"/cuda-*.pt /tmp/spread/cuda-*.pt 2>&1 | tee "$OUTDIR/spread.log"
 fi
 if want prefill-profile; then
   python3 bench/prefill_profile.py --lengths ${PREFILL_LENGTHS:-64,512,2048} 2>&1 | tee "$OUTDIR/prefill_profile.log"
