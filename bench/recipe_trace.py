@@ -104,11 +104,15 @@ def record(model_name: str, scheme: str, device: str, samples: int, perturb: flo
     if evaluate_ppl:
         from lowbit.eval.perplexity import evaluate
         ppl = evaluate(loaded, "wiki", seq_len=512).ppl
-    label = device + (f" perturb {perturb:g} seed {noise_seed}" if perturb else "")
     if device.startswith("cuda"):
-        label += f" ({torch.cuda.get_device_name()})"
-    return {"model": model_name, "scheme": scheme, "device": label, "samples": samples, "torch": torch.__version__,
-            "ppl": ppl, "calls": calls}
+        device += f" ({torch.cuda.get_device_name()})"
+    return {"model": model_name, "scheme": scheme, "device": device, "perturb": perturb, "noise_seed": noise_seed,
+            "samples": samples, "torch": torch.__version__, "ppl": ppl, "calls": calls}
+
+
+def _label(t: dict) -> str:
+    """The trace's device, and its perturbation if any."""
+    return t["device"] + (f" perturb {t['perturb']:g} seed {t['noise_seed']}" if t.get("perturb") else "")
 
 
 def _layers(calls: list[dict]) -> list[list[dict]]:
@@ -154,7 +158,7 @@ def layer_diffs(a: dict, b: dict) -> list[dict]:
 
 
 def compare(a: dict, b: dict) -> None:
-    print(f"A: {a['device']} torch {a['torch']}   B: {b['device']} torch {b['torch']}   "
+    print(f"A: {_label(a)} torch {a['torch']}   B: {_label(b)} torch {b['torch']}   "
           f"{a['model']} {a['scheme']} samples {a['samples']}/{b['samples']}")
     na, nb = len(_layers(a["calls"])), len(_layers(b["calls"]))
     if na != nb:
@@ -174,9 +178,9 @@ def spread(traces: list[dict]) -> None:
     groups: dict[tuple[str, str], list[float]] = {}
     for t in traces:
         ppl = t.get("ppl")
-        print(f"{t['scheme']:<12} {t['device']:<44} ppl {ppl if ppl is None else f'{ppl:.3f}'}")
+        print(f"{t['scheme']:<12} {_label(t):<44} ppl {ppl if ppl is None else f'{ppl:.3f}'}")
         if ppl is not None:
-            groups.setdefault((t["scheme"], t["device"].split(" perturb")[0]), []).append(ppl)
+            groups.setdefault((t["scheme"], t["device"]), []).append(ppl)
     for (scheme, dev), ps in groups.items():
         mean = sum(ps) / len(ps)
         print(f"{scheme} on {dev}: {len(ps)} runs, min {min(ps):.3f} max {max(ps):.3f} mean {mean:.3f}, "

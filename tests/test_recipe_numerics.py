@@ -282,36 +282,6 @@ def test_smoothing_factors_and_objective_match_float64():
     assert smooth.search_smooth_alpha(x, ws, w8, A8)[0] == _alpha_ref(x, ws, w8)
 
 
-def _smoothing_error_unhoisted(x, ws, s, wfmt, afmt):  # noqa: ANN001, ANN202
-    """The objective as it was computed before the float outputs were hoisted out of the alpha loop
-    (every product recomputed per alpha), operation for operation."""
-    xs = fake_quantize_activation(x / s, afmt).double()
-    x64 = x.double()
-    num = torch.zeros(x.shape[0], dtype=torch.float64)
-    den = torch.zeros_like(num)
-    for w in ws:
-        ref = x64 @ w.double().T
-        num += ((ref - xs @ fake_quantize_weight(w * s, wfmt).double().T) ** 2).sum(dim=1)
-        den += (ref**2).sum(dim=1)
-    live = den > 0
-    return float((num[live] / den[live]).mean())
-
-
-def test_smoothing_search_takes_the_float_outputs_once_with_the_same_bits():
-    """The search computes ``x @ W^T`` once for all alphas (issue 21 item 3: half its float64
-    products); each alpha's objective is the same float, bit for bit, as recomputing them."""
-    g = _gen(17)
-    T, K = 131, 96
-    x = _acts(g, T, K)
-    ws = [torch.randn(40, K, generator=g) * 0.05, torch.randn(23, K, generator=g) * 0.05]
-    refs = smooth._float_outputs(x, ws)
-    for alpha in smooth.DEFAULT_ALPHAS:
-        s = smooth.smooth_factors(x.abs().amax(0), torch.cat(ws).abs().amax(0), alpha)
-        e = smooth._relative_error(x, ws, refs, s, W4, A8)
-        assert e == _smoothing_error_unhoisted(x, ws, s, W4, A8)
-        assert e == smooth.smoothing_error(x, ws, s, W4, A8)
-
-
 def test_smoothing_objective_counts_every_token_once():
     """A token scaled by 1024 (exactly: per-token quantization is scale-free at powers of two) keeps
     its share of the objective; in a plain sum of squared errors it would be all of it."""

@@ -76,35 +76,16 @@ def smoothing_error(
     the rest of the model is each token's relative error.
     """
     x = x.float()
-    ws = [w.float().to(x.device) for w in weights]
-    return _relative_error(x, ws, _float_outputs(x, ws), s, wfmt, afmt)
-
-
-def _float_outputs(x: torch.Tensor, weights: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per weight (N_i, K): the float outputs ``x @ W_i^T`` (T, N_i) float64 and their squared norms per
-    token (T,) float64. They do not depend on the factors, so the search takes them once for every alpha
-    (on Llama-3-8B's layers that halves the search's float64 products)."""
-    x64 = x.double()
-    outs = []
-    for w in weights:
-        ref = x64 @ w.double().T
-        outs.append((ref, (ref**2).sum(dim=1)))
-    return outs
-
-
-def _relative_error(
-    x: torch.Tensor, weights: list[torch.Tensor], refs: list[tuple[torch.Tensor, torch.Tensor]], s: torch.Tensor,
-    wfmt: WeightFormat, afmt: ActivationFormat,
-) -> float:
-    """``smoothing_error`` with the float outputs given (``_float_outputs``); ``x`` (T, K) and ``weights``
-    fp32 on one device. The same operations in the same order as before the outputs were hoisted."""
     s = s.float().to(x.device)
     xs = fake_quantize_activation(x / s, afmt).double()
+    x64 = x.double()
     num = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     den = torch.zeros_like(num)
-    for w, (ref, ref_sq) in zip(weights, refs):
+    for w in weights:
+        w = w.float().to(x.device)
+        ref = x64 @ w.double().T
         num += ((ref - xs @ fake_quantize_weight(w * s, wfmt).double().T) ** 2).sum(dim=1)
-        den += ref_sq
+        den += (ref**2).sum(dim=1)
     live = den > 0
     if not bool(live.any()):
         return 0.0
@@ -155,8 +136,7 @@ def search_smooth_alpha(
     w_absmax = _weight_absmax(ws)
     cands = [float(a) for a in alphas]
     factors = [smooth_factors(act_absmax, w_absmax, a) for a in cands]
-    refs = _float_outputs(x, ws)
-    errors = [_relative_error(x, ws, refs, s, wfmt, afmt) for s in factors]
+    errors = [smoothing_error(x, ws, s, wfmt, afmt) for s in factors]
     i = _pick(cands, errors, PREFERRED_ALPHA)
     return cands[i], factors[i]
 
