@@ -56,7 +56,8 @@ class PhaseTimer:
         frame = [time.perf_counter(), 0.0]
         self._stack.append(frame)
         try:
-            yield
+            with torch.profiler.record_function(f"phase:{name}"):  # labels the phase in --profile's table
+                yield
         finally:
             self._sync()
             elapsed = time.perf_counter() - frame[0]
@@ -85,7 +86,7 @@ def _instrument(timer: PhaseTimer) -> None:
 
 
 def run(shape: str, scheme: str, layers: int | None, samples: int, seq_len: int, device: str, dtype: str,
-        seed: int = 0) -> dict:
+        seed: int = 0, profile: bool = False) -> dict:
     cfg = dict(SHAPES[shape])
     depth = cfg["num_hidden_layers"]
     n = depth if layers is None else layers
@@ -105,11 +106,19 @@ def run(shape: str, scheme: str, layers: int | None, samples: int, seq_len: int,
                                                 (smooth, "search_smooth_alpha"), (clip, "search_clip"),
                                                 (gptq, "_inverse_hessian_cholesky"), (gptq, "_gptq_blocks")]}
     _instrument(timer)
+    prof = None
     try:
+        if profile:
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            prof = torch.profiler.profile(activities=acts)
+            prof.__enter__()
         with timer.phase("other"):
             calibrate.quantize_model(model, scheme, ids, calibrate.CalibrationConfig(samples=samples, seq_len=seq_len),
                                      device=dev, progress=True)
     finally:
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            _print_profile(prof, dev)
         for (m, a), fn in saved.items():
             setattr(m, a, fn)
     total = sum(timer.totals.values())
@@ -126,6 +135,16 @@ def run(shape: str, scheme: str, layers: int | None, samples: int, seq_len: int,
     return row
 
 
+def _print_profile(prof, dev: torch.device) -> None:  # noqa: ANN001
+    """The phases and the ops that take the most time: by device time on a GPU, by CPU time too (launch cost)."""
+    ka = prof.key_averages()
+    keys = (["self_device_time_total"] if dev.type == "cuda" else []) + ["self_cpu_time_total"]
+    for key in keys:
+        print(ka.table(sort_by=key, row_limit=30, max_name_column_width=60), flush=True)
+    launches = sum(e.count for e in ka if e.key.startswith("cudaLaunchKernel") or e.key.startswith("cuLaunchKernel"))
+    print(f"kernel launches: {launches}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
@@ -136,10 +155,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     ap.add_argument("--json", help="append the rows to this JSON file")
+    ap.add_argument("--profile", action="store_true",
+                    help="run under torch.profiler and print the top ops by device and CPU time (slows the run)")
     a = ap.parse_args()
     rows = []
     for scheme in a.schemes.split(","):
-        row = run(a.shape, scheme, a.layers, a.samples, a.seq_len, a.device, a.dtype)
+        row = run(a.shape, scheme, a.layers, a.samples, a.seq_len, a.device, a.dtype, profile=a.profile)
         rows.append(row)
         phases = ", ".join(f"{k} {v:.2f}" for k, v in row["phases_per_layer_s"].items())
         print(f"{a.shape} {scheme}: {row['measured_s']:.1f} s for {row['layers_timed']} layers "

@@ -116,3 +116,19 @@ def test_fmpq_blocks_use_their_own_scale_and_bits():
         assert torch.equal(y[:, sl], c.float() * s)
     plain = fake_quantize_activation(x, ActivationFormat(bits=4))
     assert (y - x).norm() < 0.2 * (plain - x).norm()  # per-block scales isolate the outlier
+
+
+@pytest.mark.parametrize("K, group_size, symmetric", [(300, 128, True), (300, 128, False), (256, 64, False),
+                                                       (37, None, True), (37, None, False), (5, 128, True)])
+def test_compute_scales_natural_groups_equal_the_scatter_path(K, group_size, symmetric):
+    """Natural-order groups take a reshape and one reduction, act-order ones scatter_reduce: passing the
+    natural group of each column as g_idx forces the second path, and the scales must be the same bits."""
+    w = torch.randn(17, K, generator=torch.Generator().manual_seed(K)) * 3
+    fmt = WeightFormat(bits=4, group_size=group_size, symmetric=symmetric)
+    clip = torch.rand(17, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.5
+    natural = torch.arange(K) // group_size if group_size else torch.zeros(K, dtype=torch.long)
+    for c in (None, clip):
+        fast = compute_scales(w, fmt, c)
+        scatter = compute_scales(w, fmt, c, g_idx=natural)
+        assert torch.equal(fast[0], scatter[0])
+        assert (fast[1] is None and scatter[1] is None) or torch.equal(fast[1], scatter[1])

@@ -40,6 +40,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import WeightFormat
+from lowbit.kernels import gptq_sweep
 from lowbit.numerics.primitives import compute_scales, int_range, num_groups, quantize_weight
 from lowbit.numerics.quantized import QuantizedWeight
 from lowbit.quant.sparse import select_n_of_m
@@ -180,6 +181,32 @@ def _clip_for_group(clip: torch.Tensor | None, g: int) -> torch.Tensor | None:
     return clip[:, g]
 
 
+def _sweep_sparse_block(W1: torch.Tensor, U1: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
+                        lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT's loop over one block: ``sweep_block_reference`` with, every 4 columns, the 2 weights
+    of least saliency (from the block's weights as updated so far) forced to code 0 (symmetric: 0 is
+    exactly 0), their error compensated like quantization error. Same arguments and results."""
+    err_all = torch.empty_like(W1)
+    codes = torch.empty_like(W1)
+    mask = torch.zeros_like(W1, dtype=torch.bool)
+    for i in range(W1.shape[1]):
+        if i % 4 == 0:  # block sizes and starts are multiples of 4: groups of 4 never straddle blocks
+            mask[:, i : i + 4] = select_n_of_m(W1[:, i : i + 4], U1.diagonal()[i : i + 4])
+        w = W1[:, i]
+        c = torch.round(w / s[:, i])
+        if z is not None:
+            c += z[:, i]
+        c.clamp_(lo, hi)
+        c.masked_fill_(mask[:, i], 0.0)
+        codes[:, i] = c
+        q = c - z[:, i] if z is not None else c.clone()
+        q *= s[:, i]
+        err = err_all[:, i]
+        torch.div(w - q, U1[i, i], out=err)
+        W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+    return codes, err_all
+
+
 def _gptq_blocks(
     W: torch.Tensor,
     U: torch.Tensor,
@@ -204,46 +231,32 @@ def _gptq_blocks(
     sparse = fmt.sparsity == "2:4"
     lo, hi = int_range(fmt.bits, fmt.symmetric)
     codes = torch.empty(N, K_q, dtype=torch.int8 if fmt.symmetric else torch.uint8, device=W.device)
-    # One column costs a dozen small kernels and nothing else: no host-device copy or sync inside the
-    # loop (each would wait for the GPU's queue to drain). The arithmetic is quantize_weight's and
-    # dequantize_weight's on one column, written out on the column's fp32 scale (N,) and zero point.
-    g_cur, s_col, z_col = -1, None, None
+    groups = torch.tensor(pos_group, device=W.device)
     for i1 in range(0, K_q, block_size):
         i2 = min(i1 + block_size, K_q)
-        W1 = W[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        Err1 = torch.empty_like(W1)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool) if sparse else None
-        for i in range(i2 - i1):
-            p = i1 + i
-            g = pos_group[p]
-            if dynamic and p % gs == 0:
-                # as the reference: W holds the weights updated by all previous blocks (not yet by
-                # this block's earlier columns; those updates are applied lazily at the block's end)
+        if dynamic:
+            # Scales of the groups that start in this block, from W as updated by all previous blocks
+            # (as the reference: not yet by this block's earlier columns, whose updates are applied
+            # lazily at the block's end; W itself does not change inside a block, so taking them all
+            # here is what taking each at its first column would give).
+            for p in range(i1 + (-i1) % gs, i2, gs):
+                g = pos_group[p]
                 sg, zg = compute_scales(W[:, p : min(p + gs, K_q)], col_fmt, _clip_for_group(clip, g))
                 scale[:, g : g + 1] = sg
                 if zero is not None:
                     zero[:, g : g + 1] = zg
-                g_cur = -1
-            if g != g_cur:
-                s_col = scale[:, g].float()
-                z_col = None if zero is None else zero[:, g].float()
-                g_cur = g
-            if sparse and i % 4 == 0:  # block_size and i1 are multiples of 4: groups of 4 never straddle blocks
-                mask1[:, i : i + 4] = select_n_of_m(W1[:, i : i + 4], U1.diagonal()[i : i + 4])
-            w = W1[:, i]
-            c = torch.round(w / s_col)
-            if z_col is not None:
-                c += z_col
-            c.clamp_(lo, hi)
-            if sparse:
-                c.masked_fill_(mask1[:, i], 0.0)  # symmetric: code 0 is exactly 0
-            codes[:, p] = c
-            q = c - z_col if z_col is not None else c
-            q *= s_col
-            err = Err1[:, i]
-            torch.div(w - q, U1[i, i], out=err)
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+        cols = groups[i1:i2]
+        s_blk = scale[:, cols].float()  # (N, B): each column's scale and zero point
+        z_blk = None if zero is None else zero[:, cols].float()
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        if sparse:
+            c_blk, Err1 = _sweep_sparse_block(W1, U1, s_blk, z_blk, lo, hi)
+        elif W.is_cuda:
+            c_blk, Err1 = gptq_sweep.sweep_block(W1, U1.contiguous(), s_blk, z_blk, lo, hi)
+        else:
+            c_blk, Err1 = gptq_sweep.sweep_block_reference(W1, U1, s_blk, z_blk, lo, hi)
+        codes[:, i1:i2] = c_blk
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return codes
 
