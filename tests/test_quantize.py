@@ -147,9 +147,11 @@ def test_quantize_errors(float_dir):
 def test_nan_activations_during_calibration(float_dir):
     loaded = load_model(float_dir, device="cpu", dtype="fp32", with_tokenizer=False)
     with torch.no_grad():
-        # finite weights whose attention scores overflow fp32: softmax gives NaN
+        # finite weights whose attention output overflows fp32 (calibration computes an fp32 model in
+        # float64, where it stays finite, but the quantized fp32 model would hold inf there)
         loaded.model.layers[0].input_layernorm.weight.fill_(1e25)
-    # the scores overflow inside attention, so o_proj's input is the first to hold NaN; the message
+        loaded.model.layers[0].self_attn.v_proj.weight.mul_(1e20)
+    # the values overflow inside attention, so o_proj's input is the first to hold Inf; the message
     # names that layer and says what to try (fp32 only where the model is not already in it)
     with pytest.raises(LowbitError, match=r"entering layers\.0\.self_attn\.o_proj during calibration; "
                                           r"check that the checkpoint's weights are sane.*--calib"):

@@ -26,6 +26,13 @@ from lowbit.model.qlinear import input_quant
 from lowbit.requirements import require_torch
 
 
+def _fused_kernels(x: torch.Tensor) -> bool:
+    """Whether the fused Triton kernels take ``x``: on CUDA, except float64 (calibration of an fp32
+    model computes in float64 for device-independent results, lowbit.quant.calibrate; it runs the
+    PyTorch path, the same arithmetic on every device)."""
+    return x.is_cuda and x.dtype != torch.float64
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -34,7 +41,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))  # fp32 at least; float64 stays float64
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
@@ -46,7 +53,7 @@ class RMSNorm(nn.Module):
         ``input_quant``) also quantizes the output for that layer's 8-bit GEMM; elsewhere the same
         arithmetic in PyTorch, unquantized (the next layer then quantizes it itself).
         """
-        if x.is_cuda:
+        if _fused_kernels(x):
             from lowbit.kernels.fused import add_rmsnorm
 
             return add_rmsnorm(x, residual, self.weight, self.eps, quant)
@@ -119,7 +126,7 @@ class Attention(nn.Module):
             out = cache.attend_rotary(layer, start, q, k, v, cos, sin)
             if out is not None:
                 return self.o_proj(out.transpose(1, 2).reshape(B, T, nh * hd))
-        if x.is_cuda:  # one kernel each instead of five elementwise ops (same roundings)
+        if _fused_kernels(q):  # one kernel each instead of five elementwise ops (same roundings)
             from lowbit.kernels.fused import rope
 
             q, k = rope(q, cos, sin).transpose(1, 2), rope(k, cos, sin).transpose(1, 2)  # (B, heads, T, hd)
@@ -156,7 +163,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).split([self.intermediate_size] * 2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        if x.is_cuda:
+        if _fused_kernels(gate):
             from lowbit.kernels.fused import silu_mul
 
             return self.down_proj(silu_mul(gate, up, input_quant(self.down_proj)))
@@ -247,10 +254,13 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm.add_forward(x, residual, input_quant(self.lm_head))[0])
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, T, hd) for rotary positions (B, T); computed in fp32 as in transformers."""
+        """cos, sin (B, T, hd) for rotary positions (B, T); computed in fp32 as in transformers, or in
+        float64 for a float64 ``dtype`` (calibration: CPU and CUDA cosines of fp32 angles may differ in
+        their last bit, float64 ones round to the same fp32 value almost always)."""
         # inv_freq follows the positions: calibration runs one layer on the GPU while the model (and
         # this buffer) stays on the CPU (lowbit.quant.calibrate); a no-op when they share a device
-        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)  # (B, T, hd/2)
+        acc = torch.promote_types(dtype, torch.float32)
+        freqs = positions[..., None].to(acc) * self.inv_freq.to(positions.device, acc)  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

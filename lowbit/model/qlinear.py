@@ -307,12 +307,15 @@ class QuantLinear(nn.Module):
             return self._method.apply_quantized(self, self.kernel, x)
         if self._method is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             return self._method.apply(self, self.kernel, x)
+        # float64 inputs (calibration of an fp32 model) keep the quantization in fp32 (the spec) and take
+        # the products in float64: their sums then do not depend on the device's reduction order
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         xf = x.float()
         if self.smooth is not None:
             xf = xf / self.smooth
         y = None
         if self.outlier_idx is not None:
-            y = xf[..., self.outlier_idx] @ self.outlier_weight.float().t()
+            y = xf[..., self.outlier_idx].to(acc) @ self.outlier_weight.to(acc).t()
             xf = xf[..., self.kept_idx()]
         if self.act_perm is not None:
             xf = xf[..., self.act_perm]
@@ -323,11 +326,11 @@ class QuantLinear(nn.Module):
             w = self._weight_cache
         else:
             w = self.dequantized_weight()
-        out = xq @ w.t()
+        out = xq.to(acc) @ w.to(acc).t()
         if y is not None:
             out = out + y
         if self.bias is not None:
-            out = out + self.bias.float()
+            out = out + self.bias.to(acc)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:

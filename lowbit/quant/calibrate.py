@@ -43,6 +43,15 @@ class CalibrationConfig:
     smooth_tokens: int = 2048  # tokens kept per input group for the smoothing-alpha search
     damp: float = 0.01  # GPTQ dampening, fraction of the mean Hessian diagonal
     seed: int = 0
+    # The dtype the calibration forwards compute in. None: float64 for an fp32 model, else the model's
+    # dtype. Why float64: the recipe's decisions (GPTQ's codes, the smoothing alpha, clipping ratios)
+    # are discrete and each layer calibrates on the quantized layers before it, so fp32 sums that
+    # differ in their last bits between CPU BLAS and cuBLAS (~1e-7) moved the default model's w4a8
+    # perplexity by 1.5% between CPU and GPU, as much as 1e-7 noise on the activations does
+    # (docs/quantization.md). At ~1e-16 no decision moves. On Hopper float64 costs what fp32 does
+    # (67 TFLOPS on the FP64 tensor cores, 67 on the FP32 cores without TF32; H100 SXM datasheet);
+    # on a CPU about twice the fp32 time.
+    compute_dtype: torch.dtype | None = None
 
 
 # Linears that share an input, and what can absorb a smoothing factor on that input.
@@ -79,7 +88,8 @@ class _GroupStats:
 
     def add(self, x: torch.Tensor, where: str) -> None:
         half = x.dtype in (torch.float16, torch.bfloat16)
-        x = x.reshape(-1, x.shape[-1]).float()
+        raw = x.reshape(-1, x.shape[-1])  # the Hessian takes these (float64 ones unrounded)
+        x = raw.float()
         if not torch.isfinite(x).all():
             # the layers before `where` overflowed: in fp16 / bf16 that is usually range, not a bug
             fp32 = "quantize in fp32 (--dtype fp32), " if half else ""
@@ -89,7 +99,7 @@ class _GroupStats:
             )
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
         if self.H is not None:
-            self.H, self.n = gptq.accumulate_hessian(self.H, x, self.n)
+            self.H, self.n = gptq.accumulate_hessian(self.H, raw, self.n)
         have = sum(s.shape[0] for s in self.sample)
         if have < self.keep_tokens:
             step = max(1, x.shape[0] // 64)  # spread the sample over the window, not its first tokens
@@ -156,24 +166,25 @@ def quantize_model(
     home = model.embed_tokens.weight.device
     dev = torch.device(device) if device is not None else home
     dtype = model.embed_tokens.weight.dtype
+    compute = cfg.compute_dtype or (torch.float64 if dtype == torch.float32 else dtype)
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise LowbitError(f"the model's weight {name} holds NaN/Inf; the checkpoint is broken")
-    hidden = _layer_inputs(model, calib_ids, dev, dtype)
+    hidden = _layer_inputs(model, calib_ids, dev, compute)
     bar = tqdm(model.layers, desc=f"quantizing ({scheme.name})", unit="layer", disable=not progress)
     for i, layer in enumerate(bar):
-        layer.to(dev)
-        _quantize_layer(model, layer, i, hidden, scheme, cfg)
+        layer.to(dev, compute)  # exact: every float dtype a model has is exact in float64
+        _quantize_layer(model, layer, i, hidden, scheme, cfg, dtype)
         hidden = _run_layer(model, layer, hidden, cfg)
-        layer.to(home)
+        layer.to(home, dtype)  # QuantLinear keeps its codes, scales and factors as they are
     if scheme.lm_head:
-        _quantize_head(model, hidden, scheme, cfg, dev, home)
+        _quantize_head(model, hidden, scheme, cfg, dev, home, dtype)
     model.quant_scheme = scheme
     return model
 
 
 def _quantize_head(model: Transformer, hidden: torch.Tensor, scheme: QuantScheme, cfg: CalibrationConfig,
-                   dev: torch.device, home: torch.device) -> None:
+                   dev: torch.device, home: torch.device, dtype: torch.dtype) -> None:
     """Quantize ``model.lm_head`` (``QuantScheme.lm_head``) on the final norm's outputs of ``hidden``.
 
     A head tied to the embedding is untied first: the embedding stays float (a row gather reads a few
@@ -185,16 +196,16 @@ def _quantize_head(model: Transformer, hidden: torch.Tensor, scheme: QuantScheme
                          device=home, dtype=model.lm_head.weight.dtype)
         head.weight.copy_(model.embed_tokens.weight)
         model.lm_head = head
-    model.norm.to(dev)
-    model.lm_head.to(dev)
+    model.norm.to(dev, hidden.dtype)
+    model.lm_head.to(dev, hidden.dtype)
     st = _GroupStats(model.lm_head.in_features, dev, cfg.smooth_tokens, _needs_hessian(wfmt))
     for b in range(0, hidden.shape[0], cfg.batch_size):
         st.add(model.norm(hidden[b : b + cfg.batch_size]), "lm_head")
     runtime = None
     if scheme.smooth and afmt.bits is not None:
-        runtime = _smooth_group(model, ("lm_head",), "norm", st, wfmt, afmt)
-    model.lm_head = _quantize_linear(model.lm_head, st, wfmt, afmt, cfg, runtime, "lm_head").to(home)
-    model.norm.to(home)
+        runtime = _smooth_group(model, ("lm_head",), "norm", st, wfmt, afmt, dtype)
+    model.lm_head = _quantize_linear(model.lm_head, st, wfmt, afmt, cfg, runtime, "lm_head", dtype).to(home)
+    model.norm.to(home, dtype)
 
 
 def _needs_hessian(wfmt: WeightFormat) -> bool:
@@ -234,8 +245,11 @@ def _collect(model, layer, i, hidden, cfg, scheme) -> tuple[dict[str, _GroupStat
 
 
 def _smooth_group(layer: DecoderLayer, names: Sequence[str], absorber: str | None, st: _GroupStats,
-                  wfmt: WeightFormat, afmt: ActivationFormat) -> torch.Tensor | None:
-    """Search and fold SmoothQuant factors for one input group; returns the run-time divisor if unfoldable."""
+                  wfmt: WeightFormat, afmt: ActivationFormat, dtype: torch.dtype) -> torch.Tensor | None:
+    """Search and fold SmoothQuant factors for one input group; returns the run-time divisor if unfoldable.
+
+    ``dtype``: the model's; a norm that absorbs the factors is rounded to it at once, so that the
+    calibration forwards (perhaps in float64) see the gain the quantized model will store."""
     linears = [_get(layer, n) for n in names]
     _, s = smooth.search_smooth_alpha(st.tokens(), [lin.weight.float() for lin in linears], wfmt, afmt)
     for lin in linears:
@@ -250,13 +264,15 @@ def _smooth_group(layer: DecoderLayer, names: Sequence[str], absorber: str | Non
             target.bias.div_(s.to(target.bias.dtype))
     else:  # RMSNorm
         target.weight.div_(s.to(target.weight.dtype))
+        target.weight.copy_(target.weight.to(dtype))
     return None
 
 
 def _quantize_linear(lin: nn.Linear, st: _GroupStats, wfmt: WeightFormat, afmt: ActivationFormat,
-                     cfg: CalibrationConfig, runtime_smooth: torch.Tensor | None, name: str) -> QuantLinear:
+                     cfg: CalibrationConfig, runtime_smooth: torch.Tensor | None, name: str,
+                     dtype: torch.dtype) -> QuantLinear:
     """``name`` (``layers.3.self_attn.q_proj``) goes into GPTQ's warnings and errors."""
-    return _quantize_linears([lin], st, wfmt, afmt, cfg, runtime_smooth, name)[0]
+    return _quantize_linears([lin], st, wfmt, afmt, cfg, runtime_smooth, name, dtype)[0]
 
 
 def _row_slice(qw: QuantizedWeight, a: int, b: int) -> QuantizedWeight:
@@ -266,8 +282,11 @@ def _row_slice(qw: QuantizedWeight, a: int, b: int) -> QuantizedWeight:
 
 
 def _quantize_linears(lins: Sequence[nn.Linear], st: _GroupStats, wfmt: WeightFormat, afmt: ActivationFormat,
-                      cfg: CalibrationConfig, runtime_smooth: torch.Tensor | None, name: str) -> list[QuantLinear]:
+                      cfg: CalibrationConfig, runtime_smooth: torch.Tensor | None, name: str,
+                      dtype: torch.dtype) -> list[QuantLinear]:
     """Quantize Linears that read one input (statistics ``st``) and share formats, as one matrix.
+
+    ``dtype``: the model's (bias and outlier weights), whatever dtype the calibration computes in.
 
     Their weights are stacked along the output channels: GPTQ, RTN and the clipping search treat each
     row on its own and depend on the input only through ``st`` (the Hessian is the input's), so one
@@ -311,7 +330,7 @@ def _quantize_linears(lins: Sequence[nn.Linear], st: _GroupStats, wfmt: WeightFo
         sl = _row_slice(qw, row, row + n)
         sl.g_idx = own(sl.g_idx)
         result.append(QuantLinear.from_quantized(
-            sl, afmt, in_features=K, dtype=lin.weight.dtype, bias=lin.bias,
+            sl, afmt, in_features=K, dtype=dtype, bias=lin.bias,
             smooth=own(runtime_smooth), outlier_idx=own(out_idx),
             outlier_weight=None if outlier_w is None else outlier_w[row : row + n].contiguous(),
             act_perm=own(perm), fmpq_high=own(high),
@@ -321,14 +340,14 @@ def _quantize_linears(lins: Sequence[nn.Linear], st: _GroupStats, wfmt: WeightFo
 
 
 def _quantize_layer(model: Transformer, layer: DecoderLayer, i: int, hidden: torch.Tensor,
-                    scheme: QuantScheme, cfg: CalibrationConfig) -> None:
+                    scheme: QuantScheme, cfg: CalibrationConfig, dtype: torch.dtype) -> None:
     stats, kv_absmax = _collect(model, layer, i, hidden, cfg, scheme)
     # 1. smoothing for every group first: folding into up_proj must happen before up_proj is quantized
     runtime: dict[str, torch.Tensor | None] = {}
     for names, absorber in _GROUPS:
         wfmt, afmt = scheme.for_layer(f"layers.{i}.{names[0]}")
         if scheme.smooth and afmt.bits is not None:
-            runtime[names[0]] = _smooth_group(layer, names, absorber, stats[names[0]], wfmt, afmt)
+            runtime[names[0]] = _smooth_group(layer, names, absorber, stats[names[0]], wfmt, afmt, dtype)
     # 2. quantize every Linear; those reading one input in the same formats together (_quantize_linears)
     for names, _ in _GROUPS:
         together: dict[tuple[WeightFormat, ActivationFormat], list[str]] = {}
@@ -340,7 +359,7 @@ def _quantize_layer(model: Transformer, layer: DecoderLayer, i: int, hidden: tor
             parent = members[0].rpartition(".")[0]  # self_attn or mlp: "layers.3.self_attn.q_proj+k_proj+v_proj"
             label = f"layers.{i}.{parent}." + "+".join(n.rpartition(".")[2] for n in members)
             qlins = _quantize_linears([_get(layer, n) for n in members], stats[names[0]], wfmt, afmt, cfg,
-                                      runtime.get(names[0]), label)
+                                      runtime.get(names[0]), label, dtype)
             for name, qlin in zip(members, qlins):
                 _set(layer, name, qlin)
     # 3. KV cache format, with static per-head scales for fp8

@@ -257,7 +257,11 @@ def _gptq_blocks(
         else:
             c_blk, Err1 = gptq_sweep.sweep_block_reference(W1, U1, s_blk, z_blk, lo, hi)
         codes[:, i1:i2] = c_blk
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        # the lazy update's products in float64, rounded once to fp32: an fp32 matmul's sums depend on
+        # the device's reduction order (CPU BLAS against cuBLAS), and a code that flips here moves every
+        # later decision of the layer; W itself stays fp32 (the subtraction is elementwise, the same
+        # bits on any device). On Hopper float64 GEMMs run at the fp32 rate.
+        W[:, i2:] -= (Err1.double() @ U[i1:i2, i2:].double()).float()
     return codes
 
 
