@@ -18,6 +18,8 @@ interpreter and on the GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lowbit.errors import LowbitError
@@ -27,7 +29,8 @@ _BLOCK_N = 32  # rows per program: a (32, 128) fp32 tile is 32 registers a threa
 
 
 def sweep_block_reference(W1: torch.Tensor, U1: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
-                          lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          lo: int, hi: int, prune: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's loop over one block, in PyTorch: the numerics the kernel reproduces.
 
     ``W1`` (N, B) fp32 the block's weights (updated by all earlier blocks; overwritten with the
@@ -35,15 +38,25 @@ def sweep_block_reference(W1: torch.Tensor, U1: torch.Tensor, s: torch.Tensor, z
     ``s`` (N, B) fp32 each column's scale, ``z`` (N, B) fp32 its zero point or None (symmetric),
     ``lo``/``hi`` the code range. Returns codes (N, B) fp32 (integral values) and the errors
     ``Err1`` (N, B) fp32, ``(w - dequant(code)) / U1[c, c]``, that GPTQ spreads over later blocks.
+
+    ``prune`` (SparseGPT 2:4; the kernel has no such path): every 4 columns, called with the block's
+    weights as updated so far (N, 4) and ``U1``'s diagonal there (4,), it returns a bool mask (N, 4)
+    of weights forced to code 0 (symmetric formats: code 0 is exactly 0), whose error is compensated
+    like quantization error. Block sizes and starts are then multiples of 4.
     """
     err_all = torch.empty_like(W1)
     codes = torch.empty_like(W1)
+    mask = None
     for i in range(W1.shape[1]):
+        if prune is not None and i % 4 == 0:
+            mask = prune(W1[:, i : i + 4], U1.diagonal()[i : i + 4])
         w = W1[:, i]
         c = torch.round(w / s[:, i])
         if z is not None:
             c += z[:, i]
         c.clamp_(lo, hi)
+        if mask is not None:
+            c.masked_fill_(mask[:, i % 4], 0.0)
         codes[:, i] = c
         q = c - z[:, i] if z is not None else c.clone()
         q *= s[:, i]

@@ -173,7 +173,7 @@ def quantize_model(
     hidden = _layer_inputs(model, calib_ids, dev, compute)
     bar = tqdm(model.layers, desc=f"quantizing ({scheme.name})", unit="layer", disable=not progress)
     for i, layer in enumerate(bar):
-        layer.to(dev, compute)  # exact: every float dtype a model has is exact in float64
+        layer.to(dev, compute)  # float64 (the default for fp32 models) holds every model dtype exactly
         _quantize_layer(model, layer, i, hidden, scheme, cfg, dtype)
         hidden = _run_layer(model, layer, hidden, cfg)
         layer.to(home, dtype)  # QuantLinear keeps its codes, scales and factors as they are

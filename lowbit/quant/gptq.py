@@ -181,32 +181,6 @@ def _clip_for_group(clip: torch.Tensor | None, g: int) -> torch.Tensor | None:
     return clip[:, g]
 
 
-def _sweep_sparse_block(W1: torch.Tensor, U1: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
-                        lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT's loop over one block: ``sweep_block_reference`` with, every 4 columns, the 2 weights
-    of least saliency (from the block's weights as updated so far) forced to code 0 (symmetric: 0 is
-    exactly 0), their error compensated like quantization error. Same arguments and results."""
-    err_all = torch.empty_like(W1)
-    codes = torch.empty_like(W1)
-    mask = torch.zeros_like(W1, dtype=torch.bool)
-    for i in range(W1.shape[1]):
-        if i % 4 == 0:  # block sizes and starts are multiples of 4: groups of 4 never straddle blocks
-            mask[:, i : i + 4] = select_n_of_m(W1[:, i : i + 4], U1.diagonal()[i : i + 4])
-        w = W1[:, i]
-        c = torch.round(w / s[:, i])
-        if z is not None:
-            c += z[:, i]
-        c.clamp_(lo, hi)
-        c.masked_fill_(mask[:, i], 0.0)
-        codes[:, i] = c
-        q = c - z[:, i] if z is not None else c.clone()
-        q *= s[:, i]
-        err = err_all[:, i]
-        torch.div(w - q, U1[i, i], out=err)
-        W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-    return codes, err_all
-
-
 def _gptq_blocks(
     W: torch.Tensor,
     U: torch.Tensor,
@@ -251,7 +225,7 @@ def _gptq_blocks(
         W1 = W[:, i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
         if sparse:
-            c_blk, Err1 = _sweep_sparse_block(W1, U1, s_blk, z_blk, lo, hi)
+            c_blk, Err1 = gptq_sweep.sweep_block_reference(W1, U1, s_blk, z_blk, lo, hi, prune=select_n_of_m)
         elif W.is_cuda:
             c_blk, Err1 = gptq_sweep.sweep_block(W1, U1.contiguous(), s_blk, z_blk, lo, hi)
         else:
